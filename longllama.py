@@ -1,0 +1,644 @@
+"""LongLLaMA: a LLaMA decoder whose memory layers attend to everything read before (Focused Transformer, FoT).
+
+    import longllama
+    model = longllama.load("ckpt/", dtype=torch.bfloat16)
+    logits, cache = model(prompt_ids, use_cache=True)          # long prompt: memory + local window
+    logits, cache = model(next_ids, cache=cache, use_cache=True)
+
+Where FoT lives in this file:
+- `MemoryCache`: the (key, value) memory of one memory layer. Keys are stored rotated as if they stood at
+  position 0, so a key means the same thing whenever it was read.
+- `LocalCache` / `Cache`: the current window of every layer, and eviction of the whole window into memory.
+- `Attention.forward`: one softmax over the local window and the memory (`attention`, `grouped_attention`).
+- `LongLlama.forward`: cutting a long input into windows of W tokens (`last_context_length`).
+- `cross_batch_attention`: FoT training, where memory layers also see other documents' keys.
+"""
+
+import copy
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class LongLlamaConfig:
+    """The keys of a LongLLaMA `config.json`. Defaults are LongLLaMA-3B."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 3200
+    intermediate_size: int = 8640
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None  # None: same as num_attention_heads (no grouped-query attention)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048  # W: the local context window
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    mem_layers: list = field(default_factory=list)  # indices of the layers that have a memory
+    mem_positionals: bool = True  # False: memory layers use no rotary embedding at all
+    mem_dtype: str = "bfloat16"  # dtype memory keys and values are stored in
+    mem_attention_grouping: Optional[tuple] = None  # (heads, queries) per memory-attention call, to bound peak memory
+    last_context_length: int = 1024  # tokens of a long input that stay in the local window instead of memory
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self.mem_layers = sorted(int(i) for i in self.mem_layers)
+        if self.mem_attention_grouping is not None:
+            self.mem_attention_grouping = tuple(int(n) for n in self.mem_attention_grouping)
+        self._validate()
+
+    def _validate(self):
+        def require(ok, message):
+            if not ok:
+                raise ValueError(f"config: {message}")
+
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size must be divisible by num_attention_heads")
+        require(self.num_attention_heads % self.num_key_value_heads == 0,
+                "num_attention_heads must be divisible by num_key_value_heads")
+        require(all(0 <= i < self.num_hidden_layers for i in self.mem_layers),
+                f"mem_layers {self.mem_layers} must lie in [0, {self.num_hidden_layers})")
+        require(isinstance(getattr(torch, self.mem_dtype, None), torch.dtype), f"unknown mem_dtype {self.mem_dtype!r}")
+        require(self.mem_attention_grouping is None or
+                (len(self.mem_attention_grouping) == 2 and min(self.mem_attention_grouping) > 0),
+                f"mem_attention_grouping must be two positive numbers, got {self.mem_attention_grouping}")
+        require(0 <= self.last_context_length <= self.max_position_embeddings,
+                f"last_context_length must lie in [0, max_position_embeddings={self.max_position_embeddings}]")
+        require(min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers) > 0,
+                "sizes must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, values: dict, **overrides) -> "LongLlamaConfig":
+        """Build from a (Hugging Face) config dict: unknown keys are ignored with a warning, unsupported values raise."""
+        values = {**values, **overrides}
+        if values.get("model_type", "llama") not in ("llama", "longllama"):
+            raise ValueError(f"config: unsupported architecture model_type={values['model_type']!r} "
+                             "(expected llama or longllama)")
+        for key, supported in _HF_REQUIRED_VALUES.items():
+            if key in values and values[key] != supported:
+                raise ValueError(f"config: {key}={values[key]!r} is not supported (only {supported!r})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - set(_HF_REQUIRED_VALUES) - _HF_BOOKKEEPING)
+        if unknown:
+            warnings.warn(f"config: ignoring unknown keys {unknown}")
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        if values.get("head_dim", config.head_dim) != config.head_dim:
+            raise ValueError(f"config: head_dim={values['head_dim']} differs from hidden_size / num_attention_heads")
+        return config
+
+    @classmethod
+    def from_json(cls, path, **overrides) -> "LongLlamaConfig":
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read config ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: config must be a JSON object")
+        return cls.from_dict(values, **overrides)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["mem_attention_grouping"] = list(self.mem_attention_grouping) if self.mem_attention_grouping else None
+        return values
+
+
+# Hugging Face config keys that change nothing here when they hold these values (and anything else is unsupported).
+_HF_REQUIRED_VALUES = {"hidden_act": "silu", "rope_scaling": None, "attention_bias": False, "mlp_bias": False}
+# Hugging Face config keys that carry no information for this model.
+_HF_BOOKKEEPING = {"architectures", "model_type", "torch_dtype", "transformers_version", "_name_or_path", "auto_map",
+                   "initializer_range", "use_cache", "attention_dropout", "pretraining_tp", "head_dim"}
+
+# Named shapes, for training from scratch and benchmarks (vocab_size is set from the tokenizer when training).
+PRESETS = {
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 max_position_embeddings=256, mem_layers=[2], last_context_length=128, vocab_size=4096),
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  max_position_embeddings=1024, mem_layers=[4, 8], last_context_length=512),
+    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+               max_position_embeddings=2048, mem_layers=[6, 12, 18], last_context_length=1024),
+    "code-7b": dict(vocab_size=32016, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-5,
+                    mem_layers=[8, 16, 24], last_context_length=1024),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rotary embeddings (Hugging Face "rotate half" layout)
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None):
+    """cos and sin, each [length, head_dim], for positions 0 .. length-1 (float32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # frequencies repeated twice: [length, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [..., T, D] to the positions whose tables are cos, sin [T, D]. Passing -sin rotates back."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Caches
+
+
+@dataclass
+class LocalCache:
+    """One layer's keys and values of the current window, in W preallocated slots (as gpt-fast's KVCache).
+
+    Slot i holds a key rotated to position i: the oldest entry is position 0 (DESIGN: positions are relative to
+    the window), and since the whole window is evicted at once, a cached key's position never changes.
+    """
+
+    keys: torch.Tensor  # [B, Hkv, W, D]
+    values: torch.Tensor
+
+    def write(self, start: int, keys, values):
+        """Store keys/values [B, Hkv, T, D] at slots start.. and return every key/value of the window so far."""
+        end = start + keys.shape[2]
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+@dataclass
+class MemoryCache:
+    """One memory layer's (key, value) memory: keys rotated as if at position 0, stored in `dtype`.
+
+    The buffers grow by doubling, so appending a window or an evicted local cache is amortised O(its size).
+    `valid` marks entries that were real tokens (not padding) when they were read.
+    """
+
+    dtype: torch.dtype
+    keys: Optional[torch.Tensor] = None  # [B, Hkv, capacity, D]
+    values: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None  # [B, capacity] bool
+    length: int = 0
+
+    def append(self, keys, values, valid):
+        """Add keys/values [B, Hkv, T, D] (keys already at position 0) and valid [B, T]: the one way into memory."""
+        end = self.length + keys.shape[2]
+        if self.keys is None or end > self.keys.shape[2]:
+            self._grow(keys, max(end, 2 * self.length))
+        self.keys[:, :, self.length:end] = keys
+        self.values[:, :, self.length:end] = values
+        self.valid[:, self.length:end] = valid
+        self.length = end
+
+    def _grow(self, like, capacity):
+        batch_size, kv_heads, _, head_dim = like.shape
+        old_keys, old_values, old_valid = self.view() if self.length else (None, None, None)
+        self.keys = like.new_zeros(batch_size, kv_heads, capacity, head_dim, dtype=self.dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=like.device)
+        if self.length:
+            self.keys[:, :, :self.length], self.values[:, :, :self.length] = old_keys, old_values
+            self.valid[:, :self.length] = old_valid
+
+    def view(self):
+        """keys, values [B, Hkv, M, D] and valid [B, M] of the M entries in memory."""
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length], self.valid[:, :self.length]
+
+
+@dataclass
+class Cache:
+    """Everything a model keeps between calls: memories of the memory layers and the local window of all layers."""
+
+    batch_size: int
+    memory: dict  # layer index -> MemoryCache, for each memory layer
+    local: Optional[list] = None  # one LocalCache per layer, once generation keeps a local window
+    local_valid: Optional[torch.Tensor] = None  # [B, W]: which local slots hold real (non-padding) tokens
+    local_length: int = 0  # tokens in the local window (the same for every layer)
+    position: int = 0  # absolute position of the next token: tokens read so far
+
+    @property
+    def memory_size(self) -> int:
+        return max((memory.length for memory in self.memory.values()), default=0)
+
+    def copy(self) -> "Cache":
+        """An independent copy, e.g. to ask several questions about one document read once."""
+        return copy.deepcopy(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention(q, sources):
+    """One softmax over several (keys, values, visible) sources: the local window, and the memory if any.
+
+    q: [B, G, R, T, D] (G key/value heads, R query heads sharing each); per source keys, values: [B, G, S, D] and
+    visible: [B, 1, 1, T, S] bool. Returns [B, G, R, T, D]. The softmax runs in float32; masked logits get the
+    lowest float so that a query with nothing visible (padding) yields a finite, ignored output.
+    """
+    scale = math.sqrt(q.shape[-1])
+    logits = []
+    for keys, _, visible in sources:
+        scores = torch.einsum("bgrtd,bgsd->bgrts", q, keys.to(q.dtype)) / scale  # [B, G, R, T, S]
+        logits.append(scores.masked_fill(~visible, torch.finfo(scores.dtype).min))
+    probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+    out = 0
+    for p, (_, values, _) in zip(probs.split([s.shape[-1] for s in logits], dim=-1), sources):
+        out = out + torch.einsum("bgrts,bgsd->bgrtd", p, values.to(q.dtype))
+    return out
+
+
+def grouped_attention(q, sources, grouping=None):
+    """`attention` for q [B, H, T, D], optionally over at most `grouping` = (heads, queries) at a time.
+
+    Grouping only bounds the size of the logits tensor; outputs are the same. With grouped-query attention a
+    group holds whole key/value heads (all query heads that share them). Returns [B, H, T, D].
+    """
+    batch_size, heads, length, head_dim = q.shape
+    kv_heads = sources[0][0].shape[1]
+    q = q.view(batch_size, kv_heads, heads // kv_heads, length, head_dim)  # [B, G, R, T, D]
+    if grouping is None:
+        return attention(q, sources).view(batch_size, heads, length, head_dim)
+    group_heads = max(1, grouping[0] // (heads // kv_heads))
+    group_queries = grouping[1]
+    out = torch.empty_like(q)
+    for g in range(0, kv_heads, group_heads):
+        for t in range(0, length, group_queries):
+            heads_, queries = slice(g, g + group_heads), slice(t, t + group_queries)
+            part = [(k[:, heads_], v[:, heads_], visible[..., queries, :]) for k, v, visible in sources]
+            out[:, heads_, :, queries] = attention(q[:, heads_, :, queries], part)
+    return out.view(batch_size, heads, length, head_dim)
+
+
+def causal_visible(start: int, length: int, key_valid):
+    """[B, 1, 1, T, start+T] bool: query i (at slot start+i) sees real keys at slots <= start+i."""
+    slots = torch.arange(start + length, device=key_valid.device)
+    causal = slots[None, :] <= (start + torch.arange(length, device=key_valid.device))[:, None]  # [T, S]
+    return causal & key_valid[:, None, None, None, :]
+
+
+def cross_batch_attention(q, k, k_first, v, cross_batch_range: int, stepping: bool = False, packing: int = 1):
+    """FoT training attention of a memory layer over a batch [B, ...] of consecutive document pieces.
+
+    Queries of element b see their own keys (`k`, standard positions, causal) and all keys of elements
+    b-1 .. b-d (`k_first`, rotated as if at position 0, no causal mask), d = cross_batch_range: earlier pieces of
+    the same document are the positives, other documents the negatives. No wrap-around below index 0.
+    With `stepping`, element i of each pack of `packing` elements sees min(i*ceil((d+1)/max(k-1,1)) + 1, d+1)
+    contexts, itself included, so one batch trains several memory sizes.
+    q: [B, H, T, D]; k, k_first, v: [B, Hkv, T, D]. Returns [B, H, T, D].
+    """
+    batch_size, _, length, _ = q.shape
+    if cross_batch_range < 0 or packing < 1 or batch_size % packing:
+        raise ValueError(f"cross-batch needs range >= 0, packing >= 1 dividing the batch size {batch_size}")
+    shifts = range(1, cross_batch_range + 1)
+    # element b's view of element b-j is the batch rolled by j: [B, Hkv, d*T, D]
+    other_keys = torch.cat([k_first.roll(j, dims=0) for j in shifts], dim=2) if shifts else k_first[:, :, :0]
+    other_values = torch.cat([v.roll(j, dims=0) for j in shifts], dim=2) if shifts else v[:, :, :0]
+
+    contexts = torch.full((batch_size,), cross_batch_range + 1, device=q.device)
+    if stepping and packing > 1:
+        step = -(-(cross_batch_range + 1) // (packing - 1))  # ceil division
+        in_pack = torch.arange(batch_size, device=q.device) % packing
+        contexts = torch.clamp(in_pack * step + 1, max=cross_batch_range + 1)
+    contexts = torch.minimum(contexts, torch.arange(batch_size, device=q.device) + 1)  # nothing below index 0
+    shift_of_key = torch.arange(1, cross_batch_range + 1, device=q.device).repeat_interleave(length)  # [d*T]: j
+    other_visible = shift_of_key[None, :] < contexts[:, None]  # [B, d*T]
+
+    all_valid = torch.ones(batch_size, length, dtype=torch.bool, device=q.device)
+    sources = [
+        (k, v, causal_visible(0, length, all_valid)),
+        (other_keys, other_values, other_visible[:, None, None, None, :].expand(-1, 1, 1, length, -1)),
+    ]
+    return grouped_attention(q, sources)
+
+
+class CrossBatch(NamedTuple):
+    range: int
+    stepping: bool
+    packing: int
+
+
+@dataclass
+class Window:
+    """What every layer needs to know about the tokens it is processing."""
+
+    start: int  # local slot, and rotary position, of the first token
+    cos: torch.Tensor  # [T, D] rotary tables for positions start .. start+T-1
+    sin: torch.Tensor
+    visible: torch.Tensor  # [B, 1, 1, T, start+T]: local keys each query sees (causal and padding)
+    valid: torch.Tensor  # [B, T]: which new tokens are real (they enter memory with this mask)
+    cache: Optional[Cache] = None
+    keep_local: bool = False  # True: keys stay in the local cache; False: memory layers load the window into memory
+    cross_batch: Optional[CrossBatch] = None  # training: memory layers use cross-batch attention
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LongLlamaConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        self.is_memory_layer = layer_index in config.mem_layers
+        self.rotary = not self.is_memory_layer or config.mem_positionals
+        self.grouping = config.mem_attention_grouping if self.is_memory_layer else None
+
+    def forward(self, x, window: Window):
+        batch_size, length, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                      self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(batch_size, length, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(batch_size, length, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(batch_size, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        # Rotating to position 0 is the identity, so the unrotated keys are the keys memory stores: wherever a
+        # key was read, queries see it at the same relative distance, and memory never has to be re-rotated.
+        k_first = k
+        if self.rotary:
+            q, k = apply_rope(q, window.cos, window.sin), apply_rope(k, window.cos, window.sin)
+
+        if window.cross_batch is not None and self.is_memory_layer:
+            out = cross_batch_attention(q, k, k_first, v, *window.cross_batch)
+        else:
+            out = self._attend_local_and_memory(q, k, k_first, v, window)
+        return self.wo(out.transpose(1, 2).reshape(batch_size, length, self.heads * self.head_dim))
+
+    def _attend_local_and_memory(self, q, k, k_first, v, window: Window):
+        cache = window.cache
+        if window.keep_local:
+            k, v = cache.local[self.layer_index].write(window.start, k, v)
+        sources = [(k, v, window.visible)]
+        memory = cache.memory.get(self.layer_index) if cache is not None else None
+        if memory is not None and memory.length:
+            mem_keys, mem_values, mem_valid = memory.view()
+            mem_visible = mem_valid[:, None, None, None, :].expand(-1, 1, 1, q.shape[2], -1)  # no causal mask
+            sources.append((mem_keys, mem_values, mem_visible))
+        out = grouped_attention(q, sources, self.grouping)
+        if memory is not None and not window.keep_local:
+            memory.append(k_first, v, window.valid)  # the window was read alone: now it joins memory
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU; gate and up projections are one matmul."""
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LongLlamaConfig, layer_index: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_index)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, window: Window):
+        h = x + self.attention(self.attention_norm(x), window)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class LongLlama(nn.Module):
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False  # training: recompute each block in the backward pass
+        self.reset_rope()
+        self.apply(self._init_weights)
+
+    def reset_rope(self):
+        """(Re)compute the rotary tables; positions never exceed the window, so W rows are enough."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_position_embeddings, self.config.rope_theta,
+                               device=self.embed.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def new_cache(self, batch_size: int) -> Cache:
+        memory = {i: MemoryCache(getattr(torch, self.config.mem_dtype)) for i in self.config.mem_layers}
+        return Cache(batch_size, memory)
+
+    def forward(self, input_ids, cache: Optional[Cache] = None, use_cache: bool = False,
+                last_context_length: Optional[int] = None, attention_mask=None, last_logits_only: bool = False,
+                progress: bool = False, cross_batch_range: Optional[int] = None, stepping: bool = False,
+                packing: int = 1):
+        """Logits [B, L, V] of input_ids [B, L] (only [B, 1, V] of the last token with last_logits_only).
+
+        Inference (DESIGN section 3): the first L - last_context_length tokens are read into memory window by
+        window; the rest stay in the local cache when use_cache, else go to memory too. Returns (logits, cache).
+        attention_mask [B, L] (1 = real token, 0 = padding) covers the new tokens only; the cache remembers the rest.
+        Training (section 4): pass cross_batch_range to run a [B, T] batch with cross-batch attention; returns
+        (logits, None).
+        """
+        if cross_batch_range is not None:
+            return self._cross_batch_forward(input_ids, CrossBatch(cross_batch_range, stepping, packing)), None
+        window_size = self.config.max_position_embeddings
+        last_context_length = self.config.last_context_length if last_context_length is None else last_context_length
+        if not 0 <= last_context_length <= window_size:
+            raise ValueError(f"last_context_length must lie in [0, {window_size}], got {last_context_length}")
+        batch_size, length = input_ids.shape
+        cache = self.new_cache(batch_size) if cache is None else cache
+        if cache.batch_size != batch_size:
+            raise ValueError(f"batch size {batch_size} does not match the cache's {cache.batch_size}")
+        if cache.local is not None and not use_cache:
+            raise ValueError("a cache holding a local window can only be continued with use_cache=True")
+        if attention_mask is None:
+            valid = torch.ones(batch_size, length, dtype=torch.bool, device=input_ids.device)
+        else:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            valid = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+        to_memory = max(length - last_context_length, 0)
+        spans = [(s, min(s + window_size, to_memory)) for s in range(0, to_memory, window_size)]
+        if length > to_memory:
+            spans.append((to_memory, length))
+        logits = []
+        for start, end in tqdm(spans, desc="reading", unit="window", disable=not progress, leave=False):
+            # a later call in a conversation already has a local window: everything goes through it
+            keep_local = cache.local is not None or (use_cache and start == to_memory)
+            hidden = self._window(input_ids[:, start:end], valid[:, start:end], cache, keep_local)
+            if not last_logits_only:
+                logits.append(self.lm_head(hidden))
+            elif end == length:
+                logits.append(self.lm_head(hidden[:, -1:]))
+        return torch.cat(logits, dim=1), cache
+
+    def _window(self, tokens, valid, cache: Cache, keep_local: bool):
+        """Run at most W tokens through every layer; returns the final hidden states [B, T, hidden]."""
+        length = tokens.shape[1]
+        if keep_local:
+            self._prepare_local(cache, length)
+            start = cache.local_length
+            cache.local_valid[:, start:start + length] = valid
+            key_valid = cache.local_valid[:, :start + length]
+            cache.local_length += length
+        else:
+            start, key_valid = 0, valid
+        window = Window(start, self.rope_cos[start:start + length], self.rope_sin[start:start + length],
+                        causal_visible(start, length, key_valid), valid, cache, keep_local)
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x, window)
+        cache.position += length
+        return self.norm(x)
+
+    def _prepare_local(self, cache: Cache, length: int):
+        """Make room for `length` new tokens in the local window, evicting the whole window when it would overflow."""
+        config, param = self.config, self.embed.weight
+        if cache.local is None:
+            shape = (cache.batch_size, config.num_key_value_heads, config.max_position_embeddings, config.head_dim)
+            cache.local = [LocalCache(param.new_zeros(shape), param.new_zeros(shape)) for _ in self.layers]
+            cache.local_valid = torch.zeros(shape[0], shape[2], dtype=torch.bool, device=param.device)
+        if cache.local_length + length > config.max_position_embeddings:
+            self._evict(cache)
+
+    def _evict(self, cache: Cache):
+        """Move the whole local window out: memory layers append it to memory, other layers drop it.
+
+        Evicting everything at once (not token by token) keeps the positions of cached keys fixed until they
+        leave, moves whole windows into memory as reading a long input does, and happens once per ~W tokens.
+        """
+        n = cache.local_length
+        for i, memory in cache.memory.items():
+            keys = cache.local[i].keys[:, :, :n]
+            if self.layers[i].attention.rotary:
+                keys = apply_rope(keys.float(), self.rope_cos[:n], -self.rope_sin[:n])  # back to position 0
+            memory.append(keys, cache.local[i].values[:, :, :n], cache.local_valid[:, :n])
+        cache.local_length = 0
+
+    def _cross_batch_forward(self, input_ids, cross_batch: CrossBatch):
+        batch_size, length = input_ids.shape
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"training sequences must fit the window: {length} > {self.config.max_position_embeddings}")
+        valid = torch.ones(batch_size, length, dtype=torch.bool, device=input_ids.device)
+        window = Window(0, self.rope_cos[:length], self.rope_sin[:length], causal_visible(0, length, valid), valid,
+                        cross_batch=cross_batch)
+        x = self.embed(input_ids)
+        for block in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, window, use_reentrant=False)
+            else:
+                x = block(x, window)
+        return self.lm_head(self.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: a directory with config.json and model.safetensors
+
+
+def state_dict_for_saving(model: LongLlama) -> dict:
+    """The model's tensors, without the tied lm_head (safetensors stores each tensor once)."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    return state
+
+
+def write_atomically(path, write):
+    """Call write(temporary_path), then rename over `path`: an interrupted write never leaves a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save(model: LongLlama, out_dir):
+    """Write config.json and model.safetensors into out_dir (created if needed)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = state_dict_for_saving(model)
+    write_atomically(out_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    config_text = json.dumps(model.config.to_dict(), indent=2) + "\n"
+    write_atomically(out_dir / "config.json", lambda p: p.write_text(config_text))
+
+
+def load(ckpt_dir, device="cpu", dtype=torch.float32, **config_overrides) -> LongLlama:
+    """Load a checkpoint directory; config_overrides (mem_layers, mem_dtype, ...) replace config.json values."""
+    ckpt_dir = Path(ckpt_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (ckpt_dir / name).is_file():
+            raise ValueError(f"{ckpt_dir}: not a checkpoint directory ({name} is missing)")
+    config = LongLlamaConfig.from_json(ckpt_dir / "config.json", **config_overrides)
+    with torch.device("meta"):
+        model = LongLlama(config)
+    expected = {k: v.shape for k, v in state_dict_for_saving(model).items()}
+    path = ckpt_dir / "model.safetensors"
+    state = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for problem, names in (("missing", set(expected) - set(f.keys())), ("unexpected", set(f.keys()) - set(expected))):
+                if names:
+                    raise ValueError(f"{path}: {problem} tensors {sorted(names)[:3]}{' ...' if len(names) > 3 else ''} "
+                                     "for this config")
+            for name, shape in expected.items():
+                tensor = f.get_tensor(name)  # one at a time, so peak memory is the model in `dtype` plus one tensor
+                if tensor.shape != shape:
+                    raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(shape)}")
+                state[name] = tensor.to(dtype)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: cannot read weights ({e})") from None
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.reset_rope()
+    return model.eval()

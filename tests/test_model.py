@@ -1,0 +1,264 @@
+"""longllama.py inference against the naive float64 reference in tests/reference.py (DESIGN section 3)."""
+
+import math
+
+import pytest
+import torch
+
+import longllama
+from reference import NaiveLongLlama, rotate
+
+WINDOW = 16
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    values = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=WINDOW, mem_layers=[1], last_context_length=6, mem_dtype="float32")
+    values.update(overrides)
+    model = longllama.LongLlama(longllama.LongLlamaConfig(**values)).eval()
+    # larger weights than the init's 0.02, so that attention patterns are far from uniform and errors show
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def tokens(batch, length, seed=1):
+    return torch.randint(0, 61, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close(actual, expected, atol=2e-4):
+    diff = (actual.double() - expected).abs().max().item()
+    assert diff < atol, f"max abs difference {diff}"
+
+
+@torch.no_grad()
+def run_both(model, calls, atol=2e-4, **kwargs):
+    """Run the same sequence of calls [(ids, use_cache, attention_mask)] through model and reference."""
+    reference = NaiveLongLlama(model)
+    cache = None
+    for ids, use_cache, mask in calls:
+        logits, cache = model(ids, cache=cache, use_cache=use_cache, attention_mask=mask, **kwargs)
+        expected = reference(ids, use_cache=use_cache, attention_mask=mask, **kwargs)
+        rows = slice(None) if mask is None else mask.bool()
+        assert_close(logits[rows] if mask is not None else logits, expected[rows] if mask is not None else expected, atol)
+    assert cache.memory_size == reference.memory_size
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+
+def naive_attention(q, local_k, local_v, local_visible, mem_k, mem_v, mem_valid):
+    """float64, explicit concatenation of local and memory keys with explicit masks."""
+    q, local_k, local_v, mem_k, mem_v = (x.double() for x in (q, local_k, local_v, mem_k, mem_v))
+    rep = q.shape[1] // local_k.shape[1]
+    keys = torch.cat([local_k, mem_k], dim=2).repeat_interleave(rep, dim=1)
+    values = torch.cat([local_v, mem_v], dim=2).repeat_interleave(rep, dim=1)
+    visible = torch.cat([local_visible, mem_valid[:, None, :].expand(-1, q.shape[2], -1)], dim=-1)  # [B, T, S+M]
+    logits = (q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~visible[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1) @ values
+
+
+@pytest.mark.parametrize("heads,kv_heads,grouping", [(4, 4, None), (4, 4, (1, 1)), (4, 4, (3, 5)), (6, 2, (2, 4)),
+                                                     (6, 3, None), (6, 1, (4, 7))])
+def test_grouped_attention_matches_naive_attention(heads, kv_heads, grouping):
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    b, t, start, m, d = 2, 9, 5, 13, 8
+    q = torch.randn(b, heads, t, d, generator=g)
+    local_k, local_v = torch.randn(2, b, kv_heads, start + t, d, generator=g)
+    mem_k, mem_v = torch.randn(2, b, kv_heads, m, d, generator=g)
+    key_valid = torch.rand(b, start + t, generator=g) > 0.2
+    key_valid[:, -1] = True
+    mem_valid = torch.rand(b, m, generator=g) > 0.3
+    visible = longllama.causal_visible(start, t, key_valid)
+    sources = [(local_k, local_v, visible), (mem_k, mem_v, mem_valid[:, None, None, None, :].expand(-1, 1, 1, t, -1))]
+    out = longllama.grouped_attention(q, sources, grouping)
+
+    causal = torch.arange(start + t)[None, :] <= torch.arange(start, start + t)[:, None]
+    expected = naive_attention(q, local_k, local_v, causal & key_valid[:, None, :], mem_k, mem_v, mem_valid)
+    assert_close(out, expected, atol=1e-5)
+
+
+def test_rope_matches_reference_rotation():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 10, 8)
+    cos, sin = longllama.rope_tables(8, 10, 500.0)
+    expected = rotate(x.double(), torch.arange(10)[None], 500.0)
+    assert_close(longllama.apply_rope(x, cos, sin), expected, atol=1e-5)
+    assert_close(longllama.apply_rope(longllama.apply_rope(x, cos, sin), cos, -sin), x.double(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- long inputs
+
+
+def test_long_input_over_many_windows_matches_reference():
+    model = tiny_model()
+    cache = run_both(model, [(tokens(2, 5 * WINDOW + 3), False, None)])
+    assert cache.memory_size == 5 * WINDOW + 3  # without a local cache everything ends in memory
+    assert cache.local is None
+
+
+def test_prompt_then_step_by_step_decoding_through_many_evictions_matches_reference():
+    model = tiny_model(mem_layers=[0, 2])
+    calls = [(tokens(2, 3 * WINDOW + 5), True, None)]
+    calls += [(tokens(2, 1, seed=100 + i), True, None) for i in range(3 * WINDOW)]
+    cache = run_both(model, calls)
+    assert 0 < cache.local_length <= WINDOW
+
+
+def test_continuation_calls_of_several_tokens_and_a_long_follow_up_match_reference():
+    model = tiny_model()
+    calls = [(tokens(2, 2 * WINDOW), True, None)]
+    calls += [(tokens(2, n, seed=200 + n), True, None) for n in (3, 5, 7, 1, WINDOW, 2)]
+    calls.append((tokens(2, 3 * WINDOW + 4, seed=300), True, None))  # long question: windows through the local cache
+    calls += [(tokens(2, 1, seed=400 + i), True, None) for i in range(5)]
+    run_both(model, calls)
+
+
+def test_batch_of_three_with_grouped_query_attention_and_rope_theta_matches_reference():
+    model = tiny_model(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, rope_theta=1e6,
+                       mem_layers=[1, 2], last_context_length=10)
+    calls = [(tokens(3, 4 * WINDOW + 7), True, None)] + [(tokens(3, 1, seed=10 + i), True, None) for i in range(20)]
+    run_both(model, calls)
+
+
+@pytest.mark.parametrize("grouping", [(1, 1), (2, 3), (3, 16), (100, 100)])
+def test_mem_attention_grouping_changes_nothing(grouping):
+    ungrouped = tiny_model(num_attention_heads=4, num_key_value_heads=2)
+    grouped = tiny_model(num_attention_heads=4, num_key_value_heads=2, mem_attention_grouping=grouping)
+    grouped.load_state_dict(ungrouped.state_dict())
+    ids, step = tokens(2, 3 * WINDOW + 2), tokens(2, 1, seed=5)
+    with torch.no_grad():
+        a, cache_a = ungrouped(ids, use_cache=True)
+        b, cache_b = grouped(ids, use_cache=True)
+        assert_close(b, a.double(), atol=1e-5)
+        for _ in range(WINDOW + 3):
+            a, cache_a = ungrouped(step, cache=cache_a, use_cache=True)
+            b, cache_b = grouped(step, cache=cache_b, use_cache=True)
+            assert_close(b, a.double(), atol=1e-5)
+    run_both(grouped, [(ids, True, None), (step, True, None)])
+
+
+def test_bfloat16_memory_matches_reference_storing_bfloat16():
+    model = tiny_model(mem_dtype="bfloat16")
+    calls = [(tokens(2, 3 * WINDOW + 1), True, None)] + [(tokens(2, 1, seed=i), True, None) for i in range(WINDOW)]
+    # float32 and float64 keys occasionally round to neighbouring bfloat16 values: a looser tolerance
+    cache = run_both(model, calls, atol=3e-3)
+    assert cache.memory[1].keys.dtype == torch.bfloat16
+
+
+def test_no_positionals_in_memory_layers_matches_reference():
+    model = tiny_model(mem_positionals=False, mem_layers=[0, 1])
+    calls = [(tokens(2, 3 * WINDOW + 1), True, None)] + [(tokens(2, 1, seed=i), True, None) for i in range(WINDOW)]
+    run_both(model, calls)
+
+
+def test_left_padded_batch_matches_reference():
+    model = tiny_model()
+    ids = tokens(2, 3 * WINDOW)
+    mask = torch.ones_like(ids)
+    mask[1, :WINDOW + 3] = 0  # row 1 is left-padded past the first window
+    calls = [(ids, True, mask)] + [(tokens(2, 1, seed=i), True, torch.ones(2, 1)) for i in range(WINDOW + 2)]
+    cache = run_both(model, calls)
+    _, _, valid = cache.memory[1].view()
+    assert not valid[1, :WINDOW + 3].any() and valid[1, WINDOW + 3:].all() and valid[0].all()
+
+
+def test_padding_is_invisible_within_one_window():
+    model = tiny_model(last_context_length=WINDOW)
+    ids = tokens(1, 10)
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 10)], dim=1)
+    with torch.no_grad():
+        alone, _ = model(ids, use_cache=True)
+        batched, _ = model(torch.cat([padded, torch.cat([ids, ids[:, :4]], 1)]), use_cache=True,
+                           attention_mask=torch.cat([mask, torch.ones(1, 14)]))
+    assert_close(batched[0, 4:], alone[0].double(), atol=5e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- equivalences
+
+
+def test_step_by_step_decoding_equals_one_full_forward_within_a_window():
+    model = tiny_model(last_context_length=WINDOW)
+    ids = tokens(2, WINDOW)
+    with torch.no_grad():
+        full, _ = model(ids)
+        logits, cache = model(ids[:, :3], use_cache=True)
+        steps = [logits]
+        for t in range(3, WINDOW):
+            logits, cache = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(logits)
+    assert_close(torch.cat(steps, dim=1), full.double(), atol=5e-5)
+    assert cache.memory_size == 0
+
+
+def test_without_memory_layers_the_model_is_plain_llama():
+    model = tiny_model(mem_layers=[], last_context_length=WINDOW)
+    ids = tokens(2, WINDOW)
+    with torch.no_grad():
+        logits, cache = model(ids)
+    # plain LLaMA: standard RoPE at absolute positions, causal attention, no memory anywhere
+    expected = NaiveLongLlama(model)(ids, use_cache=False, last_context_length=WINDOW)
+    assert_close(logits, expected)
+    assert cache.memory == {}
+
+
+def test_last_logits_only_is_the_last_row_of_all_logits():
+    model = tiny_model()
+    ids = tokens(2, 2 * WINDOW + 3)
+    with torch.no_grad():
+        full, _ = model(ids, use_cache=True)
+        last, _ = model(ids, use_cache=True, last_logits_only=True)
+    assert last.shape == (2, 1, 61)
+    assert_close(last, full[:, -1:].double(), atol=1e-5)
+
+
+def test_cache_copy_answers_several_questions_about_one_document():
+    model = tiny_model()
+    document, q1, q2 = tokens(1, 3 * WINDOW), tokens(1, 4, seed=7), tokens(1, 5, seed=8)
+    with torch.no_grad():
+        _, read_once = model(document, use_cache=True)
+        a1, _ = model(q1, cache=read_once.copy(), use_cache=True)
+        a2, _ = model(q2, cache=read_once.copy(), use_cache=True)
+        _, fresh = model(document, use_cache=True)
+        b2, _ = model(q2, cache=fresh, use_cache=True)
+    assert torch.equal(a2, b2)
+    assert read_once.position == 3 * WINDOW and fresh.position == 3 * WINDOW + 5
+    assert not torch.equal(a1[:, -1], a2[:, -1])
+
+
+def test_memory_grows_in_chunks_not_per_token():
+    model = tiny_model()
+    _, cache = model(tokens(1, 2 * WINDOW), use_cache=True)
+    memory = cache.memory[1]
+    capacities = [memory.keys.shape[2]]
+    with torch.no_grad():
+        for i in range(8 * WINDOW):
+            _, cache = model(tokens(1, 1, seed=i), cache=cache, use_cache=True)
+            if memory.keys.shape[2] != capacities[-1]:
+                capacities.append(memory.keys.shape[2])
+    # geometric growth: a handful of reallocations for 8 windows of tokens, none per token
+    assert len(capacities) <= 5
+    assert all(new >= 1.5 * old for old, new in zip(capacities, capacities[1:]))
+    assert memory.keys.shape[2] >= memory.length
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_calls_raise_clear_errors():
+    model = tiny_model()
+    with torch.no_grad():
+        _, cache = model(tokens(2, 5), use_cache=True)
+        with pytest.raises(ValueError, match="batch size"):
+            model(tokens(1, 2), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="use_cache"):
+            model(tokens(2, 2), cache=cache)
+        with pytest.raises(ValueError, match="last_context_length"):
+            model(tokens(2, 2), last_context_length=WINDOW + 1)
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(tokens(2, 2), attention_mask=torch.ones(2, 3))
