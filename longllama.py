@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 @dataclass
 class LongLlamaConfig:
-    """The keys of a LongLLaMA `config.json`. Defaults are LongLLaMA-3B."""
+    """The keys of a LongLLaMA `config.json`. Defaults: the LongLLaMA-3B shapes, and, as in a plain LLaMA
+    config.json, no memory layers (PRESETS["3b"] has them)."""
 
     vocab_size: int = 32000
     hidden_size: int = 3200

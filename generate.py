@@ -1,0 +1,260 @@
+"""Continue a (long) prompt with a LongLLaMA checkpoint, streaming the text to stdout.
+
+    python generate.py --ckpt DIR --prompt-file long.txt --max-new-tokens 200
+    python generate.py --ckpt DIR --prompt "def fibonacci(n):" --temperature 0      # greedy
+    cat notes.txt | python generate.py --ckpt DIR --prompt-file - --mem-attention-grouping 4,512
+
+How FoT shows up here: `prefill` reads the prompt. All but its last `last_context_length` tokens are read window by
+window (W = max_position_embeddings tokens each) into the memory of the memory layers, with a progress bar on
+stderr; the last tokens stay in every layer's local cache. `decode_one_token` then runs one token at a time: it
+attends to the local cache and, in memory layers, to the whole memory. When the local cache is full, it moves into
+memory as a whole (longllama.LongLlama._evict). One stats line goes to stderr at the end.
+"""
+
+import argparse
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import longllama
+from tokenizer import Tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling and the generation loop
+
+
+def sample(logits, temperature: float, top_k: int = 0, top_p: float = 1.0, generator=None) -> int:
+    """Pick the next token from logits [V]: greedy at temperature 0, else from the top-k / nucleus (top-p) set."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth_largest = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(logits.softmax(-1), descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the more likely tokens already reach top_p
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def prefill(model, prompt_ids, last_context_length: Optional[int] = None, progress: bool = False):
+    """Read the prompt [1, L] into memory and local cache; returns the last token's logits [V] and the cache."""
+    logits, cache = model(prompt_ids, use_cache=True, last_context_length=last_context_length,
+                          last_logits_only=True, progress=progress)
+    return logits[0, -1], cache
+
+
+def decode_one_token(model, token: int, cache):
+    device = model.embed.weight.device
+    logits, cache = model(torch.tensor([[token]], device=device), cache=cache, use_cache=True)
+    return logits[0, -1], cache
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    memory_size: int = 0  # entries in each memory layer's memory after the prompt
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+
+    def line(self, peak_memory: str) -> str:
+        prefill_rate = self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+        decode_rate = self.decode_steps / max(self.decode_seconds, 1e-9)
+        return (f"prompt {self.prompt_tokens} tokens | memory {self.memory_size} | prefill {prefill_rate:.1f} tok/s | "
+                f"decode {decode_rate:.1f} tok/s | {peak_memory}")
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids: list, max_new_tokens: int, temperature: float = 0.8, top_k: int = 0,
+             top_p: float = 1.0, eos_id: Optional[int] = None, seed: Optional[int] = None,
+             last_context_length: Optional[int] = None, on_token: Optional[Callable[[int], None]] = None,
+             progress: bool = False):
+    """Sample up to max_new_tokens after prompt_ids, stopping after EOS. Returns (new token ids, Stats).
+
+    on_token is called with each new token as soon as it is chosen (for streaming).
+    """
+    device = model.embed.weight.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    stats = Stats(prompt_tokens=len(prompt_ids))
+
+    start = _now(device)
+    logits, cache = prefill(model, torch.tensor([prompt_ids], device=device), last_context_length, progress)
+    stats.prefill_seconds, stats.memory_size = _now(device) - start, cache.memory_size
+
+    new_tokens = []
+    start = _now(device)
+    while len(new_tokens) < max_new_tokens:
+        token = sample(logits, temperature, top_k, top_p, generator)
+        new_tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token == eos_id or len(new_tokens) == max_new_tokens:
+            break
+        logits, cache = decode_one_token(model, token, cache)
+        stats.decode_steps += 1
+    stats.decode_seconds = _now(device) - start
+    return new_tokens, stats
+
+
+def _now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory planning: refuse a prompt that cannot fit instead of being killed halfway through reading it
+
+
+def prompt_memory_bytes(config: longllama.LongLlamaConfig, prompt_tokens: int, dtype: torch.dtype) -> int:
+    """Rough peak bytes that reading a prompt adds to the weights: memory, local caches, attention logits."""
+    last_context = min(prompt_tokens, config.last_context_length)
+    memory_entries = prompt_tokens - last_context
+    kv_width = 2 * config.num_key_value_heads * config.head_dim  # key and value of one token
+    memory = len(config.mem_layers) * memory_entries * kv_width * getattr(torch, config.mem_dtype).itemsize
+    local = config.num_hidden_layers * config.max_position_embeddings * kv_width * dtype.itemsize
+    window = min(prompt_tokens, config.max_position_embeddings)
+    heads, queries = config.mem_attention_grouping or (config.num_attention_heads, window)
+    # scores, masked scores, concatenation (dtype) and the float32 softmax with its cast, over local + memory keys
+    logits_per_entry = 4 * dtype.itemsize + 4
+    attention = logits_per_entry * max(min(heads, config.num_attention_heads) * min(queries, window) *
+                                       (window + memory_entries), config.num_attention_heads * window * window)
+    return memory + local + attention + 4 * config.vocab_size * window
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62  # unknown: do not refuse
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Continue a long prompt with a LongLLaMA checkpoint.")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.model)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", help="file holding the prompt ('-' reads stdin)")
+    p.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--last-context-length", type=int, default=None,
+                   help="prompt tokens kept in the local window rather than memory (default: the checkpoint's)")
+    p.add_argument("--mem-attention-grouping", default=None, metavar="H,Q",
+                   help="memory attention over at most H heads x Q queries at a time (bounds peak memory)")
+    p.add_argument("--mem-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="dtype memory keys/values are stored in (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when present)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        p.error("--max-new-tokens, --temperature, --top-k must be >= 0 and --top-p in (0, 1]")
+    return args
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+    else:
+        try:
+            text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+    if not text.strip():
+        raise ValueError("the prompt is empty")
+    return text
+
+
+def config_overrides(args) -> dict:
+    overrides = {}
+    if args.mem_attention_grouping:
+        try:
+            overrides["mem_attention_grouping"] = [int(n) for n in args.mem_attention_grouping.split(",")]
+        except ValueError:
+            raise ValueError(f"--mem-attention-grouping takes H,Q, got {args.mem_attention_grouping!r}") from None
+    if args.mem_dtype:
+        overrides["mem_dtype"] = args.mem_dtype
+    if args.last_context_length is not None:
+        overrides["last_context_length"] = args.last_context_length
+    return overrides
+
+
+def run(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if not Path(args.ckpt).is_dir():
+        raise ValueError(f"checkpoint directory {args.ckpt} does not exist")
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.ckpt) / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise ValueError(f"no tokenizer at {tokenizer_path} (pass --tokenizer PATH)")
+    tokenizer = Tokenizer(tokenizer_path)
+    prompt_ids = tokenizer.encode(read_prompt(args))
+
+    model = longllama.load(args.ckpt, device=device, dtype=dtype, **config_overrides(args))
+    config = model.config
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
+    needed, available = prompt_memory_bytes(config, len(prompt_ids), dtype), available_bytes(device)
+    if needed > 0.9 * available:
+        raise ValueError(f"a prompt of {len(prompt_ids)} tokens needs about {needed / 2**30:.1f} GiB more, "
+                         f"{available / 2**30:.1f} GiB are free: try --mem-attention-grouping, --mem-dtype bfloat16 "
+                         "or a shorter prompt")
+
+    decoder = tokenizer.decoder(prompt_ids)
+
+    def stream(token):
+        if token != tokenizer.eos_id:
+            sys.stdout.write(decoder.push(token))
+            sys.stdout.flush()
+
+    _, stats = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                        tokenizer.eos_id, args.seed, on_token=stream, progress=True)
+    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    print(stats.line(peak_memory(device)), file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except torch.OutOfMemoryError:
+        fail("out of memory while generating: try --mem-attention-grouping, --mem-dtype or a shorter prompt")
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

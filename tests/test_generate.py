@@ -1,0 +1,153 @@
+"""generate.py: the generation loop against a hand-written greedy decode, sampling, the CLI and its errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate
+import longllama
+from conftest import ROOT, shared_tokenizer
+from test_model import WINDOW, tiny_model, tokens
+from tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random checkpoint with the OpenLLaMA v1 tokenizer (vocab 32000)."""
+    out = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    config = longllama.LongLlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=32, mem_layers=[1],
+                                       last_context_length=16)
+    longllama.save(longllama.LongLlama(config), out)
+    (out / "tokenizer.model").write_bytes(shared_tokenizer("open_llama_v1.model").read_bytes())
+    return out
+
+
+def greedy_by_hand(model, prompt, steps):
+    """Greedy decoding written out with the model API: prompt into the cache, then one token per call."""
+    with torch.no_grad():
+        logits, cache = model(torch.tensor([prompt]), use_cache=True)
+        out = []
+        for _ in range(steps):
+            out.append(int(logits[0, -1].argmax()))
+            logits, cache = model(torch.tensor([[out[-1]]]), cache=cache, use_cache=True)
+    return out
+
+
+def test_greedy_generation_equals_step_by_step_greedy_decode_through_evictions():
+    model = tiny_model()
+    prompt = tokens(1, 3 * WINDOW + 5)[0].tolist()
+    new, stats = generate.generate(model, prompt, 2 * WINDOW + 3, temperature=0)
+    assert new == greedy_by_hand(model, prompt, 2 * WINDOW + 3)
+    assert stats.prompt_tokens == len(prompt) and stats.memory_size == len(prompt) - model.config.last_context_length
+    assert stats.decode_steps == 2 * WINDOW + 2
+
+
+def test_generation_stops_after_eos():
+    model = tiny_model()
+    prompt = tokens(1, 10)[0].tolist()
+    expected = greedy_by_hand(model, prompt, 8)
+    new, _ = generate.generate(model, prompt, 8, temperature=0, eos_id=expected[4])
+    assert new == expected[:expected.index(expected[4]) + 1]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k_and_top_p():
+    model = tiny_model()
+    prompt = tokens(1, 10)[0].tolist()
+    first, _ = generate.generate(model, prompt, 12, temperature=1.0, seed=3)
+    again, _ = generate.generate(model, prompt, 12, temperature=1.0, seed=3)
+    assert first == again
+    greedy = greedy_by_hand(model, prompt, 12)
+    assert generate.generate(model, prompt, 12, temperature=1.0, top_k=1, seed=5)[0] == greedy
+    assert generate.generate(model, prompt, 12, temperature=1.0, top_p=1e-6, seed=5)[0] == greedy
+
+
+def test_sample_draws_only_from_the_allowed_set():
+    logits = torch.tensor([0.0, 3.0, 2.9, 1.0, -1.0])
+    g = torch.Generator().manual_seed(0)
+    assert {generate.sample(logits, 1.0, top_k=2, generator=g) for _ in range(300)} == {1, 2}
+    probs = logits.softmax(-1)  # p = [.03, .50, .45, .02, .005...]: top_p 0.9 keeps exactly tokens 1 and 2
+    assert probs[1] < 0.9 < probs[1] + probs[2]
+    assert {generate.sample(logits, 1.0, top_p=0.9, generator=g) for _ in range(300)} == {1, 2}
+    assert generate.sample(logits, 0.0) == 1
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
+                          input=stdin, cwd=ROOT, timeout=120)
+
+
+def test_cli_streams_the_greedy_continuation_of_a_long_prompt_and_prints_stats(checkpoint, tmp_path):
+    prompt_file = tmp_path / "long.txt"
+    prompt_file.write_text("def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 10)
+    result = run_cli("--ckpt", str(checkpoint), "--prompt-file", str(prompt_file), "--max-new-tokens", "12",
+                     "--temperature", "0", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(checkpoint / "tokenizer.model")
+    prompt = tok.encode(prompt_file.read_text())
+    model = longllama.load(checkpoint)
+    expected = greedy_by_hand(model, prompt, 12)
+    expected = expected[:expected.index(tok.eos_id)] if tok.eos_id in expected else expected
+    assert result.stdout == tok.decode(prompt + expected)[len(tok.decode(prompt)):] + "\n"
+    stats = result.stderr.strip().splitlines()[-1]
+    assert f"prompt {len(prompt)} tokens" in stats and f"memory {len(prompt) - 16}" in stats
+    assert "prefill" in stats and "decode" in stats and "peak" in stats
+
+
+def test_cli_reads_the_prompt_from_stdin(checkpoint):
+    result = run_cli("--ckpt", str(checkpoint), "--prompt-file", "-", "--max-new-tokens", "3", "--seed", "1",
+                     stdin="héllo wörld 🙂")
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(checkpoint / "tokenizer.model")
+    assert f"prompt {len(tok.encode('héllo wörld 🙂'))} tokens" in result.stderr
+
+
+def expect_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_bad_inputs_give_one_clear_line_and_a_non_zero_exit(checkpoint, tmp_path, capsys, monkeypatch):
+    ckpt = str(checkpoint)
+    expect_error(capsys, ["--ckpt", str(tmp_path / "missing"), "--prompt", "x"], "does not exist")
+    expect_error(capsys, ["--ckpt", ckpt, "--prompt", "  \n"], "prompt is empty")
+    expect_error(capsys, ["--ckpt", ckpt, "--prompt-file", str(tmp_path / "nope.txt")], "cannot read prompt file")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    expect_error(capsys, ["--ckpt", ckpt, "--prompt-file", str(binary)], "cannot read prompt file")
+    expect_error(capsys, ["--ckpt", ckpt, "--prompt", "x", "--mem-attention-grouping", "4"], "mem_attention_grouping")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    (broken / "config.json").write_text((checkpoint / "config.json").read_text())
+    expect_error(capsys, ["--ckpt", str(broken), "--prompt", "x"], "model.safetensors is missing")
+    (broken / "model.safetensors").write_bytes(b"not safetensors at all")
+    expect_error(capsys, ["--ckpt", str(broken), "--prompt", "x"], "cannot read weights")
+    (broken / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    (broken / "config.json").write_text("{not json")
+    expect_error(capsys, ["--ckpt", str(broken), "--prompt", "x"], "cannot read config")
+    (broken / "config.json").write_text((checkpoint / "config.json").read_text().replace('"hidden_size": 32',
+                                                                                        '"hidden_size": 64'))
+    expect_error(capsys, ["--ckpt", str(broken), "--prompt", "x"], "has shape")
+    (broken / "tokenizer.model").write_bytes(b"garbage")
+    expect_error(capsys, ["--ckpt", str(broken), "--prompt", "x"], "not a SentencePiece model")
+
+    monkeypatch.setattr(generate, "available_bytes", lambda device: 1 << 20)
+    expect_error(capsys, ["--ckpt", ckpt, "--prompt", "word " * 500], "needs about")
+
+
+def test_prompt_memory_estimate_grows_with_the_prompt_and_shrinks_with_grouping():
+    config = longllama.LongLlamaConfig(**longllama.PRESETS["3b"])
+    short, long = (generate.prompt_memory_bytes(config, n, torch.bfloat16) for n in (4096, 131072))
+    assert long > 10 * short
+    grouped = longllama.LongLlamaConfig(**longllama.PRESETS["3b"], mem_attention_grouping=(4, 256))
+    assert generate.prompt_memory_bytes(grouped, 131072, torch.bfloat16) < long / 10
+    # memory alone: 3 layers x 130k entries x (k + v) x 3200 x 2 bytes
+    assert generate.prompt_memory_bytes(grouped, 131072, torch.bfloat16) > 3 * (131072 - 1024) * 2 * 3200 * 2
