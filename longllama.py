@@ -11,7 +11,7 @@ Where FoT lives in this file:
 - `LocalCache` / `Cache`: the current window of every layer, and eviction of the whole window into memory.
 - `Attention.forward`: one softmax over the local window and the memory (`attention`, `grouped_attention`).
 - `LongLlama.forward`: cutting a long input into windows of W tokens (`last_context_length`).
-- `cross_batch_attention`: FoT training, where memory layers also see other documents' keys.
+- `cross_batch_attention`: FoT training, where memory layers also see other documents' keys (`fused_attention`).
 """
 
 import copy
@@ -314,10 +314,10 @@ def cross_batch_attention(q, k, k_first, v, cross_batch_range: int, stepping: bo
     batch_size, _, length, _ = q.shape
     if cross_batch_range < 0 or packing < 1 or batch_size % packing:
         raise ValueError(f"cross-batch needs range >= 0, packing >= 1 dividing the batch size {batch_size}")
-    shifts = range(1, cross_batch_range + 1)
     # element b's view of element b-j is the batch rolled by j: [B, Hkv, d*T, D]
-    other_keys = torch.cat([k_first.roll(j, dims=0) for j in shifts], dim=2) if shifts else k_first[:, :, :0]
-    other_values = torch.cat([v.roll(j, dims=0) for j in shifts], dim=2) if shifts else v[:, :, :0]
+    shifts = range(1, cross_batch_range + 1)
+    other_keys = torch.cat([k_first[:, :, :0]] + [k_first.roll(j, dims=0) for j in shifts], dim=2)
+    other_values = torch.cat([v[:, :, :0]] + [v.roll(j, dims=0) for j in shifts], dim=2)
 
     contexts = torch.full((batch_size,), cross_batch_range + 1, device=q.device)
     if stepping and packing > 1:
@@ -333,7 +333,28 @@ def cross_batch_attention(q, k, k_first, v, cross_batch_range: int, stepping: bo
         (k, v, causal_visible(0, length, all_valid)),
         (other_keys, other_values, other_visible[:, None, None, None, :].expand(-1, 1, 1, length, -1)),
     ]
-    return grouped_attention(q, sources)
+    return fused_attention(q, sources)
+
+
+def fused_attention(q, sources):
+    """`grouped_attention` through PyTorch's fused scaled_dot_product_attention, for training.
+
+    The fused kernels never hold the [B, H, T, S] logits (nor keep them for the backward pass), which is what
+    lets cross-batch attention over (d+1)*T keys train at 3B shapes. The sources' keys are concatenated,
+    which is cheap here (a training batch) but would copy the whole memory at inference. Grouped-query heads
+    are repeated, and on CUDA head_dim is zero-padded to a multiple of 8 (exact: zeros add nothing to q.k,
+    and the padded output columns are dropped), which the fused kernels need (head_dim 100 in LongLLaMA-3B).
+    """
+    heads, head_dim = q.shape[1], q.shape[-1]
+    keys = torch.cat([k for k, _, _ in sources], dim=2).repeat_interleave(heads // sources[0][0].shape[1], dim=1)
+    values = torch.cat([v for _, v, _ in sources], dim=2).repeat_interleave(heads // sources[0][0].shape[1], dim=1)
+    visible = torch.cat([m for _, _, m in sources], dim=-1)[:, :, 0]  # [B, 1, T, S]
+    pad = -head_dim % 8 if q.is_cuda else 0
+    if pad:
+        q, keys, values = (F.pad(x, (0, pad)) for x in (q, keys, values))
+    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible,
+                                         scale=1 / math.sqrt(head_dim))
+    return out[..., :head_dim]
 
 
 class CrossBatch(NamedTuple):
@@ -380,10 +401,12 @@ class Attention(nn.Module):
         if self.rotary:
             q, k = apply_rope(q, window.cos, window.sin), apply_rope(k, window.cos, window.sin)
 
-        if window.cross_batch is not None and self.is_memory_layer:
+        if window.cross_batch is None:
+            out = self._attend_local_and_memory(q, k, k_first, v, window)
+        elif self.is_memory_layer:
             out = cross_batch_attention(q, k, k_first, v, *window.cross_batch)
         else:
-            out = self._attend_local_and_memory(q, k, k_first, v, window)
+            out = fused_attention(q, [(k, v, window.visible)])
         return self.wo(out.transpose(1, 2).reshape(batch_size, length, self.heads * self.head_dim))
 
     def _attend_local_and_memory(self, q, k, k_first, v, window: Window):
@@ -391,7 +414,7 @@ class Attention(nn.Module):
         if window.keep_local:
             k, v = cache.local[self.layer_index].write(window.start, k, v)
         sources = [(k, v, window.visible)]
-        memory = cache.memory.get(self.layer_index) if cache is not None else None
+        memory = cache.memory.get(self.layer_index)
         if memory is not None and memory.length:
             mem_keys, mem_values, mem_valid = memory.view()
             mem_visible = mem_valid[:, None, None, None, :].expand(-1, 1, 1, q.shape[2], -1)  # no causal mask
