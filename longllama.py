@@ -263,8 +263,8 @@ def attention(q, sources):
     scale = math.sqrt(q.shape[-1])
     logits = []
     for keys, _, visible in sources:
-        scores = torch.einsum("bgrtd,bgsd->bgrts", q, keys.to(q.dtype)) / scale  # [B, G, R, T, S]
-        logits.append(scores.masked_fill(~visible, torch.finfo(scores.dtype).min))
+        scores = torch.einsum("bgrtd,bgsd->bgrts", q, keys.to(q.dtype)).div_(scale)  # [B, G, R, T, S]
+        logits.append(scores.masked_fill_(~visible, torch.finfo(scores.dtype).min))
     probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     out = 0
     for p, (_, values, _) in zip(probs.split([s.shape[-1] for s in logits], dim=-1), sources):
@@ -282,7 +282,7 @@ def grouped_attention(q, sources, grouping=None):
     kv_heads = sources[0][0].shape[1]
     q = q.view(batch_size, kv_heads, heads // kv_heads, length, head_dim)  # [B, G, R, T, D]
     if grouping is None:
-        return attention(q, sources).view(batch_size, heads, length, head_dim)
+        return attention(q, sources).reshape(batch_size, heads, length, head_dim)
     group_heads = max(1, grouping[0] // (heads // kv_heads))
     group_queries = grouping[1]
     out = torch.empty_like(q)
@@ -291,7 +291,7 @@ def grouped_attention(q, sources, grouping=None):
             heads_, queries = slice(g, g + group_heads), slice(t, t + group_queries)
             part = [(k[:, heads_], v[:, heads_], visible[..., queries, :]) for k, v, visible in sources]
             out[:, heads_, :, queries] = attention(q[:, heads_, :, queries], part)
-    return out.view(batch_size, heads, length, head_dim)
+    return out.reshape(batch_size, heads, length, head_dim)
 
 
 def causal_visible(start: int, length: int, key_valid):
