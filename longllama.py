@@ -57,11 +57,16 @@ class LongLlamaConfig:
     mem_positionals: bool = True  # False: memory layers use no rotary embedding at all
     mem_dtype: str = "bfloat16"  # dtype memory keys and values are stored in
     mem_attention_grouping: Optional[tuple] = None  # (heads, queries) per memory-attention call, to bound peak memory
-    last_context_length: int = 1024  # tokens of a long input that stay in the local window instead of memory
+    # tokens of a long input that stay in the local window instead of memory; None: 1024 (LongLLaMA's) capped at
+    # the window, and the whole window without memory layers (where earlier tokens would be read into nothing)
+    last_context_length: Optional[int] = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.last_context_length is None:
+            window = self.max_position_embeddings
+            self.last_context_length = min(1024, window) if self.mem_layers else window
         self.mem_layers = sorted(int(i) for i in self.mem_layers)
         if self.mem_attention_grouping is not None:
             self.mem_attention_grouping = tuple(int(n) for n in self.mem_attention_grouping)
@@ -72,6 +77,11 @@ class LongLlamaConfig:
             if not ok:
                 raise ValueError(f"config: {message}")
 
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {int: (int,), float: (int, float), bool: (bool,)}.get(f.type)
+            require(expected is None or (isinstance(value, expected) and (f.type is bool or not isinstance(value, bool))),
+                    f"{f.name} must be {f.type.__name__}, got {value!r}")
         require(self.hidden_size % self.num_attention_heads == 0, "hidden_size must be divisible by num_attention_heads")
         require(self.num_attention_heads % self.num_key_value_heads == 0,
                 "num_attention_heads must be divisible by num_key_value_heads")
@@ -104,7 +114,10 @@ class LongLlamaConfig:
         unknown = sorted(set(values) - known - set(_HF_REQUIRED_VALUES) - _HF_BOOKKEEPING)
         if unknown:
             warnings.warn(f"config: ignoring unknown keys {unknown}")
-        config = cls(**{k: v for k, v in values.items() if k in known})
+        try:
+            config = cls(**{k: v for k, v in values.items() if k in known})
+        except TypeError as e:  # e.g. a list where a number belongs, met before _validate can name the key
+            raise ValueError(f"config: {e}") from None
         if values.get("head_dim", config.head_dim) != config.head_dim:
             raise ValueError(f"config: head_dim={values['head_dim']} differs from hidden_size / num_attention_heads")
         return config
@@ -128,7 +141,7 @@ class LongLlamaConfig:
 # Hugging Face config keys that change nothing here when they hold these values (and anything else is unsupported).
 _HF_REQUIRED_VALUES = {"hidden_act": "silu", "rope_scaling": None, "attention_bias": False, "mlp_bias": False}
 # Hugging Face config keys that carry no information for this model.
-_HF_BOOKKEEPING = {"architectures", "model_type", "torch_dtype", "transformers_version", "_name_or_path", "auto_map",
+_HF_BOOKKEEPING = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "auto_map",
                    "initializer_range", "use_cache", "attention_dropout", "pretraining_tp", "head_dim"}
 
 # Named shapes, for training from scratch and benchmarks (vocab_size is set from the tokenizer when training).
@@ -615,15 +628,29 @@ def state_dict_for_saving(model: LongLlama) -> dict:
     return state
 
 
-def write_atomically(path, write):
-    """Call write(temporary_path), then rename over `path`: an interrupted write never leaves a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def write_atomically(writers: dict):
+    """Write files {path: write(temporary_path)}: all to temporary names first, then each renamed over its path.
+
+    An interrupted write leaves the previous files as they were and no temporaries; the renames come only once
+    every file is complete. Files get the usual permissions (safetensors creates its files private).
+    """
+    mode = 0o666 & ~_umask()
+    temporary = {Path(path): Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}") for path in writers}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for (path, write), tmp in zip(writers.items(), temporary.values()):
+            write(tmp)
+            os.chmod(tmp, mode)
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save(model: LongLlama, out_dir):
@@ -631,9 +658,9 @@ def save(model: LongLlama, out_dir):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = state_dict_for_saving(model)
-    write_atomically(out_dir / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     config_text = json.dumps(model.config.to_dict(), indent=2) + "\n"
-    write_atomically(out_dir / "config.json", lambda p: p.write_text(config_text))
+    write_atomically({out_dir / "model.safetensors": lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+                      out_dir / "config.json": lambda p: p.write_text(config_text)})
 
 
 def load(ckpt_dir, device="cpu", dtype=torch.float32, **config_overrides) -> LongLlama:

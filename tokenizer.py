@@ -156,7 +156,7 @@ def train_tokenizer(
     except RuntimeError as err:
         raise ValueError(f"cannot train tokenizer {out_path}: {err}") from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_path, lambda tmp: tmp.write_bytes(model.getvalue()))
+    write_atomically({out_path: lambda tmp: tmp.write_bytes(model.getvalue())})
     return Tokenizer(out_path)
 
 

@@ -262,3 +262,73 @@ def test_bad_calls_raise_clear_errors():
             model(tokens(2, 2), last_context_length=WINDOW + 1)
         with pytest.raises(ValueError, match="attention_mask"):
             model(tokens(2, 2), attention_mask=torch.ones(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------- config, checkpoints
+
+LONGLLAMA_3B_CONFIG = {  # the config.json of the published LongLLaMA-3B checkpoint, as Hugging Face writes it
+    "architectures": ["LongLlamaForCausalLM"], "auto_map": {"AutoConfig": "configuration_longllama.LongLlamaConfig"},
+    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 3200, "initializer_range": 0.02,
+    "intermediate_size": 8640, "last_context_length": 1024, "max_position_embeddings": 2048,
+    "mem_attention_grouping": None, "mem_dtype": "bfloat16", "mem_layers": [6, 12, 18], "mem_positionals": True,
+    "model_type": "longllama", "num_attention_heads": 32, "num_hidden_layers": 26, "pad_token_id": 0,
+    "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.30.0",
+    "use_cache": True, "vocab_size": 32000,
+}
+
+
+def test_a_longllama_config_json_loads_as_is(recwarn):
+    config = longllama.LongLlamaConfig.from_dict(LONGLLAMA_3B_CONFIG)
+    assert config.mem_layers == [6, 12, 18] and config.head_dim == 100 and config.num_key_value_heads == 32
+    assert not recwarn.list  # every key is known or Hugging Face bookkeeping
+
+
+def test_unknown_config_keys_are_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match="frobnicate"):
+        config = longllama.LongLlamaConfig.from_dict({**LONGLLAMA_3B_CONFIG, "frobnicate": 3})
+    assert config.hidden_size == 3200
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model_type="gpt2"), "architecture"), (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"), (dict(hidden_size="3200"), "hidden_size"),
+    (dict(mem_layers=[26]), "mem_layers"), (dict(num_attention_heads=33), "divisible"),
+    (dict(last_context_length=4096), "last_context_length"), (dict(mem_dtype="float8"), "mem_dtype"),
+    (dict(mem_attention_grouping=[0, 5]), "grouping"), (dict(head_dim=128), "head_dim"),
+])
+def test_bad_config_values_raise_a_clear_error(change, message):
+    with pytest.raises(ValueError, match=message):
+        longllama.LongLlamaConfig.from_dict({**LONGLLAMA_3B_CONFIG, **change})
+
+
+def test_last_context_length_defaults_to_1024_or_the_whole_window_without_memory():
+    values = {k: v for k, v in LONGLLAMA_3B_CONFIG.items() if k != "last_context_length"}
+    assert longllama.LongLlamaConfig.from_dict(values).last_context_length == 1024
+    assert longllama.LongLlamaConfig.from_dict({**values, "mem_layers": []}).last_context_length == 2048
+    assert longllama.LongLlamaConfig.from_dict({**values, "max_position_embeddings": 512}).last_context_length == 512
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_then_load_gives_the_same_model(tmp_path, tied):
+    model = tiny_model(tie_word_embeddings=tied)
+    longllama.save(model, tmp_path)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o044  # readable by others, as the umask allows
+    loaded = longllama.load(tmp_path)
+    ids = tokens(2, 2 * WINDOW)
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], loaded(ids)[0])
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tied
+    half = longllama.load(tmp_path, dtype=torch.bfloat16, mem_layers=[0, 2], last_context_length=4)
+    assert half.embed.weight.dtype == torch.bfloat16 and half.config.mem_layers == [0, 2]
+
+
+def test_loading_weights_that_do_not_fit_the_config_fails_clearly(tmp_path):
+    longllama.save(tiny_model(), tmp_path)
+    with pytest.raises(ValueError, match="has shape"):
+        longllama.load(tmp_path, intermediate_size=64)
+    with pytest.raises(ValueError, match="missing tensors"):
+        longllama.load(tmp_path, num_hidden_layers=4)
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        longllama.load(tmp_path, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        longllama.load(tmp_path / "nowhere")

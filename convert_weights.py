@@ -1,0 +1,443 @@
+"""Convert checkpoints: Hugging Face LongLLaMA / LLaMA or GGUF in, this project's checkpoint out, and back to HF.
+
+    python convert_weights.py long_llama_3b_v1_1/ ckpt/    # HF directory: *.bin or *.safetensors, sharded or not
+    python convert_weights.py open_llama_3b_v2/ ckpt/ --mem-layers 6,12,18    # plain LLaMA, given memory layers
+    python convert_weights.py long_llama_3b.Q8_0.gguf ckpt/ --tokenizer tokenizer.model --mem-layers 6,12,18
+    python convert_weights.py ckpt/ hf/ --to hf            # back to the Hugging Face layout
+
+Options: --dtype float32|float16|bfloat16 casts (default: keep the source's dtype; GGUF dequantizes to float32),
+--mem-layers / --last-context-length override the memory settings (plain LLaMA and GGUF have none),
+--tokenizer PATH copies that tokenizer.model (default: the one in SRC), --force replaces a non-empty OUT_DIR.
+
+Converting is renaming plus fusing, driven by one table (LAYER_NAMES, MODEL_NAMES): q/k/v become one `wqkv` matrix and
+gate/up one `gate_up` matrix, as in gpt-fast. Hugging Face checkpoints already use the rotate-half RoPE layout; GGUF
+files hold q/k rows permuted by llama.cpp's converter, which `unpermute_rope_rows` undoes. Every tensor is checked
+against the config before anything is written, and OUT_DIR appears only once complete.
+"""
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from longllama import LongLlamaConfig
+
+# One row per tensor of a layer: our name, its Hugging Face name (under "model.layers.{i}."), its GGUF name (under
+# "blk.{i}."), and its shape in config sizes. Rows that share our name are fused along dim 0, in table order.
+LAYER_NAMES = [
+    ("attention.wqkv.weight", "self_attn.q_proj.weight", "attn_q.weight", ("q", "hidden")),
+    ("attention.wqkv.weight", "self_attn.k_proj.weight", "attn_k.weight", ("kv", "hidden")),
+    ("attention.wqkv.weight", "self_attn.v_proj.weight", "attn_v.weight", ("kv", "hidden")),
+    ("attention.wo.weight", "self_attn.o_proj.weight", "attn_output.weight", ("hidden", "q")),
+    ("mlp.gate_up.weight", "mlp.gate_proj.weight", "ffn_gate.weight", ("ffn", "hidden")),
+    ("mlp.gate_up.weight", "mlp.up_proj.weight", "ffn_up.weight", ("ffn", "hidden")),
+    ("mlp.down.weight", "mlp.down_proj.weight", "ffn_down.weight", ("hidden", "ffn")),
+    ("attention_norm.weight", "input_layernorm.weight", "attn_norm.weight", ("hidden",)),
+    ("mlp_norm.weight", "post_attention_layernorm.weight", "ffn_norm.weight", ("hidden",)),
+]
+MODEL_NAMES = [
+    ("embed.weight", "model.embed_tokens.weight", "token_embd.weight", ("vocab", "hidden")),
+    ("norm.weight", "model.norm.weight", "output_norm.weight", ("hidden",)),
+    ("lm_head.weight", "lm_head.weight", "output.weight", ("vocab", "hidden")),  # absent when tied to the embedding
+]
+# config.json "architectures" -> "model_type", both ways
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "LongLlamaForCausalLM": "longllama"}
+# Tried in this order: safetensors first (same tensors, no pickle).
+HF_WEIGHT_FILES = ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                   "pytorch_model.bin"]
+
+
+class Part(NamedTuple):
+    """One Hugging Face / GGUF tensor: part of (or all of) our tensor `ours`."""
+
+    ours: str
+    hf: str
+    gguf: str
+    shape: tuple
+
+
+def tensor_parts(config: LongLlamaConfig) -> dict:
+    """Our tensor name -> its parts in fusing order, with names and exact shapes filled in for this config."""
+    size = dict(vocab=config.vocab_size, hidden=config.hidden_size, ffn=config.intermediate_size,
+                q=config.num_attention_heads * config.head_dim, kv=config.num_key_value_heads * config.head_dim)
+    rows = [row for row in MODEL_NAMES if not (row[0] == "lm_head.weight" and config.tie_word_embeddings)]
+    rows += [(f"layers.{i}.{ours}", f"model.layers.{i}.{hf}", f"blk.{i}.{gguf}", shape)
+             for i in range(config.num_hidden_layers) for ours, hf, gguf, shape in LAYER_NAMES]
+    parts = defaultdict(list)
+    for ours, hf, gguf, shape in rows:
+        parts[ours].append(Part(ours, hf, gguf, tuple(size[s] for s in shape)))
+    return dict(parts)
+
+
+def first_names(names) -> str:
+    """For messages: the first three names, and "..." when there are more."""
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+
+def check_tensor(name: str, tensor, shape: tuple, source):
+    if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+        raise ValueError(f"{source}: {name} is not a floating-point tensor")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, but the config implies {shape}")
+
+
+def fuse(tensors, parts: dict, dtype, source) -> dict:
+    """Our state dict from a stream of (Hugging Face name, tensor), each checked against the config.
+
+    q/k/v (or gate/up) of a layer may sit in different shards: a part waits only until its siblings arrive, so memory
+    holds the output plus the current shard, never the whole input next to the whole output.
+    """
+    part_of = {part.hf: part for group in parts.values() for part in group}
+    waiting, state = {}, {}
+    for name, tensor in tensors:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer older transformers versions saved; derived from rope_theta
+        part = part_of.get(name)
+        if part is None:
+            raise ValueError(f"{source}: unexpected tensor {name}")
+        if name in waiting or part.ours in state:
+            raise ValueError(f"{source}: tensor {name} appears twice")
+        check_tensor(name, tensor, part.shape, source)
+        waiting[name] = tensor.to(dtype=dtype)
+        group = parts[part.ours]
+        if all(p.hf in waiting for p in group):
+            # cat copies even a single part: every output tensor owns its memory, as safetensors requires
+            state[part.ours] = torch.cat([waiting.pop(p.hf) for p in group])  # [sum of part rows, columns]
+    missing = [p.hf for ours, group in parts.items() if ours not in state for p in group if p.hf not in waiting]
+    if missing:
+        raise ValueError(f"{source}: missing tensors {first_names(missing)}")
+    return state
+
+
+def unpermute_rope_rows(weight, heads: int):
+    """Undo llama.cpp's reordering of q/k rows [heads * D, columns] back to Hugging Face's rotate-half layout.
+
+    RoPE rotates pairs of coordinates. In HF's rotate-half layout row j of a head pairs with row j + D/2; ggml rotates
+    adjacent rows 2j, 2j+1. So llama.cpp's HF->GGUF converter (`LlamaModel.permute`) reorders each head's rows with
+    `w.reshape(heads, 2, D/2, cols).swapaxes(1, 2)`: GGUF row 2j+t is HF row t*D/2 + j. The inverse views the rows as
+    [heads, D/2, 2] and swaps back. k uses the number of key/value heads.
+    """
+    rows, columns = weight.shape
+    return weight.reshape(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading sources
+
+
+def read_json(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return values
+
+
+def build_config(values: dict, mem_layers, last_context_length, source) -> LongLlamaConfig:
+    """Our config from Hugging Face config keys; mem_layers / last_context_length (when not None) override them."""
+    architectures = values.get("architectures") or []
+    if not all(a in HF_ARCHITECTURES for a in architectures):
+        raise ValueError(f"{source}: unsupported architecture {architectures} "
+                         f"(expected one of {list(HF_ARCHITECTURES)})")
+    values = dict(values)
+    if mem_layers is not None:
+        values["mem_layers"] = mem_layers
+    if last_context_length is not None:
+        values["last_context_length"] = last_context_length
+    try:
+        return LongLlamaConfig.from_dict(values)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def load_config(directory: Path, mem_layers, last_context_length) -> LongLlamaConfig:
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: {'not a' if directory.exists() else 'no such'} directory")
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{directory}: no config.json")
+    return build_config(read_json(path), mem_layers, last_context_length, path)
+
+
+def hf_weight_files(src: Path) -> list:
+    """The weight files of a Hugging Face directory: one file, or the shards its index lists."""
+    for name in HF_WEIGHT_FILES:
+        path = src / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        weight_map = read_json(path).get("weight_map")
+        # shard names are plain file names inside src; anything else is a malformed (or hostile) index
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f and Path(f).name == f
+                                                       for f in weight_map.values()):
+            raise ValueError(f"{path}: malformed index (expected a weight_map of tensor name -> shard file name)")
+        shards = [src / f for f in dict.fromkeys(weight_map.values())]
+        for shard in shards:
+            if not shard.is_file():
+                raise ValueError(f"{path}: lists shard {shard.name}, which does not exist")
+        return shards
+    raise ValueError(f"{src}: no weights (expected one of {', '.join(HF_WEIGHT_FILES)})")
+
+
+def read_weights(path: Path):
+    """Yield (name, tensor) from a .safetensors or pickled .bin file, one tensor at a time where the format allows."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)  # builds tensors only, never runs pickled code
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True): not a plain dict of tensors "
+                         "(damaged, or it would run code when unpickled)") from None
+    except Exception as e:  # a damaged file fails in many ways: SafetensorError, OSError, EOFError, KeyError, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "truncated or damaged"
+        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    while state:
+        yield state.popitem()  # popped, so each input tensor is freed once fused
+
+
+def read_gguf(path: Path):
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, KeyError, IndexError, ... on damaged files
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def gguf_config_values(reader, source) -> dict:
+    """Hugging Face config keys from the llama.* metadata llama.cpp's converter wrote from config.json."""
+
+    def field(key, default=None):
+        found = reader.get_field(key)
+        if found is None:
+            if default is None:
+                raise ValueError(f"{source}: metadata {key} is missing")
+            return default
+        value = found.contents()
+        if isinstance(value, list):
+            raise ValueError(f"{source}: per-layer {key} is not supported")
+        if found.types == [gguf.GGUFValueType.FLOAT32]:
+            value = float(str(np.float32(value)))  # shortest decimal of the float32: 1e-06 as in config.json
+        return value
+
+    architecture = field("general.architecture")
+    if architecture != "llama":
+        raise ValueError(f"{source}: architecture {architecture!r} is not supported (only llama)")
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ValueError(f"{source}: missing tensor token_embd.weight")
+    heads, hidden = field("llama.attention.head_count"), field("llama.embedding_length")
+    if field("llama.rope.dimension_count", hidden // heads) != hidden // heads:
+        raise ValueError(f"{source}: partial rotary embeddings (llama.rope.dimension_count) are not supported")
+    if field("llama.rope.scaling.type", "none") != "none":
+        raise ValueError(f"{source}: rope scaling {field('llama.rope.scaling.type')!r} is not supported")
+    return dict(
+        vocab_size=int(embedding.shape[-1]),  # GGUF lists dimensions innermost first: [hidden, vocab]
+        hidden_size=hidden,
+        intermediate_size=field("llama.feed_forward_length"),
+        num_hidden_layers=field("llama.block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=field("llama.attention.head_count_kv", heads),
+        rms_norm_eps=field("llama.attention.layer_norm_rms_epsilon"),
+        rope_theta=field("llama.rope.freq_base", 10000.0),
+        max_position_embeddings=field("llama.context_length"),  # for a LongLLaMA GGUF: the window, e.g. 2048
+        tie_word_embeddings=all(t.name != "output.weight" for t in reader.tensors),
+        bos_token_id=field("tokenizer.ggml.bos_token_id", LongLlamaConfig.bos_token_id),
+        eos_token_id=field("tokenizer.ggml.eos_token_id", LongLlamaConfig.eos_token_id),
+        pad_token_id=field("tokenizer.ggml.padding_token_id", LongLlamaConfig.pad_token_id),
+    )
+
+
+def gguf_tensors(reader, parts: dict, config: LongLlamaConfig, source):
+    """Yield (Hugging Face name, float32 tensor) for each GGUF tensor: dequantized, q/k rows back in HF order."""
+    part_of = {part.gguf: part for group in parts.values() for part in group}
+    rope_heads = {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}
+    for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=None, leave=False):
+        part = part_of.get(tensor.name)
+        if part is None:
+            raise ValueError(f"{source}: unexpected tensor {tensor.name}")
+        try:
+            weight = torch.tensor(gguf.quants.dequantize(tensor.data, tensor.tensor_type))  # float32 [rows, columns]
+        except NotImplementedError as e:
+            raise ValueError(f"{source}: {tensor.name}: {e}") from None
+        check_tensor(tensor.name, weight, part.shape, source)
+        heads = rope_heads.get(tensor.name.split(".", 2)[-1])
+        yield part.hf, weight if heads is None else unpermute_rope_rows(weight, heads)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def check_out_dir(out_dir: Path, force: bool):
+    """Refuse early (before reading gigabytes) to replace something that is not ours to replace."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ValueError(f"{out_dir}: exists and is not empty (--force replaces it)")
+
+
+def find_tokenizer(tokenizer, src_dir) -> Optional[Path]:
+    """The tokenizer.model to copy: the one given, else the source's, else None."""
+    if tokenizer is not None:
+        if not Path(tokenizer).is_file():
+            raise ValueError(f"{tokenizer}: no such tokenizer file")
+        return Path(tokenizer)
+    if src_dir is not None and (src_dir / "tokenizer.model").is_file():
+        return src_dir / "tokenizer.model"
+    return None
+
+
+def write_checkpoint(out_dir: Path, config: dict, state: dict, tokenizer):
+    """Write config.json, model.safetensors and tokenizer.model into a temporary sibling, then rename it to out_dir:
+    out_dir never holds half a checkpoint, and an old out_dir (empty, or --force) is replaced only once the new is
+    complete."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    tmp.mkdir()
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors creates it 0600: honour umask
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        if out_dir.exists():
+            old = tmp.with_name(f"{tmp.name}.old")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # warnings come after the work, so that a failed conversion reports its error alone
+    if tokenizer is None:
+        warnings.warn(f"{out_dir} has no tokenizer.model (generate.py needs one): pass --tokenizer PATH")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The three conversions
+
+
+def convert_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=None, tokenizer=None,
+               force=False) -> LongLlamaConfig:
+    """Hugging Face LongLLaMA / LLaMA directory -> our checkpoint directory."""
+    src, out_dir = Path(src), Path(out_dir)
+    check_out_dir(out_dir, force)
+    config = load_config(src, mem_layers, last_context_length)
+    files = hf_weight_files(src)
+    tokenizer = find_tokenizer(tokenizer, src)
+    tensors = (item for path in tqdm(files, desc="reading", unit="shard", disable=None, leave=False)
+               for item in read_weights(path))
+    state = fuse(tensors, tensor_parts(config), dtype, src)
+    write_checkpoint(out_dir, config.to_dict(), state, tokenizer)
+    return config
+
+
+def convert_gguf(src, out_dir, dtype=None, mem_layers=None, last_context_length=None, tokenizer=None,
+                 force=False) -> LongLlamaConfig:
+    """llama.cpp GGUF file (any quantization the gguf package can dequantize) -> our checkpoint directory."""
+    src, out_dir = Path(src), Path(out_dir)
+    check_out_dir(out_dir, force)
+    if not src.is_file():
+        raise ValueError(f"{src}: no such file")
+    reader = read_gguf(src)
+    config = build_config(gguf_config_values(reader, src), mem_layers, last_context_length, src)
+    tokenizer = find_tokenizer(tokenizer, None)
+    parts = tensor_parts(config)
+    state = fuse(gguf_tensors(reader, parts, config, src), parts, dtype, src)
+    write_checkpoint(out_dir, config.to_dict(), state, tokenizer)
+    if mem_layers is None:
+        warnings.warn(f"{src.name} holds no LongLLaMA memory settings and no --mem-layers was given: {out_dir} is "
+                      f"plain LLaMA limited to its {config.max_position_embeddings}-token window")
+    return config
+
+
+def export_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=None, tokenizer=None,
+              force=False) -> LongLlamaConfig:
+    """Our checkpoint directory -> Hugging Face LongLLaMA layout (LLaMA when it has no memory layers)."""
+    src, out_dir = Path(src), Path(out_dir)
+    check_out_dir(out_dir, force)
+    config = load_config(src, mem_layers, last_context_length)
+    tokenizer = find_tokenizer(tokenizer, src)
+    parts, path, state = tensor_parts(config), src / "model.safetensors", {}
+    if not path.is_file():
+        raise ValueError(f"{src}: no model.safetensors")
+    for name, fused in read_weights(path):
+        group = parts.pop(name, None)
+        if group is None:
+            raise ValueError(f"{path}: unexpected tensor {name}")
+        check_tensor(name, fused, (sum(p.shape[0] for p in group), *group[0].shape[1:]), path)
+        for part, piece in zip(group, fused.split([p.shape[0] for p in group])):
+            state[part.hf] = piece.to(dtype=dtype).clone()  # clone: pieces of one tensor share memory otherwise
+    if parts:
+        raise ValueError(f"{path}: missing tensors {first_names(list(parts))}")
+    architecture = "LongLlamaForCausalLM" if config.mem_layers else "LlamaForCausalLM"
+    hf_config = {"architectures": [architecture], "model_type": HF_ARCHITECTURES[architecture], "hidden_act": "silu",
+                 "torch_dtype": str(state["model.embed_tokens.weight"].dtype).removeprefix("torch."),
+                 **config.to_dict()}
+    write_checkpoint(out_dir, hf_config, state, tokenizer)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def layer_list(text: str) -> list:
+    """--mem-layers "6,12,18" -> [6, 12, 18]; "" -> [] (no memory layers)."""
+    try:
+        return [int(i) for i in text.split(",") if i.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", type=Path, metavar="SRC",
+                        help="Hugging Face directory or .gguf file (with --to hf: our checkpoint directory)")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="directory to create")
+    parser.add_argument("--to", choices=["ours", "hf"], default="ours", help="output layout (default: ours)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast (default: keep)")
+    parser.add_argument("--mem-layers", type=layer_list, help='memory layer indices, e.g. "6,12,18" ("" for none)')
+    parser.add_argument("--last-context-length", type=int, help="tokens kept in the local window, not memory")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model to copy (default: SRC/tokenizer.model)")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR when it is not empty")
+    args = parser.parse_args(argv)
+    convert = export_hf if args.to == "hf" else convert_gguf if args.src.suffix == ".gguf" else convert_hf
+
+    with warnings.catch_warnings():  # warnings as one plain line each, like errors
+        warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+        try:
+            config = convert(args.src, args.out_dir, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                             mem_layers=args.mem_layers, last_context_length=args.last_context_length,
+                             tokenizer=args.tokenizer, force=args.force)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+    print(f"wrote {args.out_dir} ({'Hugging Face' if args.to == 'hf' else 'longllama'} layout): "
+          f"{config.num_hidden_layers} layers, mem_layers {config.mem_layers}, "
+          f"last_context_length {config.last_context_length}")
+
+
+if __name__ == "__main__":
+    main()
