@@ -620,12 +620,17 @@ class LongLlama(nn.Module):
 # Checkpoints: a directory with config.json and model.safetensors
 
 
-def state_dict_for_saving(model: LongLlama) -> dict:
-    """The model's tensors, without the tied lm_head (safetensors stores each tensor once)."""
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    return state
+def tensors_to_save(state: dict, config: LongLlamaConfig) -> dict:
+    """A model state dict as stored: contiguous, without the tied lm_head (safetensors stores each tensor once)."""
+    tied = "lm_head.weight" if config.tie_word_embeddings else None
+    return {name: tensor.contiguous() for name, tensor in state.items() if name != tied}
+
+
+def checkpoint_writers(out_dir: Path, config: LongLlamaConfig, state: dict) -> dict:
+    """{path: writer} for config.json and model.safetensors, for `write_atomically` (callers may add files)."""
+    tensors, config_text = tensors_to_save(state, config), json.dumps(config.to_dict(), indent=2) + "\n"
+    return {out_dir / "model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+            out_dir / "config.json": lambda p: p.write_text(config_text)}
 
 
 def write_atomically(writers: dict):
@@ -657,10 +662,7 @@ def save(model: LongLlama, out_dir):
     """Write config.json and model.safetensors into out_dir (created if needed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = state_dict_for_saving(model)
-    config_text = json.dumps(model.config.to_dict(), indent=2) + "\n"
-    write_atomically({out_dir / "model.safetensors": lambda p: save_file(state, str(p), metadata={"format": "pt"}),
-                      out_dir / "config.json": lambda p: p.write_text(config_text)})
+    write_atomically(checkpoint_writers(out_dir, model.config, model.state_dict()))
 
 
 def load(ckpt_dir, device="cpu", dtype=torch.float32, **config_overrides) -> LongLlama:
@@ -672,7 +674,7 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, **config_overrides) -> Lon
     config = LongLlamaConfig.from_json(ckpt_dir / "config.json", **config_overrides)
     with torch.device("meta"):
         model = LongLlama(config)
-    expected = {k: v.shape for k, v in state_dict_for_saving(model).items()}
+    expected = {k: v.shape for k, v in tensors_to_save(model.state_dict(), config).items()}
     path = ckpt_dir / "model.safetensors"
     state = {}
     try:

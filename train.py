@@ -56,7 +56,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import longllama
@@ -300,11 +299,12 @@ class DocumentStream:
         self.documents, self.tokenizer, self.indices, self.seed = documents, tokenizer, list(indices), seed
         self.epoch, self.position = 0, 0  # the next document is order(epoch)[position]
         self.empty = set()
+        self._order = (None, [])  # (epoch, its shuffled order): computed once per epoch
         if not self.indices:
             raise ValueError("no documents for this rank: fewer documents than processes")
 
     def order(self, epoch: int) -> list[int]:
-        if getattr(self, "_order", (None,))[0] != epoch:
+        if self._order[0] != epoch:
             order = list(self.indices)
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
             self._order = (epoch, order)
@@ -442,8 +442,7 @@ def save_checkpoint(out: Path, config, model_state: dict, optimizer_state: dict,
     checkpoint as it was. train_state.json is renamed last, since it says which step the others hold."""
     out.mkdir(parents=True, exist_ok=True)
     writers = {
-        out / "model.safetensors": lambda p: save_file(model_state, str(p), metadata={"format": "pt"}),
-        out / "config.json": lambda p: p.write_text(json.dumps(config.to_dict(), indent=2) + "\n"),
+        **longllama.checkpoint_writers(out, config, model_state),
         out / "optimizer.pt": lambda p: torch.save(optimizer_state, p),
         out / "train_state.json": lambda p: p.write_text(json.dumps(train_state) + "\n"),
     }
@@ -639,9 +638,6 @@ def main(argv=None):
         else:
             pipeline = [batches.state_dict()]
         if master:
-            if config.tie_word_embeddings:
-                model_state.pop("lm_head.weight", None)
-            model_state = {k: v.contiguous() for k, v in model_state.items()}
             train_state = dict(step=step, tokens=tokens_seen, world_size=world_size, pipeline=pipeline,
                                settings=asdict(s))
             save_checkpoint(out, config, model_state, optimizer_state, train_state, tokenizer_path)
@@ -659,8 +655,9 @@ def main(argv=None):
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * world_size
     bar = tqdm(total=s.max_steps, initial=step, desc="train", unit="step", disable=not master, dynamic_ncols=True)
     started, start_tokens, first_loss, loss, ppl = time.time(), tokens_seen, None, float("nan"), None
-    interval_start, interval_tokens = time.time(), 0
+    interval_seconds, interval_tokens = 0.0, 0  # training time only: eval and checkpoints do not count
     while step < s.max_steps:
+        step_started = time.time()
         lr = learning_rate(step, s)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -689,20 +686,19 @@ def main(argv=None):
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         loss = step_loss.item()
         first_loss = loss if first_loss is None else first_loss
-        tokens_per_s = interval_tokens / (time.time() - interval_start)
+        interval_seconds += time.time() - step_started
+        tokens_per_s = interval_tokens / interval_seconds
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         if master and (step % s.log_every == 0 or step == s.max_steps):
             with open(log_path, "a") as f:
                 f.write(json.dumps(dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens_per_s,
                                         grad_norm=float(grad_norm), tokens=tokens_seen)) + "\n")
-            interval_start, interval_tokens = time.time(), 0
+            interval_seconds, interval_tokens = 0.0, 0
         if spans is not None and (step % s.eval_every == 0 or step == s.max_steps):
             ppl = run_eval()
-            interval_start, interval_tokens = time.time(), 0
         if step % s.save_every == 0 or step == s.max_steps:
             checkpoint()
-            interval_start, interval_tokens = time.time(), 0
     bar.close()
     if step == 0:  # --max-steps 0: still leave a checkpoint
         checkpoint()
