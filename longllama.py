@@ -679,6 +679,9 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, **config_overrides) -> Lon
     state = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
+            if any(name.startswith("model.layers.") for name in f.keys()):
+                raise ValueError(f"{ckpt_dir} holds Hugging Face tensor names: convert it first "
+                                 f"(python convert_weights.py {ckpt_dir} OUT_DIR)")
             for problem, names in (("missing", set(expected) - set(f.keys())), ("unexpected", set(f.keys()) - set(expected))):
                 if names:
                     raise ValueError(f"{path}: {problem} tensors {sorted(names)[:3]}{' ...' if len(names) > 3 else ''} "

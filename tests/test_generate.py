@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import convert_weights
 import generate
 import longllama
 from conftest import ROOT, shared_tokenizer
@@ -138,6 +139,8 @@ def test_bad_inputs_give_one_clear_line_and_a_non_zero_exit(checkpoint, tmp_path
     expect_error(capsys, ["--ckpt", str(broken), "--prompt", "x"], "has shape")
     (broken / "tokenizer.model").write_bytes(b"garbage")
     expect_error(capsys, ["--ckpt", str(broken), "--prompt", "x"], "not a SentencePiece model")
+    convert_weights.export_hf(checkpoint, tmp_path / "hf")  # a Hugging Face directory, not yet converted
+    expect_error(capsys, ["--ckpt", str(tmp_path / "hf"), "--prompt", "x"], "convert it first")
 
     monkeypatch.setattr(generate, "available_bytes", lambda device: 1 << 20)
     expect_error(capsys, ["--ckpt", ckpt, "--prompt", "word " * 500], "needs about")
