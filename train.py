@@ -37,6 +37,7 @@ Settings are the fields of `Settings` below; each is a flag (`batch_size` is --b
 import argparse
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -712,13 +713,37 @@ def main(argv=None):
         summary += [f"{elapsed:.0f} s ({(tokens_seen - start_tokens) / elapsed:.0f} tokens/s overall)",
                     f"checkpoint {out}"]
         print(", ".join(summary))
-    if distributed:
+
+
+def shut_down_distributed():
+    """Leave the process group so that the process can exit without hanging.
+
+    Gloo's worker threads release the tensors of a finished collective (all_gather_object's, say) after the
+    caller has moved on, and releasing a tensor Python has dropped takes the GIL. The process group's own
+    destructor joins those threads with the GIL released; DDP's Reducer, which holds the group too, destroys it
+    with the GIL held, and if it holds the last reference the join waits for a thread that waits for the GIL.
+    So the Reducer (the DDP model, and any traceback frame holding it) must be gone while the group is still
+    registered, and the group is destroyed last.
+    """
+    if dist.is_initialized():
+        gc.collect()  # the DDP model of a finished (or failed) main(), should a reference cycle still hold it
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """Run main() as a command: bad input and interrupts end with one line on stderr, never a traceback."""
     try:
-        main()
-    except ValueError as e:  # bad input: one line, no traceback
+        main(argv)
+        status = 0
+    except ValueError as e:  # bad input
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        status = 1
+    except KeyboardInterrupt:  # the last complete checkpoint in OUT stays as it was; --resume continues it
+        print("interrupted", file=sys.stderr)
+        status = 130
+    shut_down_distributed()  # after the except blocks, so that no traceback still holds main()'s DDP model
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
