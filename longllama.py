@@ -9,9 +9,10 @@ Where FoT lives in this file:
 - `MemoryCache`: the (key, value) memory of one memory layer. Keys are stored rotated as if they stood at
   position 0, so a key means the same thing whenever it was read.
 - `LocalCache` / `Cache`: the current window of every layer, and eviction of the whole window into memory.
-- `Attention.forward`: one softmax over the local window and the memory (`attention`, `grouped_attention`).
+- `Attention.forward`: one softmax over the local window and the memory (`grouped_attention`), computed by fused
+  kernels merged by their log-sum-exp (`fused_attention`) or written out (`plain_attention`).
 - `LongLlama.forward`: cutting a long input into windows of W tokens (`last_context_length`).
-- `cross_batch_attention`: FoT training, where memory layers also see other documents' keys (`fused_attention`).
+- `cross_batch_attention`: FoT training, where memory layers also see other documents' keys (`training_attention`).
 """
 
 import copy
@@ -188,7 +189,7 @@ def apply_rope(x, cos, sin):
 class LocalCache:
     """One layer's keys and values of the current window, in W preallocated slots (as gpt-fast's KVCache).
 
-    Slot i holds a key rotated to position i: the oldest entry is position 0 (DESIGN: positions are relative to
+    Slot i holds a key rotated to position i: the oldest entry is position 0 (positions are relative to
     the window), and since the whole window is evicted at once, a cached key's position never changes.
     """
 
@@ -252,6 +253,7 @@ class Cache:
     local_valid: Optional[torch.Tensor] = None  # [B, W]: which local slots hold real (non-padding) tokens
     local_length: int = 0  # tokens in the local window (the same for every layer)
     position: int = 0  # absolute position of the next token: tokens read so far
+    padding: bool = False  # some token read so far was padding (attention_mask 0), so masks are not just causal
 
     @property
     def memory_size(self) -> int:
@@ -266,12 +268,13 @@ class Cache:
 # Attention
 
 
-def attention(q, sources):
-    """One softmax over several (keys, values, visible) sources: the local window, and the memory if any.
+def plain_attention(q, sources, padding: bool = True):
+    """One softmax over several (keys, values, visible) sources, written out: the reference formula.
 
     q: [B, G, R, T, D] (G key/value heads, R query heads sharing each); per source keys, values: [B, G, S, D] and
-    visible: [B, 1, 1, T, S] bool. Returns [B, G, R, T, D]. The softmax runs in float32; masked logits get the
-    lowest float so that a query with nothing visible (padding) yields a finite, ignored output.
+    visible: [B, 1, 1, T or 1, S] bool (1: the same keys for every query, as for memory). Returns [B, G, R, T, D].
+    The softmax runs in float32; masked logits get the lowest float so that a query with nothing visible
+    (padding) yields a finite, ignored output. It holds [T, S] logits per head: fused_attention does not.
     """
     scale = math.sqrt(q.shape[-1])
     logits = []
@@ -285,26 +288,139 @@ def attention(q, sources):
     return out
 
 
-def grouped_attention(q, sources, grouping=None):
-    """`attention` for q [B, H, T, D], optionally over at most `grouping` = (heads, queries) at a time.
+# Memory entries converted to the compute dtype at a time when memory is stored in another one (bfloat16 memory,
+# float32 compute): the conversion workspace stays bounded however large memory grows.
+MEMORY_CHUNK = 8192
 
-    Grouping only bounds the size of the logits tensor; outputs are the same. With grouped-query attention a
-    group holds whole key/value heads (all query heads that share them). Returns [B, H, T, D].
+
+def fused_attention(q, sources, padding: bool = True):
+    """`plain_attention` through fused kernels: one call per source (per chunk of memory), merged by log-sum-exp.
+
+    No [T, S] logits are ever held, so the workspace is bounded by the window, not by the memory. A source
+    whose mask is the same for every query (memory) is attended by the R query heads of a key/value head
+    stacked as R*T queries, so memory is read in place, never repeated or copied. Without padding (padding=False)
+    the masks are pure causal masks, which the kernels apply themselves.
     """
+    batch_size, kv_heads, rep, length, head_dim = q.shape
+    out = lse = None
+    for keys, values, visible in sources:
+        shared = visible.shape[-2] == 1  # one mask row for every query: no causal mask
+        if shared:
+            q_source = q.reshape(batch_size, kv_heads, rep * length, head_dim)  # [B, G, R*T, D]
+            visible = visible[:, :, 0]  # [B, 1, 1, S]
+        else:
+            q_source = q.reshape(batch_size, kv_heads * rep, length, head_dim)  # [B, H, T, D]
+            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)  # a window
+            visible = visible[:, :, 0]  # [B, 1, T, S]
+        # without padding, masks are causal and end at the last key (bottom-right): none for memory or a single
+        # query (it sees every key), the kernel's own for a whole window
+        causal = not padding and not shared and 1 < length == keys.shape[2]
+        mask_free = not padding and (shared or causal or length == 1)
+        chunk = keys.shape[2] if keys.dtype == q.dtype else MEMORY_CHUNK
+        for s in range(0, keys.shape[2], chunk):
+            part = slice(s, s + chunk)
+            part_visible = None if mask_free else visible[..., part]
+            part_out, part_lse = attention_and_lse(q_source, keys[:, :, part].to(q.dtype), values[:, :, part].to(q.dtype),
+                                                   part_visible, causal)
+            part_out = part_out.view(batch_size, kv_heads, rep, length, head_dim)
+            part_lse = part_lse.view(batch_size, kv_heads, rep, length)
+            out, lse = (part_out.float(), part_lse) if out is None else merge_attention(out, lse, part_out, part_lse)
+    return out.to(q.dtype)
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Two attention results over disjoint key sets, merged into the one softmax over their union.
+
+    Each output is weighted by its share of the total probability mass, exp(lse - total lse). A query that sees
+    nothing in either set (padding) has -inf twice: its output becomes 0, finite and ignored.
+    """
+    total = torch.logaddexp(lse_a, lse_b).clamp(min=torch.finfo(torch.float32).min)
+    weight_a, weight_b = (lse_a - total).exp().unsqueeze(-1), (lse_b - total).exp().unsqueeze(-1)
+    return out_a * weight_a + out_b.float() * weight_b, total
+
+
+def attention_and_lse(q, keys, values, visible=None, causal: bool = False):
+    """softmax(q k^T / sqrt(D), masked) v and its log-sum-exp per query, by a fused kernel.
+
+    q: [B, X, Q, D]; keys, values: [B, X, S, D]; visible: None or bool broadcastable to [B, X, Q, S]. Returns
+    out [B, X, Q, D] (q.dtype) and lse [B, X, Q] (float32, -inf for a query that sees no key).
+    """
+    scale = 1 / math.sqrt(q.shape[-1])
+    bias = None if visible is None else torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        ~visible, float("-inf"))
+    if q.is_cuda:
+        out, lse = _cuda_attention_and_lse(q, keys, values, bias, causal, scale)
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, keys, values, is_causal=causal, attn_mask=bias, scale=scale)
+    if visible is not None:  # the kernels leave lse finite when a row sees nothing; it must weigh nothing
+        lse = lse.masked_fill(~visible.any(-1), float("-inf"))
+    return out, lse.float()
+
+
+def _cuda_attention_and_lse(q, keys, values, bias, causal: bool, scale: float):
+    """The CUDA kernels: flash attention (16-bit, no mask) or memory-efficient attention (any mask, float32).
+
+    Both need head_dim a multiple of 8 (LongLLaMA-3B has 100): zero columns are exact (they add nothing to
+    q.k, and the output's padded columns are dropped). The efficient kernel wants its bias 16-aligned in the
+    key dimension and pads its lse to blocks of 32 queries.
+    """
+    head_dim, queries, key_count = q.shape[-1], q.shape[2], keys.shape[2]
+    pad = -head_dim % 8
+    if pad:
+        q, keys, values = (F.pad(x, (0, pad)) for x in (q, keys, values))
+    if bias is None and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, keys, values, 0.0, causal, False,
+                                                                        scale=scale)[:2]
+    else:
+        if bias is not None:
+            aligned = F.pad(bias, (0, -key_count % 16))[..., :key_count]
+            bias = aligned.expand(q.shape[0], q.shape[1], queries, key_count)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, keys, values, bias, True, 0.0, causal,
+                                                                           scale=scale)[:2]
+        lse = lse[..., :queries]
+    return out[..., :head_dim], lse
+
+
+ATTENTION_KERNELS = {"fused": fused_attention, "plain": plain_attention}
+
+
+def grouped_attention(q, sources, grouping=None, kernel: str = "fused", padding: bool = True):
+    """Memory-layer attention for q [B, H, T, D], optionally over at most `grouping` = (heads, queries) at a time.
+
+    Grouping only bounds the workspace; outputs are the same. With grouped-query attention a group holds whole
+    key/value heads (all query heads that share them). `kernel` is "fused" or "plain" (the written-out
+    formula, for comparison). Returns [B, H, T, D].
+    """
+    attend = ATTENTION_KERNELS[kernel]
     batch_size, heads, length, head_dim = q.shape
     kv_heads = sources[0][0].shape[1]
     q = q.view(batch_size, kv_heads, heads // kv_heads, length, head_dim)  # [B, G, R, T, D]
     if grouping is None:
-        return attention(q, sources).reshape(batch_size, heads, length, head_dim)
+        return attend(q, sources, padding).reshape(batch_size, heads, length, head_dim)
     group_heads = max(1, grouping[0] // (heads // kv_heads))
     group_queries = grouping[1]
     out = torch.empty_like(q)
     for g in range(0, kv_heads, group_heads):
         for t in range(0, length, group_queries):
             heads_, queries = slice(g, g + group_heads), slice(t, t + group_queries)
-            part = [(k[:, heads_], v[:, heads_], visible[..., queries, :]) for k, v, visible in sources]
-            out[:, heads_, :, queries] = attention(q[:, heads_, :, queries], part)
+            part = [_part_of_source(source, heads_, queries, length) for source in sources]
+            out[:, heads_, :, queries] = attend(q[:, heads_, :, queries], part, padding)
     return out.reshape(batch_size, heads, length, head_dim)
+
+
+def _part_of_source(source, heads: slice, queries: slice, length: int):
+    """What the queries [queries] (of `length`) of key/value heads [heads] see of one source.
+
+    Memory (one mask row for all queries) is seen whole. Of the local window, the keys after the part's last
+    query are cut off: no query of the part sees them, and the part's causal mask then ends at its last key
+    as a whole window's does, so the kernels can apply it themselves.
+    """
+    keys, values, visible = source
+    if visible.shape[-2] == 1:
+        return keys[:, heads], values[:, heads], visible
+    seen = keys.shape[2] - length + min(queries.stop, length)  # keys up to the part's last query
+    return keys[:, heads, :seen], values[:, heads, :seen], visible[..., queries, :seen]
 
 
 def causal_visible(start: int, length: int, key_valid):
@@ -346,11 +462,11 @@ def cross_batch_attention(q, k, k_first, v, cross_batch_range: int, stepping: bo
         (k, v, causal_visible(0, length, all_valid)),
         (other_keys, other_values, other_visible[:, None, None, None, :].expand(-1, 1, 1, length, -1)),
     ]
-    return fused_attention(q, sources)
+    return training_attention(q, sources)
 
 
-def fused_attention(q, sources):
-    """`grouped_attention` through PyTorch's fused scaled_dot_product_attention, for training.
+def training_attention(q, sources):
+    """Attention over (keys, values, visible) sources through PyTorch's scaled_dot_product_attention, for training.
 
     The fused kernels never hold the [B, H, T, S] logits (nor keep them for the backward pass), which is what
     lets cross-batch attention over (d+1)*T keys train at 3B shapes. The sources' keys are concatenated,
@@ -388,6 +504,8 @@ class Window:
     cache: Optional[Cache] = None
     keep_local: bool = False  # True: keys stay in the local cache; False: memory layers load the window into memory
     cross_batch: Optional[CrossBatch] = None  # training: memory layers use cross-batch attention
+    padding: bool = True  # False: no key in the cache or the window is padding, so every mask is causal
+    kernel: str = "fused"  # "fused" or "plain" attention (see ATTENTION_KERNELS)
 
 
 class Attention(nn.Module):
@@ -419,7 +537,7 @@ class Attention(nn.Module):
         elif self.is_memory_layer:
             out = cross_batch_attention(q, k, k_first, v, *window.cross_batch)
         else:
-            out = fused_attention(q, [(k, v, window.visible)])
+            out = training_attention(q, [(k, v, window.visible)])
         return self.wo(out.transpose(1, 2).reshape(batch_size, length, self.heads * self.head_dim))
 
     def _attend_local_and_memory(self, q, k, k_first, v, window: Window):
@@ -430,9 +548,8 @@ class Attention(nn.Module):
         memory = cache.memory.get(self.layer_index)
         if memory is not None and memory.length:
             mem_keys, mem_values, mem_valid = memory.view()
-            mem_visible = mem_valid[:, None, None, None, :].expand(-1, 1, 1, q.shape[2], -1)  # no causal mask
-            sources.append((mem_keys, mem_values, mem_visible))
-        out = grouped_attention(q, sources, self.grouping)
+            sources.append((mem_keys, mem_values, mem_valid[:, None, None, None, :]))  # no causal mask: [B,1,1,1,M]
+        out = grouped_attention(q, sources, self.grouping, window.kernel, window.padding)
         if memory is not None and not window.keep_local:
             memory.append(k_first, v, window.valid)  # the window was read alone: now it joins memory
         return out
@@ -481,6 +598,8 @@ class Block(nn.Module):
 
 
 class LongLlama(nn.Module):
+    attention_kernel = "fused"  # memory-layer and local attention at inference: "fused" or "plain" (ATTENTION_KERNELS)
+
     def __init__(self, config: LongLlamaConfig):
         super().__init__()
         self.config = config
@@ -516,14 +635,21 @@ class LongLlama(nn.Module):
                 packing: int = 1):
         """Logits [B, L, V] of input_ids [B, L] (only [B, 1, V] of the last token with last_logits_only).
 
-        Inference (DESIGN section 3): the first L - last_context_length tokens are read into memory window by
-        window; the rest stay in the local cache when use_cache, else go to memory too. Returns (logits, cache).
-        attention_mask [B, L] (1 = real token, 0 = padding) covers the new tokens only; the cache remembers the rest.
-        Training (section 4): pass cross_batch_range to run a [B, T] batch with cross-batch attention; returns
-        (logits, None).
+        Inference: the first L - last_context_length tokens are read into memory window by window; the rest stay
+        in the local cache when use_cache, else go to memory too. Returns (logits, cache). attention_mask [B, L]
+        (1 = real token, 0 = padding) covers the new tokens only; the cache remembers the rest. Inference never
+        records an autograd graph: the caches are state, not something to differentiate.
+        Training: pass cross_batch_range to run a [B, T] batch with cross-batch attention (memory layers also see
+        the d batch elements before their own); returns (logits, None).
         """
         if cross_batch_range is not None:
             return self._cross_batch_forward(input_ids, CrossBatch(cross_batch_range, stepping, packing)), None
+        with torch.no_grad():
+            return self._read(input_ids, cache, use_cache, last_context_length, attention_mask, last_logits_only,
+                              progress)
+
+    def _read(self, input_ids, cache, use_cache, last_context_length, attention_mask, last_logits_only, progress):
+        """Inference: windows of W tokens into memory, the last context into the local cache (see forward)."""
         window_size = self.config.max_position_embeddings
         last_context_length = self.config.last_context_length if last_context_length is None else last_context_length
         if not 0 <= last_context_length <= window_size:
@@ -541,6 +667,7 @@ class LongLlama(nn.Module):
                 raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
                                  f"{tuple(input_ids.shape)}")
             valid = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+            cache.padding = cache.padding or not bool(valid.all())
 
         to_memory = max(length - last_context_length, 0)
         spans = [(s, min(s + window_size, to_memory)) for s in range(0, to_memory, window_size)]
@@ -569,7 +696,8 @@ class LongLlama(nn.Module):
         else:
             start, key_valid = 0, valid
         window = Window(start, self.rope_cos[start:start + length], self.rope_sin[start:start + length],
-                        causal_visible(start, length, key_valid), valid, cache, keep_local)
+                        causal_visible(start, length, key_valid), valid, cache, keep_local,
+                        padding=cache.padding, kernel=self.attention_kernel)
         x = self.embed(tokens)
         for block in self.layers:
             x = block(x, window)

@@ -154,3 +154,38 @@ def test_prompt_memory_estimate_grows_with_the_prompt_and_shrinks_with_grouping(
     assert generate.prompt_memory_bytes(grouped, 131072, torch.bfloat16) < long / 10
     # memory alone: 3 layers x 130k entries x (k + v) x 3200 x 2 bytes
     assert generate.prompt_memory_bytes(grouped, 131072, torch.bfloat16) > 3 * (131072 - 1024) * 2 * 3200 * 2
+
+
+def test_the_readme_python_example_runs_as_written_and_each_answer_equals_a_fresh_read(checkpoint, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("### From Python\n\n```python\n", 1)[1].split("```", 1)[0]
+    document = tmp_path / "long.txt"
+    document.write_text("The grass is green. The sky is blue. Here we go. " * 120)  # ~2k tokens: many windows
+    script = (example.replace('ckpt = "ckpt/long_llama_3b_v1_1"', f"ckpt = {str(checkpoint)!r}")
+              .replace('open("long.txt")', f"open({str(document)!r})"))
+    assert script != example and "torch.no_grad" not in script and "inference_mode" not in script
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    # the same questions, each after its own fresh read of the document (no copy, no autograd to forget)
+    model, tok = longllama.load(checkpoint), Tokenizer(checkpoint / "tokenizer.model")
+    expected = []
+    for question in ["\nQ: Who wrote it?\nA:", "\nQ: When was it written?\nA:"]:
+        _, cache = model(torch.tensor([tok.encode(document.read_text())]), use_cache=True)
+        ids, answer = torch.tensor([tok.encode(question, bos=False)]), []
+        for _ in range(20):
+            logits, cache = model(ids, cache=cache, use_cache=True)
+            ids = logits[:, -1].argmax(-1, keepdim=True)
+            answer.append(ids.item())
+        expected.append(f"{question.strip()} {tok.decode(answer)}")
+    assert result.stdout == "".join(line + "\n" for line in expected)
+
+
+def test_inference_records_no_autograd_graph_and_its_cache_copies():
+    model = tiny_model()
+    assert torch.is_grad_enabled()
+    logits, cache = model(tokens(1, 3 * WINDOW), use_cache=True)
+    assert not logits.requires_grad
+    copied = cache.copy()
+    assert torch.equal(copied.local[0].keys, cache.local[0].keys)
+    assert copied.local[0].keys.data_ptr() != cache.local[0].keys.data_ptr()

@@ -1,4 +1,4 @@
-"""longllama.py inference against the naive float64 reference in tests/reference.py (DESIGN section 3)."""
+"""longllama.py inference against the naive float64 reference in tests/reference.py, with both attention kernels."""
 
 import math
 
@@ -9,6 +9,13 @@ import longllama
 from reference import NaiveLongLlama, rotate
 
 WINDOW = 16
+
+
+@pytest.fixture(autouse=True, params=["fused", "plain"])
+def kernel(request, monkeypatch):
+    """Every test runs with the fused kernels (merged by log-sum-exp) and with the written-out formula."""
+    monkeypatch.setattr(longllama.LongLlama, "attention_kernel", request.param)
+    return request.param
 
 
 def tiny_model(seed=0, **overrides):
@@ -64,18 +71,19 @@ def naive_attention(q, local_k, local_v, local_visible, mem_k, mem_v, mem_valid)
 
 @pytest.mark.parametrize("heads,kv_heads,grouping", [(4, 4, None), (4, 4, (1, 1)), (4, 4, (3, 5)), (6, 2, (2, 4)),
                                                      (6, 3, None), (6, 1, (4, 7))])
-def test_grouped_attention_matches_naive_attention(heads, kv_heads, grouping):
+@pytest.mark.parametrize("padding", [True, False], ids=["padded", "causal"])
+def test_grouped_attention_matches_naive_attention(heads, kv_heads, grouping, padding, kernel):
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
     b, t, start, m, d = 2, 9, 5, 13, 8
     q = torch.randn(b, heads, t, d, generator=g)
     local_k, local_v = torch.randn(2, b, kv_heads, start + t, d, generator=g)
     mem_k, mem_v = torch.randn(2, b, kv_heads, m, d, generator=g)
-    key_valid = torch.rand(b, start + t, generator=g) > 0.2
+    key_valid = torch.rand(b, start + t, generator=g) > 0.2 if padding else torch.ones(b, start + t, dtype=torch.bool)
     key_valid[:, -1] = True
-    mem_valid = torch.rand(b, m, generator=g) > 0.3
+    mem_valid = torch.rand(b, m, generator=g) > 0.3 if padding else torch.ones(b, m, dtype=torch.bool)
     visible = longllama.causal_visible(start, t, key_valid)
-    sources = [(local_k, local_v, visible), (mem_k, mem_v, mem_valid[:, None, None, None, :].expand(-1, 1, 1, t, -1))]
-    out = longllama.grouped_attention(q, sources, grouping)
+    sources = [(local_k, local_v, visible), (mem_k, mem_v, mem_valid[:, None, None, None, :])]
+    out = longllama.grouped_attention(q, sources, grouping, kernel, padding)
 
     causal = torch.arange(start + t)[None, :] <= torch.arange(start, start + t)[:, None]
     expected = naive_attention(q, local_k, local_v, causal & key_valid[:, None, :], mem_k, mem_v, mem_valid)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import longllama
 import train
-from conftest import ROOT
+from conftest import ROOT, run_process_group
 from tokenizer import train_tokenizer
 
 BOS, EOS = 1, 2
@@ -420,8 +420,7 @@ def test_two_process_torchrun_run_writes_a_loadable_checkpoint(assets, tmp_path,
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "train.py"), *small_run(assets, out, "--max-steps", "3", "--save-every", "2"),
                *(["--fsdp"] if fsdp else [])]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_process_group(command, timeout=240, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     model = longllama.load(out)
     reference = longllama.load(assets["init"])
