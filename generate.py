@@ -116,19 +116,19 @@ def _now(device) -> float:
 
 
 def prompt_memory_bytes(config: longllama.LongLlamaConfig, prompt_tokens: int, dtype: torch.dtype) -> int:
-    """Rough peak bytes that reading a prompt adds to the weights: memory, local caches, attention logits."""
+    """Rough peak bytes that reading a prompt adds to the weights: memory, local caches and one window's work.
+
+    Memory (keys and values of every memory layer, kept in the compute dtype) is the only part that grows with
+    the prompt: attention runs through fused kernels, so its workspace is bounded by the window.
+    """
     last_context = min(prompt_tokens, config.last_context_length)
-    memory_entries = prompt_tokens - last_context
     kv_width = 2 * config.num_key_value_heads * config.head_dim  # key and value of one token
-    memory = len(config.mem_layers) * memory_entries * kv_width * getattr(torch, config.mem_dtype).itemsize
+    memory = len(config.mem_layers) * (prompt_tokens - last_context) * kv_width * dtype.itemsize
     local = config.num_hidden_layers * config.max_position_embeddings * kv_width * dtype.itemsize
     window = min(prompt_tokens, config.max_position_embeddings)
-    heads, queries = config.mem_attention_grouping or (config.num_attention_heads, window)
-    # scores, masked scores, concatenation (dtype) and the float32 softmax with its cast, over local + memory keys
-    logits_per_entry = 4 * dtype.itemsize + 4
-    attention = logits_per_entry * max(min(heads, config.num_attention_heads) * min(queries, window) *
-                                       (window + memory_entries), config.num_attention_heads * window * window)
-    return memory + local + attention + 4 * config.vocab_size * window
+    # a window's activations: residual, q/k/v/out, the MLP's gate|up and its product, float32 norms and merges
+    activations = window * (8 * config.hidden_size + 3 * config.intermediate_size) * 4
+    return memory + local + activations + 4 * config.vocab_size
 
 
 def available_bytes(device: torch.device) -> int:

@@ -206,9 +206,13 @@ class LocalCache:
 
 @dataclass
 class MemoryCache:
-    """One memory layer's (key, value) memory: keys rotated as if at position 0, stored in `dtype`.
+    """One memory layer's (key, value) memory: keys rotated as if at position 0, with the precision of `dtype`.
 
-    The buffers grow by doubling, so appending a window or an evicted local cache is amortised O(its size).
+    Entries are rounded to `dtype` (mem_dtype) where they are written, and kept in the compute dtype, so that
+    attention reads memory in place instead of converting all of it at every call: the values are exactly those
+    of a memory stored in `dtype` and cast for use. (With float32 compute and bfloat16 memory, memory then takes
+    float32 bytes; compute in bfloat16 to halve it.) The buffers grow by doubling, so appending a window or an
+    evicted local cache is amortised O(its size), and `reserve` sizes them at once for a prompt of known length.
     `valid` marks entries that were real tokens (not padding) when they were read.
     """
 
@@ -222,16 +226,19 @@ class MemoryCache:
         """Add keys/values [B, Hkv, T, D] (keys already at position 0) and valid [B, T]: the one way into memory."""
         end = self.length + keys.shape[2]
         if self.keys is None or end > self.keys.shape[2]:
-            self._grow(keys, max(end, 2 * self.length))
-        self.keys[:, :, self.length:end] = keys
-        self.values[:, :, self.length:end] = values
+            self.reserve(max(end, 2 * self.length), like=values)
+        self.keys[:, :, self.length:end] = keys.to(self.dtype)  # rounded to mem_dtype, then stored
+        self.values[:, :, self.length:end] = values.to(self.dtype)
         self.valid[:, self.length:end] = valid
         self.length = end
 
-    def _grow(self, like, capacity):
+    def reserve(self, capacity: int, like):
+        """Make room for `capacity` entries, stored like `like` [B, Hkv, *, D] (dtype and device)."""
+        if self.keys is not None and capacity <= self.keys.shape[2]:
+            return
         batch_size, kv_heads, _, head_dim = like.shape
         old_keys, old_values, old_valid = self.view() if self.length else (None, None, None)
-        self.keys = like.new_zeros(batch_size, kv_heads, capacity, head_dim, dtype=self.dtype)
+        self.keys = like.new_zeros(batch_size, kv_heads, capacity, head_dim)
         self.values = torch.zeros_like(self.keys)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=like.device)
         if self.length:
@@ -288,13 +295,8 @@ def plain_attention(q, sources, padding: bool = True):
     return out
 
 
-# Memory entries converted to the compute dtype at a time when memory is stored in another one (bfloat16 memory,
-# float32 compute): the conversion workspace stays bounded however large memory grows.
-MEMORY_CHUNK = 8192
-
-
 def fused_attention(q, sources, padding: bool = True):
-    """`plain_attention` through fused kernels: one call per source (per chunk of memory), merged by log-sum-exp.
+    """`plain_attention` through fused kernels: one call per source, merged by log-sum-exp.
 
     No [T, S] logits are ever held, so the workspace is bounded by the window, not by the memory. A source
     whose mask is the same for every query (memory) is attended by the R query heads of a key/value head
@@ -310,21 +312,20 @@ def fused_attention(q, sources, padding: bool = True):
             visible = visible[:, :, 0]  # [B, 1, 1, S]
         else:
             q_source = q.reshape(batch_size, kv_heads * rep, length, head_dim)  # [B, H, T, D]
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)  # a window
+            if rep > 1:  # grouped-query attention: repeat the key/value heads of the window (small)
+                keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
             visible = visible[:, :, 0]  # [B, 1, T, S]
         # without padding, masks are causal and end at the last key (bottom-right): none for memory or a single
         # query (it sees every key), the kernel's own for a whole window
         causal = not padding and not shared and 1 < length == keys.shape[2]
         mask_free = not padding and (shared or causal or length == 1)
-        chunk = keys.shape[2] if keys.dtype == q.dtype else MEMORY_CHUNK
-        for s in range(0, keys.shape[2], chunk):
-            part = slice(s, s + chunk)
-            part_visible = None if mask_free else visible[..., part]
-            part_out, part_lse = attention_and_lse(q_source, keys[:, :, part].to(q.dtype), values[:, :, part].to(q.dtype),
-                                                   part_visible, causal)
-            part_out = part_out.view(batch_size, kv_heads, rep, length, head_dim)
-            part_lse = part_lse.view(batch_size, kv_heads, rep, length)
-            out, lse = (part_out.float(), part_lse) if out is None else merge_attention(out, lse, part_out, part_lse)
+        source_out, source_lse = attention_and_lse(q_source, keys, values, None if mask_free else visible, causal)
+        source_out = source_out.view(batch_size, kv_heads, rep, length, head_dim)
+        source_lse = source_lse.view(batch_size, kv_heads, rep, length)
+        if out is None:
+            out, lse = source_out, source_lse
+        else:
+            out, lse = merge_attention(out, lse, source_out, source_lse)
     return out.to(q.dtype)
 
 
@@ -336,7 +337,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     """
     total = torch.logaddexp(lse_a, lse_b).clamp(min=torch.finfo(torch.float32).min)
     weight_a, weight_b = (lse_a - total).exp().unsqueeze(-1), (lse_b - total).exp().unsqueeze(-1)
-    return out_a * weight_a + out_b.float() * weight_b, total
+    return out_a.float() * weight_a + out_b.float() * weight_b, total
 
 
 def attention_and_lse(q, keys, values, visible=None, causal: bool = False):
@@ -670,6 +671,8 @@ class LongLlama(nn.Module):
             cache.padding = cache.padding or not bool(valid.all())
 
         to_memory = max(length - last_context_length, 0)
+        if cache.local is None:  # windows go straight to memory: size it once rather than by doubling
+            self._reserve_memory(cache, to_memory if use_cache else length)
         spans = [(s, min(s + window_size, to_memory)) for s in range(0, to_memory, window_size)]
         if length > to_memory:
             spans.append((to_memory, length))
@@ -683,6 +686,12 @@ class LongLlama(nn.Module):
             elif end == length:
                 logits.append(self.lm_head(hidden[:, -1:]))
         return torch.cat(logits, dim=1), cache
+
+    def _reserve_memory(self, cache: Cache, entries: int):
+        config = self.config
+        like = self.embed.weight.new_empty(cache.batch_size, config.num_key_value_heads, 0, config.head_dim)
+        for memory in cache.memory.values():
+            memory.reserve(memory.length + entries, like)
 
     def _window(self, tokens, valid, cache: Cache, keep_local: bool):
         """Run at most W tokens through every layer; returns the final hidden states [B, T, hidden]."""

@@ -142,18 +142,24 @@ def test_bad_inputs_give_one_clear_line_and_a_non_zero_exit(checkpoint, tmp_path
     convert_weights.export_hf(checkpoint, tmp_path / "hf")  # a Hugging Face directory, not yet converted
     expect_error(capsys, ["--ckpt", str(tmp_path / "hf"), "--prompt", "x"], "convert it first")
 
-    monkeypatch.setattr(generate, "available_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(generate, "available_bytes", lambda device: 1 << 16)
     expect_error(capsys, ["--ckpt", ckpt, "--prompt", "word " * 500], "needs about")
 
 
-def test_prompt_memory_estimate_grows_with_the_prompt_and_shrinks_with_grouping():
+def test_prompt_memory_estimate_is_the_memory_plus_a_workspace_bounded_by_the_window():
     config = longllama.LongLlamaConfig(**longllama.PRESETS["3b"])
-    short, long = (generate.prompt_memory_bytes(config, n, torch.bfloat16) for n in (4096, 131072))
-    assert long > 10 * short
-    grouped = longllama.LongLlamaConfig(**longllama.PRESETS["3b"], mem_attention_grouping=(4, 256))
-    assert generate.prompt_memory_bytes(grouped, 131072, torch.bfloat16) < long / 10
-    # memory alone: 3 layers x 130k entries x (k + v) x 3200 x 2 bytes
-    assert generate.prompt_memory_bytes(grouped, 131072, torch.bfloat16) > 3 * (131072 - 1024) * 2 * 3200 * 2
+    kv_bytes = 3 * 2 * 3200 * 2  # 3 memory layers x (key + value) x hidden x bfloat16
+    estimates = {n: generate.prompt_memory_bytes(config, n, torch.bfloat16) for n in (4096, 131072, 1 << 20)}
+    workspaces = {n: estimate - (n - 1024) * kv_bytes for n, estimate in estimates.items()}
+    assert len(set(workspaces.values())) == 1 and 0 < workspaces[4096] < 2**31  # the same, whatever the memory
+
+
+def test_prompt_memory_estimate_covers_the_memory_a_read_really_holds():
+    model = tiny_model(mem_layers=[0, 2], mem_dtype="bfloat16")
+    _, cache = model(tokens(1, 7 * WINDOW + 3), use_cache=True)
+    held = sum(t.nbytes for memory in cache.memory.values() for t in memory.view()[:2])
+    held += sum(c.keys.nbytes + c.values.nbytes for c in cache.local)
+    assert held <= generate.prompt_memory_bytes(model.config, 7 * WINDOW + 3, torch.float32) < 4 * held + 2**20
 
 
 def test_the_readme_python_example_runs_as_written_and_each_answer_equals_a_fresh_read(checkpoint, tmp_path):

@@ -1,0 +1,235 @@
+"""Long-context speed of LongLLaMA inference: prefill (reading a prompt into memory) and decode, on random weights.
+
+    python bench.py --small                                          # CPU, about a minute: fused vs plain attention
+    python bench.py --preset 3b --prefill 32768,131072 --decode-memory 16384,131072       # one GPU, bfloat16
+    python bench.py --preset tiny --prefill 32768 --kernel fused,plain --repeats 1
+
+Nothing is downloaded: a named shape (longllama.PRESETS, or the small CPU shape below) gets random weights. Each
+figure is the median of --repeats timed runs after one warm-up, synchronised on GPU. Prefill is what generate.py
+does with a prompt (memory layers read all but the last `last_context_length` tokens into memory, window by
+window; only the last token's logits are computed); decode is one greedy token at a time with a given number of
+entries in memory. Each figure is also given as a fraction of this device's bound, measured here: prefill's dense
+and attention FLOPs over the matmul rate, decode's bytes read per token (weights, local caches, memory) over the
+copy bandwidth. `--small` also reads 32k and then 64k tokens with the `tiny` shape, each in a fresh process, to
+show that peak memory grows with the memory's keys and values only, not with an attention workspace.
+The table goes to stdout, then one JSON line with every figure.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import longllama
+
+# The CPU shape of --small: 8 layers, hidden 256, 8 heads, window 256, memory layers 2 and 5, vocab 32000.
+SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+             max_position_embeddings=256, mem_layers=[2, 5], last_context_length=128)
+
+
+def build_model(shape: dict, device, dtype) -> longllama.LongLlama:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = longllama.LongLlama(longllama.LongLlamaConfig(**shape))
+    return model.to(dtype).eval()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The device's bounds
+
+
+def matmul_flops_per_second(device, dtype) -> float:
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, device, 5)
+
+
+def copy_bytes_per_second(device) -> float:
+    size = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * size / timed(lambda: dst.copy_(src), device, 5)  # read + write
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Work counts
+
+
+def prefill_flops(config: longllama.LongLlamaConfig, tokens: int) -> float:
+    """Dense matmuls of every token, plus attention over the local window and, in memory layers, the memory."""
+    h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    dense = 2 * tokens * config.num_hidden_layers * (h * (2 * h + 2 * kv) + 3 * h * config.intermediate_size)
+    window = config.max_position_embeddings
+    local = 4 * tokens * (window / 2) * h * config.num_hidden_layers  # q.k and p.v, causal: half a window on average
+    memory = 4 * h * len(config.mem_layers) * sum(min(start, tokens) * min(window, tokens - start)
+                                                   for start in range(0, tokens, window))  # window i sees i windows
+    return dense + local + memory + 2 * h * config.vocab_size
+
+
+def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
+    """Bytes one decode step reads: every weight, the local caches and the memories."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    local = sum(c.keys[:, :, :cache.local_length].nbytes * 2 for c in cache.local)
+    memory = sum(m.keys[:, :, :m.length].nbytes * 2 for m in cache.memory.values())
+    return weights + local + memory
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def measure_prefill(model, tokens: int, device, repeats: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    return timed(lambda: model(ids, use_cache=True, last_logits_only=True), device, repeats)
+
+
+def measure_decode(model, memory_entries: int, device, repeats: int, steps: int = 16):
+    """Seconds per token with `memory_entries` in each memory layer (and a half-full local window)."""
+    config = model.config
+    window = config.max_position_embeddings
+    prompt = memory_entries + window // 2
+    ids = torch.randint(0, config.vocab_size, (1, prompt), device=device)
+    _, cache = model(ids, use_cache=True, last_logits_only=True, last_context_length=window // 2)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+    def decode():
+        state = cache.copy()  # every repeat decodes from the same memory
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits, state = model(token, cache=state, use_cache=True, last_logits_only=True)
+            token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        synchronize(device)
+        return (time.perf_counter() - start) / steps
+
+    decode()
+    return statistics.median(decode() for _ in range(repeats)), decode_bytes(model, cache)
+
+
+def peak_of_reading(tokens: int) -> dict:
+    """Read `tokens` tokens with the tiny shape in a fresh process; its peak RSS and the bytes memory holds."""
+    code = (f"import bench, json, resource, torch; m = bench.build_model(bench.longllama.PRESETS['tiny'], "
+            f"torch.device('cpu'), torch.float32); ids = torch.randint(0, 4096, (1, {tokens})); "
+            f"_, c = m(ids, use_cache=True, last_logits_only=True); "
+            f"print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            f"memory=sum(x.keys[:, :, :x.length].nbytes * 2 for x in c.memory.values()))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--small", action="store_true", help="the CPU comparison: small shape, fused vs plain, peak memory")
+    p.add_argument("--preset", default="3b", choices=list(longllama.PRESETS), help="model shape (random weights)")
+    p.add_argument("--prefill", default="32768", help="prompt lengths to time, comma-separated ('' for none)")
+    p.add_argument("--decode-memory", default="16384", help="memory sizes to time decode at ('' for none)")
+    p.add_argument("--kernel", default="fused", help="attention kernels to compare: fused, plain or fused,plain")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--device", default=None, help="default: cuda when present")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.small:
+        args.prefill, args.decode_memory, args.kernel, args.device = "4096", "4096", "fused,plain", "cpu"
+    try:
+        args.prefill = [int(n) for n in args.prefill.split(",") if n]
+        args.decode_memory = [int(n) for n in args.decode_memory.split(",") if n]
+    except ValueError:
+        p.error("--prefill and --decode-memory take comma-separated token counts")
+    args.kernel = args.kernel.split(",")
+    if not set(args.kernel) <= set(longllama.ATTENTION_KERNELS) or args.repeats < 1:
+        p.error(f"--kernel takes {', '.join(longllama.ATTENTION_KERNELS)}; --repeats must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shape = SMALL if args.small else longllama.PRESETS[args.preset]
+    model = build_model(shape, device, dtype)
+    flops, bandwidth = matmul_flops_per_second(device, dtype), copy_bytes_per_second(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}, {dtype}: matmul {flops / 1e12:.2f} TFLOP/s, copy {bandwidth / 1e9:.1f} GB/s; "
+          f"{'small' if args.small else args.preset} shape, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+          f"parameters, memory layers {model.config.mem_layers}, memory in {model.config.mem_dtype}")
+    print(f"{'kernel':<7} {'work':<28} {'time':>10} {'rate':>14} {'of bound':>9} {'peak':>10}")
+    rows = []
+    for kernel in args.kernel:
+        model.attention_kernel = kernel
+        for tokens in args.prefill:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = measure_prefill(model, tokens, device, args.repeats)
+            rows.append(dict(kernel=kernel, work="prefill", tokens=tokens, seconds=seconds,
+                             tokens_per_s=tokens / seconds, of_bound=prefill_flops(model.config, tokens) / seconds / flops,
+                             peak_gib=peak_gib(device)))
+        for entries in args.decode_memory:
+            seconds, read = measure_decode(model, entries, device, args.repeats)
+            rows.append(dict(kernel=kernel, work="decode", memory=entries, seconds=seconds, tokens_per_s=1 / seconds,
+                             of_bound=read / seconds / bandwidth, peak_gib=peak_gib(device)))
+    for row in rows:
+        work = (f"prefill {row['tokens']} tokens" if row["work"] == "prefill" else
+                f"decode, {row['memory']} in memory")
+        time_text = f"{row['seconds']:.3f} s" if row["work"] == "prefill" else f"{row['seconds'] * 1e3:.2f} ms/tok"
+        print(f"{row['kernel']:<7} {work:<28} {time_text:>10} {row['tokens_per_s']:>10.1f} tok/s {row['of_bound']:>8.1%} "
+              f"{row['peak_gib']:>7.2f} GiB")
+    summary = dict(device=name, dtype=str(dtype), shape="small" if args.small else args.preset,
+                   matmul_tflops=flops / 1e12, copy_gbps=bandwidth / 1e9, rows=rows)
+    if "plain" in args.kernel and "fused" in args.kernel:
+        summary["speedup"] = speedups(rows)
+        print("fused / plain: " + ", ".join(f"{work} {ratio:.2f}x" for work, ratio in summary["speedup"].items()))
+    if args.small:
+        first, second = peak_of_reading(32768), peak_of_reading(65536)
+        growth, allowed = second["peak"] - first["peak"], 1.3 * (second["memory"] - first["memory"]) + 50e6
+        summary["peak_32k_64k"] = dict(first=first, second=second, growth=growth, allowed=allowed)
+        print(f"tiny shape, fresh processes: reading 32k tokens peaks at {first['peak'] / 1e6:.0f} MB RSS, 64k at "
+              f"{second['peak'] / 1e6:.0f} MB: +{growth / 1e6:.0f} MB for +{(second['memory'] - first['memory']) / 1e6:.0f} "
+              f"MB of memory keys/values (bound: 1.3x that + 50 MB = {allowed / 1e6:.0f} MB)")
+    print(json.dumps(summary))
+
+
+def peak_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # RSS high-water mark of the whole run
+
+
+def speedups(rows) -> dict:
+    """fused / plain speed for each piece of work measured with both."""
+    by_work = {}
+    for row in rows:
+        key = f"prefill {row['tokens']}" if row["work"] == "prefill" else f"decode {row['memory']}"
+        by_work.setdefault(key, {})[row["kernel"]] = row["seconds"]
+    return {work: s["plain"] / s["fused"] for work, s in by_work.items() if len(s) == 2}
+
+
+if __name__ == "__main__":
+    main()
