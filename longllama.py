@@ -566,10 +566,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x):  # normalised in float32, cast back, then scaled (as LLaMA does)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -677,7 +675,7 @@ class LongLlama(nn.Module):
         if length > to_memory:
             spans.append((to_memory, length))
         logits = []
-        for start, end in tqdm(spans, desc="reading", unit="window", disable=not progress, leave=False):
+        for start, end in tqdm(spans, desc="reading", unit="window", leave=False) if progress else spans:
             # a later call in a conversation already has a local window: everything goes through it
             keep_local = cache.local is not None or (use_cache and start == to_memory)
             hidden = self._window(input_ids[:, start:end], valid[:, start:end], cache, keep_local)

@@ -341,3 +341,58 @@ def test_loading_weights_that_do_not_fit_the_config_fails_clearly(tmp_path):
         longllama.load(tmp_path, num_hidden_layers=2)
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         longllama.load(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA kernels' inputs
+
+
+def fake_kernel(q, keys, values, bias, causal, scale):
+    """What the CUDA kernels compute; they need head_dim a multiple of 8."""
+    assert q.shape[-1] % 8 == 0 and keys.shape[-1] % 8 == 0
+    return naive_attention_and_lse(q, keys, values, bias, causal, scale)
+
+
+def naive_attention_and_lse(q, keys, values, bias, causal, scale):
+    logits = q.double() @ keys.double().transpose(-1, -2) * scale
+    if bias is not None:
+        logits = logits + bias.double()
+    if causal:
+        logits = logits.masked_fill(torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    lse = logits.logsumexp(-1)
+    return (torch.softmax(logits, -1) @ values.double()).to(q.dtype), lse.float()
+
+
+@pytest.mark.parametrize("case", ["flash", "flash causal", "efficient bias", "efficient float32"])
+def test_cuda_path_pads_head_dim_and_aligns_its_inputs_exactly(case, monkeypatch):
+    calls = []
+
+    def flash(q, keys, values, dropout, causal, debug, scale):
+        calls.append("flash")
+        return fake_kernel(q, keys, values, None, causal, scale)
+
+    def efficient(q, keys, values, bias, compute_lse, dropout, causal, scale):
+        calls.append("efficient")
+        assert compute_lse and (bias is None or (bias.shape == (*q.shape[:3], keys.shape[2])
+                                                 and bias.stride(-2) % 16 == 0))
+        out, lse = fake_kernel(q, keys, values, bias, causal, scale)
+        return out, F_pad(lse, -q.shape[2] % 32), None, None  # lse comes padded to blocks of 32 queries
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention", flash)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", efficient)
+    dtype = torch.float32 if case == "efficient float32" else torch.bfloat16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 9 if "causal" in case else 5, 100, generator=g)  # head_dim 100, as LongLLaMA-3B
+    keys, values = torch.randn(2, 2, 3, 9, 100, generator=g)
+    visible = (torch.rand(2, 1, q.shape[2], 9, generator=g) > 0.3) if "bias" in case else None
+    bias = None if visible is None else torch.zeros(visible.shape).masked_fill(~visible, float("-inf")).to(dtype)
+    out, lse = longllama._cuda_attention_and_lse(q.to(dtype), keys.to(dtype), values.to(dtype), bias,
+                                                 "causal" in case, 0.1)
+    assert calls == ["efficient" if "efficient" in case else "flash"]
+    expected_out, expected_lse = naive_attention_and_lse(q.to(dtype), keys.to(dtype), values.to(dtype), bias, "causal" in case, 0.1)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert_close(out.float(), expected_out.double(), atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert_close(lse, expected_lse.double(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def F_pad(x, n):
+    return torch.nn.functional.pad(x, (0, n), value=float("inf"))
