@@ -90,8 +90,10 @@ def prefill_flops(config: longllama.LongLlamaConfig, tokens: int) -> float:
 
 
 def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
-    """Bytes one decode step reads: every weight, the local caches and the memories."""
+    """Bytes one decode step reads: every weight (of the embedding, one row), the local caches and the memories."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        weights -= model.embed.weight.numel() * model.embed.weight.element_size()
     local = sum(c.keys[:, :, :cache.local_length].nbytes * 2 for c in cache.local)
     memory = sum(m.keys[:, :, :m.length].nbytes * 2 for m in cache.memory.values())
     return weights + local + memory
@@ -130,12 +132,20 @@ def measure_decode(model, memory_entries: int, device, repeats: int, steps: int 
 
 
 def peak_of_reading(tokens: int) -> dict:
-    """Read `tokens` tokens with the tiny shape in a fresh process; its peak RSS and the bytes memory holds."""
-    code = (f"import bench, json, resource, torch; m = bench.build_model(bench.longllama.PRESETS['tiny'], "
-            f"torch.device('cpu'), torch.float32); ids = torch.randint(0, 4096, (1, {tokens})); "
-            f"_, c = m(ids, use_cache=True, last_logits_only=True); "
-            f"print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
-            f"memory=sum(x.keys[:, :, :x.length].nbytes * 2 for x in c.memory.values()))))")
+    """Read `tokens` tokens with the tiny shape in a fresh process: its peak RSS while reading (the high-water
+    mark is reset once the model is built, so neither importing torch nor this parent process hides it) and the
+    bytes memory holds."""
+    code = f"""
+import json, torch, bench
+model = bench.build_model(bench.longllama.PRESETS["tiny"], torch.device("cpu"), torch.float32)
+model(torch.zeros(1, 600, dtype=torch.long), use_cache=True, last_logits_only=True)  # warm-up: kernels, allocator
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM, the peak resident set
+_, cache = model(torch.randint(0, 4096, (1, {tokens})), use_cache=True, last_logits_only=True)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps(dict(peak=int(status["VmHWM"].split()[0]) * 1024,
+                      memory=sum(m.keys[:, :, :m.length].nbytes * 2 for m in cache.memory.values()))))
+"""
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
