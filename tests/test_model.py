@@ -396,3 +396,25 @@ def test_cuda_path_pads_head_dim_and_aligns_its_inputs_exactly(case, monkeypatch
 
 def F_pad(x, n):
     return torch.nn.functional.pad(x, (0, n), value=float("inf"))
+
+
+def allocated_bytes(fn) -> int:
+    """Bytes fn allocates on CPU (freed or not), by the profiler's count."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(event.cpu_memory_usage for event in prof.events() if event.cpu_memory_usage > 0)
+
+
+def test_a_decode_step_allocates_nothing_in_proportion_to_memory(kernel):
+    if kernel == "plain":
+        pytest.skip("the written-out formula holds [queries x memory] logits by design")
+    model = tiny_model(mem_dtype="bfloat16")
+    allocated = {}
+    for windows in (4, 64):
+        _, cache = model(tokens(1, windows * WINDOW), use_cache=True)
+        step = tokens(1, 1, seed=5)
+        model(step, cache=cache.copy(), use_cache=True)  # warm-up
+        allocated[windows] = allocated_bytes(lambda: model(step, cache=cache, use_cache=True))
+    # 16x the memory (60 more windows of keys and values: 60 * 16 * 2 * 32 * 4 bytes = 245 KB) costs no more
+    assert allocated[64] <= allocated[4] + 4096, allocated
