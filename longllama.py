@@ -277,6 +277,7 @@ class Cache:
 
 def plain_attention(q, sources, padding: bool = True):
     """One softmax over several (keys, values, visible) sources, written out: the reference formula.
+    (`padding` is unused: the masks say everything; it is there to share fused_attention's signature.)
 
     q: [B, G, R, T, D] (G key/value heads, R query heads sharing each); per source keys, values: [B, G, S, D] and
     visible: [B, 1, 1, T or 1, S] bool (1: the same keys for every query, as for memory). Returns [B, G, R, T, D].
@@ -307,14 +308,13 @@ def fused_attention(q, sources, padding: bool = True):
     out = lse = None
     for keys, values, visible in sources:
         shared = visible.shape[-2] == 1  # one mask row for every query: no causal mask
+        visible = visible[:, :, 0]  # [B, 1, T or 1, S]
         if shared:
             q_source = q.reshape(batch_size, kv_heads, rep * length, head_dim)  # [B, G, R*T, D]
-            visible = visible[:, :, 0]  # [B, 1, 1, S]
         else:
             q_source = q.reshape(batch_size, kv_heads * rep, length, head_dim)  # [B, H, T, D]
             if rep > 1:  # grouped-query attention: repeat the key/value heads of the window (small)
                 keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-            visible = visible[:, :, 0]  # [B, 1, T, S]
         # without padding, masks are causal and end at the last key (bottom-right): none for memory or a single
         # query (it sees every key), the kernel's own for a whole window
         causal = not padding and not shared and 1 < length == keys.shape[2]
@@ -354,8 +354,9 @@ def attention_and_lse(q, keys, values, visible=None, causal: bool = False):
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, keys, values, is_causal=causal, attn_mask=bias, scale=scale)
-    if visible is not None:  # the kernels leave lse finite when a row sees nothing; it must weigh nothing
-        lse = lse.masked_fill(~visible.any(-1), float("-inf"))
+    if visible is not None:  # a query that sees nothing (padding): output 0, and a weight of nothing in merges
+        blind = ~visible.any(-1)
+        out, lse = out.masked_fill(blind.unsqueeze(-1), 0), lse.masked_fill(blind, float("-inf"))
     return out, lse.float()
 
 
