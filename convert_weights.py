@@ -33,7 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from longllama import LongLlamaConfig
+from longllama import LongLlamaConfig, available_bytes
+from tokenizer import Tokenizer
 
 # One row per tensor of a layer: our name, its Hugging Face name (under "model.layers.{i}."), its GGUF name (under
 # "blk.{i}."), and its shape in config sizes. Rows that share our name are fused along dim 0, in table order.
@@ -141,7 +142,7 @@ def unpermute_rope_rows(weight, heads: int):
 def read_json(path: Path) -> dict:
     try:
         values = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object")
@@ -289,22 +290,33 @@ def gguf_tensors(reader, parts: dict, config: LongLlamaConfig, source):
 
 
 def check_out_dir(out_dir: Path, force: bool):
-    """Refuse early (before reading gigabytes) to replace something that is not ours to replace."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: exists and is not a directory")
+    """Refuse early (before reading gigabytes) to replace something that is not ours to replace, or to write where
+    no directory can be made."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        where = "exists" if existing == out_dir else f"{existing} exists"
+        raise ValueError(f"{out_dir}: {where} and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise ValueError(f"{out_dir}: exists and is not empty (--force replaces it)")
 
 
+def check_fits_in_memory(config: LongLlamaConfig, dtype, source):
+    """The converted weights stay in memory until written: refuse, before reading, a config whose weights cannot fit
+    (the source's dtype is only known once read: at least 2 bytes per weight)."""
+    needed, available = config.num_parameters * (dtype or torch.bfloat16).itemsize, available_bytes(torch.device("cpu"))
+    if needed > available:
+        raise ValueError(f"{source}: the converted weights need at least {needed / 2**30:.1f} GiB of memory, "
+                         f"{available / 2**30:.1f} GiB are free")
+
+
 def find_tokenizer(tokenizer, src_dir) -> Optional[Path]:
-    """The tokenizer.model to copy: the one given, else the source's, else None."""
+    """The tokenizer.model to copy: the one given, else the source's, else None. A file that is no SentencePiece
+    model is refused now, rather than found by generate.py in the finished checkpoint."""
+    if tokenizer is None and src_dir is not None and (src_dir / "tokenizer.model").is_file():
+        tokenizer = src_dir / "tokenizer.model"
     if tokenizer is not None:
-        if not Path(tokenizer).is_file():
-            raise ValueError(f"{tokenizer}: no such tokenizer file")
-        return Path(tokenizer)
-    if src_dir is not None and (src_dir / "tokenizer.model").is_file():
-        return src_dir / "tokenizer.model"
-    return None
+        Tokenizer(tokenizer)  # raises ValueError for a missing or damaged file
+    return None if tokenizer is None else Path(tokenizer)
 
 
 def write_checkpoint(out_dir: Path, config: dict, state: dict, tokenizer):
@@ -344,6 +356,7 @@ def convert_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=No
     src, out_dir = Path(src), Path(out_dir)
     check_out_dir(out_dir, force)
     config = load_config(src, mem_layers, last_context_length)
+    check_fits_in_memory(config, dtype, src)
     files = hf_weight_files(src)
     tokenizer = find_tokenizer(tokenizer, src)
     tensors = (item for path in tqdm(files, desc="reading", unit="shard", disable=None, leave=False)
@@ -362,6 +375,7 @@ def convert_gguf(src, out_dir, dtype=None, mem_layers=None, last_context_length=
         raise ValueError(f"{src}: no such file")
     reader = read_gguf(src)
     config = build_config(gguf_config_values(reader, src), mem_layers, last_context_length, src)
+    check_fits_in_memory(config, dtype or torch.float32, src)  # dequantized to float32
     tokenizer = find_tokenizer(tokenizer, None)
     parts = tensor_parts(config)
     state = fuse(gguf_tensors(reader, parts, config, src), parts, dtype, src)
@@ -378,6 +392,7 @@ def export_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=Non
     src, out_dir = Path(src), Path(out_dir)
     check_out_dir(out_dir, force)
     config = load_config(src, mem_layers, last_context_length)
+    check_fits_in_memory(config, dtype, src)
     tokenizer = find_tokenizer(tokenizer, src)
     parts, path, state = tensor_parts(config), src / "model.safetensors", {}
     if not path.is_file():
@@ -413,6 +428,7 @@ def layer_list(text: str) -> list:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # a bad flag is bad input like any other: one line, status 1
     parser.add_argument("src", type=Path, metavar="SRC",
                         help="Hugging Face directory or .gguf file (with --to hf: our checkpoint directory)")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="directory to create")
@@ -432,11 +448,15 @@ def main(argv=None):
                              mem_layers=args.mem_layers, last_context_length=args.last_context_length,
                              tokenizer=args.tokenizer, force=args.force)
         except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+            fail(str(e))
     print(f"wrote {args.out_dir} ({'Hugging Face' if args.to == 'hf' else 'longllama'} layout): "
           f"{config.num_hidden_layers} layers, mem_layers {config.mem_layers}, "
           f"last_context_length {config.last_context_length}")
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ memory as a whole (longllama.LongLlama._evict). One stats line goes to stderr at
 """
 
 import argparse
+import math
+import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +25,8 @@ from typing import Callable, Optional
 import torch
 
 import longllama
-from tokenizer import Tokenizer
+from longllama import available_bytes
+from tokenizer import Tokenizer, utf8_text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -67,9 +71,10 @@ class Stats:
 
     def line(self, peak_memory: str) -> str:
         prefill_rate = self.prompt_tokens / max(self.prefill_seconds, 1e-9)
-        decode_rate = self.decode_steps / max(self.decode_seconds, 1e-9)
+        # the first new token comes from the prefill's logits: a rate needs at least one decode step
+        decode = f"{self.decode_steps / max(self.decode_seconds, 1e-9):.1f} tok/s" if self.decode_steps else "-"
         return (f"prompt {self.prompt_tokens} tokens | memory {self.memory_size} | prefill {prefill_rate:.1f} tok/s | "
-                f"decode {decode_rate:.1f} tok/s | {peak_memory}")
+                f"decode {decode} | {peak_memory}")
 
 
 @torch.inference_mode()
@@ -131,15 +136,6 @@ def prompt_memory_bytes(config: longllama.LongLlamaConfig, prompt_tokens: int, d
     return memory + local + activations + 4 * config.vocab_size
 
 
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 1 << 62  # unknown: do not refuse
-
-
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
@@ -152,10 +148,12 @@ def peak_memory(device: torch.device) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Continue a long prompt with a LongLLaMA checkpoint.")
+    p.error = fail  # a bad flag is bad input like any other: one line, status 1
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.model)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", help="file holding the prompt ('-' reads stdin)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -167,24 +165,35 @@ def parse_args(argv=None):
     p.add_argument("--mem-attention-grouping", default=None, metavar="H,Q",
                    help="memory attention over at most H heads x Q queries at a time (bounds peak memory)")
     p.add_argument("--mem-dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="dtype memory keys/values are stored in (default: the checkpoint's)")
+                   help="precision of memory keys/values: rounded to it, kept in the compute dtype (default: the checkpoint's)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when present)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        p.error("--max-new-tokens, --temperature, --top-k must be >= 0 and --top-p in (0, 1]")
+    # comparisons with NaN are false, so NaN fails every rule; sizes the checkpoint bounds are checked by its config
+    longllama.check_values(vars(args), [
+        (["max_new_tokens", "top_k"], lambda v: v >= 0, ">= 0"),
+        (["temperature"], lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 is greedy)"),
+        (["top_p"], lambda v: 0 < v <= 1, "in (0, 1]"),
+        (["seed"], lambda v: v is None or 0 <= v < 2**64, "in [0, 2**64)"),
+    ], label=lambda key: "--" + key.replace("_", "-"))
     return args
 
 
 def read_prompt(args) -> str:
+    """The prompt text, from --prompt, a file or stdin; refused unless it is UTF-8 text (a NUL byte means binary)."""
     if args.prompt is not None:
-        text = args.prompt
+        data, source = os.fsencode(args.prompt), "--prompt"  # argv arrives decoded leniently: back to its bytes
     else:
+        source = "stdin" if args.prompt_file == "-" else f"prompt file {args.prompt_file}"
         try:
-            text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+            data = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read {source}: {e}") from None
+    try:
+        text = utf8_text(data)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"cannot read {source}: not UTF-8 text: {e.reason} at byte {e.start}") from None
     if not text.strip():
         raise ValueError("the prompt is empty")
     return text
@@ -205,7 +214,7 @@ def config_overrides(args) -> dict:
 
 
 def run(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if not Path(args.ckpt).is_dir():
         raise ValueError(f"checkpoint directory {args.ckpt} does not exist")
@@ -222,33 +231,34 @@ def run(args):
     needed, available = prompt_memory_bytes(config, len(prompt_ids), dtype), available_bytes(device)
     if needed > 0.9 * available:
         raise ValueError(f"a prompt of {len(prompt_ids)} tokens needs about {needed / 2**30:.1f} GiB more, "
-                         f"{available / 2**30:.1f} GiB are free: try --mem-attention-grouping, --mem-dtype bfloat16 "
-                         "or a shorter prompt")
+                         f"{available / 2**30:.1f} GiB are free: try --dtype bfloat16 (memory is kept in the compute "
+                         "dtype) or a shorter prompt")
 
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.echo:  # the prompt as the model reads it: with the continuation, exactly the decoded token sequence
+        write(tokenizer.decode(prompt_ids))
     decoder = tokenizer.decoder(prompt_ids)
-
-    def stream(token):
-        if token != tokenizer.eos_id:
-            sys.stdout.write(decoder.push(token))
-            sys.stdout.flush()
-
-    _, stats = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        tokenizer.eos_id, args.seed, on_token=stream, progress=True)
-    sys.stdout.write(decoder.flush() + "\n")
-    sys.stdout.flush()
+    new_tokens, stats = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                 tokenizer.eos_id, args.seed, on_token=lambda t: write(decoder.push(t)), progress=True)
+    if args.echo or new_tokens:  # no new tokens and no echo: nothing was printed, so no line to end
+        write(decoder.flush() + "\n")
     print(stats.line(peak_memory(device)), file=sys.stderr)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except torch.OutOfMemoryError:
-        fail("out of memory while generating: try --mem-attention-grouping, --mem-dtype or a shorter prompt")
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    with warnings.catch_warnings():  # warnings as one plain line each, like errors
+        warnings.showwarning = lambda warning, *_: print(f"warning: {warning}", file=sys.stderr)
+        try:
+            run(parse_args(argv))
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except torch.OutOfMemoryError:
+            fail("out of memory while generating: try --dtype bfloat16 or a shorter prompt")
+        except (ValueError, OSError) as e:
+            fail(str(e))
 
 
 def fail(message: str):

@@ -53,7 +53,7 @@ class LongLlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
-    pad_token_id: int = 0
+    pad_token_id: Optional[int] = 0
     mem_layers: list = field(default_factory=list)  # indices of the layers that have a memory
     mem_positionals: bool = True  # False: memory layers use no rotary embedding at all
     mem_dtype: str = "bfloat16"  # dtype memory keys and values are stored in
@@ -63,39 +63,60 @@ class LongLlamaConfig:
     last_context_length: Optional[int] = None
 
     def __post_init__(self):
-        if self.num_key_value_heads is None:
+        if self.num_key_value_heads is None:  # no grouped-query attention
             self.num_key_value_heads = self.num_attention_heads
+        self._validate()
         if self.last_context_length is None:
             window = self.max_position_embeddings
             self.last_context_length = min(1024, window) if self.mem_layers else window
-        self.mem_layers = sorted(int(i) for i in self.mem_layers)
+        self.mem_layers = sorted(self.mem_layers)
         if self.mem_attention_grouping is not None:
-            self.mem_attention_grouping = tuple(int(n) for n in self.mem_attention_grouping)
-        self._validate()
+            self.mem_attention_grouping = tuple(self.mem_attention_grouping)
 
     def _validate(self):
-        def require(ok, message):
-            if not ok:
-                raise ValueError(f"config: {message}")
+        """Refuse, naming the key, any value the model cannot run with. config.json, load()'s overrides, presets and
+        the command lines all build a config, so this runs before any tensor is allocated."""
+        heads, layers, vocab, window = (self.num_attention_heads, self.num_hidden_layers, self.vocab_size,
+                                        self.max_position_embeddings)
+        sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings"]
+        check_values(vars(self), [
+            (sizes, lambda v: is_int(v) and v > 0, "a positive integer"),
+            (["num_key_value_heads"], lambda v: heads % v == 0, f"a divisor of num_attention_heads={heads}"),
+            (["hidden_size"], lambda v: v % (2 * heads) == 0,
+             f"divisible by num_attention_heads={heads} into an even head_dim (rotary embeddings turn pairs)"),
+            (["rms_norm_eps", "rope_theta"], lambda v: is_number(v) and v > 0, "a positive finite number"),
+            (["tie_word_embeddings", "mem_positionals"], lambda v: isinstance(v, bool), "true or false"),
+            (["bos_token_id", "eos_token_id"], lambda v: is_int(v) and 0 <= v < vocab,
+             f"a token id in [0, vocab_size={vocab})"),
+            # LLaMA configs write -1 or null for "no padding token"; the model itself never reads it
+            (["pad_token_id"], lambda v: v is None or is_int(v), "null or an integer"),
+            # duplicates are refused rather than merged: "6,12,12" is more likely a typo than a wish
+            (["mem_layers"], lambda v: is_int_list(v, 0, layers) and len(set(v)) == len(v),
+             f"a list of distinct layer indices in [0, num_hidden_layers={layers})"),
+            (["mem_dtype"], lambda v: v in MEM_DTYPES, f"one of {', '.join(MEM_DTYPES)}"),
+            (["mem_attention_grouping"], lambda v: v is None or (is_int_list(v, 1) and len(v) == 2),
+             "null or two positive integers [heads, queries]"),
+            (["last_context_length"], lambda v: v is None or (is_int(v) and 0 <= v <= window),
+             f"null or an integer in [0, max_position_embeddings={window}]"),
+        ], label=lambda key: f"config: {key}")
+        if self.model_bytes(torch.bfloat16) >= ADDRESSABLE_BYTES:
+            raise ValueError(f"config: {self.num_parameters:.3g} weights and a window of {window} tokens are more "
+                             f"than any machine can address (2**48 bytes)")
 
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = {int: (int,), float: (int, float), bool: (bool,)}.get(f.type)
-            require(expected is None or (isinstance(value, expected) and (f.type is bool or not isinstance(value, bool))),
-                    f"{f.name} must be {f.type.__name__}, got {value!r}")
-        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size must be divisible by num_attention_heads")
-        require(self.num_attention_heads % self.num_key_value_heads == 0,
-                "num_attention_heads must be divisible by num_key_value_heads")
-        require(all(0 <= i < self.num_hidden_layers for i in self.mem_layers),
-                f"mem_layers {self.mem_layers} must lie in [0, {self.num_hidden_layers})")
-        require(isinstance(getattr(torch, self.mem_dtype, None), torch.dtype), f"unknown mem_dtype {self.mem_dtype!r}")
-        require(self.mem_attention_grouping is None or
-                (len(self.mem_attention_grouping) == 2 and min(self.mem_attention_grouping) > 0),
-                f"mem_attention_grouping must be two positive numbers, got {self.mem_attention_grouping}")
-        require(0 <= self.last_context_length <= self.max_position_embeddings,
-                f"last_context_length must lie in [0, max_position_embeddings={self.max_position_embeddings}]")
-        require(min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers) > 0,
-                "sizes must be positive")
+    @property
+    def num_parameters(self) -> int:
+        """The model's weights (a tied embedding counted once), from the sizes alone: so memory can be checked before
+        anything is allocated."""
+        hidden, ffn = self.hidden_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * ffn + 2 * hidden  # wqkv, wo, MLP, two norms
+        embeddings = self.vocab_size * hidden * (1 if self.tie_word_embeddings else 2)  # embed and lm_head
+        return embeddings + self.num_hidden_layers * layer + hidden  # and the final norm
+
+    def model_bytes(self, dtype: torch.dtype) -> int:
+        """Memory a loaded model takes: its weights in dtype and the float32 rotary tables (cos, sin: W x head_dim)."""
+        return self.num_parameters * dtype.itemsize + 2 * self.max_position_embeddings * self.head_dim * 4
 
     @property
     def head_dim(self) -> int:
@@ -112,13 +133,12 @@ class LongLlamaConfig:
             if key in values and values[key] != supported:
                 raise ValueError(f"config: {key}={values[key]!r} is not supported (only {supported!r})")
         known = {f.name for f in fields(cls)}
+        if set(overrides) - known:  # a misspelt override is a mistake in the caller's code, not an old config file
+            raise ValueError(f"config: unknown overrides {sorted(set(overrides) - known)}")
         unknown = sorted(set(values) - known - set(_HF_REQUIRED_VALUES) - _HF_BOOKKEEPING)
         if unknown:
             warnings.warn(f"config: ignoring unknown keys {unknown}")
-        try:
-            config = cls(**{k: v for k, v in values.items() if k in known})
-        except TypeError as e:  # e.g. a list where a number belongs, met before _validate can name the key
-            raise ValueError(f"config: {e}") from None
+        config = cls(**{k: v for k, v in values.items() if k in known})
         if values.get("head_dim", config.head_dim) != config.head_dim:
             raise ValueError(f"config: head_dim={values['head_dim']} differs from hidden_size / num_attention_heads")
         return config
@@ -127,7 +147,7 @@ class LongLlamaConfig:
     def from_json(cls, path, **overrides) -> "LongLlamaConfig":
         try:
             values = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # a hostile file nests deep
             raise ValueError(f"{path}: cannot read config ({e})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: config must be a JSON object")
@@ -137,6 +157,37 @@ class LongLlamaConfig:
         values = asdict(self)
         values["mem_attention_grouping"] = list(self.mem_attention_grouping) if self.mem_attention_grouping else None
         return values
+
+
+# dtypes memory keys and values may be stored in: integer or bool storage would silently corrupt them
+MEM_DTYPES = ("bfloat16", "float16", "float32", "float64")
+# No machine addresses more (x86-64 and arm64 use 48-bit virtual addresses): a config needing more is nonsense.
+ADDRESSABLE_BYTES = 2**48
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is not a number of layers
+
+
+def is_number(value) -> bool:
+    """A finite int or float: JSON and float() accept NaN and Infinity, which no setting can use."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int_list(value, low: int, high: float = math.inf) -> bool:
+    """A list (or tuple) of integers in [low, high): a string such as "23" is not the list [2, 3]."""
+    return isinstance(value, (list, tuple)) and all(is_int(v) and low <= v < high for v in value)
+
+
+def check_values(values: dict, rules, label=str):
+    """Raise ValueError for the first value that breaks its rule, naming it with label(key).
+
+    rules: (keys, test, what each must be), checked in order, so that a test may rely on the keys checked before it.
+    """
+    for keys, test, what in rules:
+        for key in keys:
+            if not test(values[key]):
+                raise ValueError(f"{label(key)} must be {what}, got {values[key]!r}")
 
 
 # Hugging Face config keys that change nothing here when they hold these values (and anything else is unsupported).
@@ -801,31 +852,76 @@ def save(model: LongLlama, out_dir):
     write_atomically(checkpoint_writers(out_dir, model.config, model.state_dict()))
 
 
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    """The device named ("cpu", "cuda", "cuda:1"; default: cuda when present, else cpu), refused unless it is here."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+    return device
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory: the GPU's on cuda, the RAM the kernel can hand out (MemAvailable) on cpu."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62  # unknown: do not refuse
+
+
+def _refuse_mismatch(path, expected: set, found: set):
+    for problem, names in (("missing", expected - found), ("unexpected", found - expected)):
+        if names:
+            raise ValueError(f"{path}: {problem} tensors {sorted(names)[:3]}{' ...' if len(names) > 3 else ''} "
+                             "for this config")
+
+
 def load(ckpt_dir, device="cpu", dtype=torch.float32, **config_overrides) -> LongLlama:
-    """Load a checkpoint directory; config_overrides (mem_layers, mem_dtype, ...) replace config.json values."""
-    ckpt_dir = Path(ckpt_dir)
+    """Load a checkpoint directory; config_overrides (mem_layers, mem_dtype, ...) replace config.json values.
+
+    Everything that can be checked is checked before the weights are read: the config, that the weights fit in
+    the device's free memory, and that the file holds the layers the config says.
+    """
+    ckpt_dir, device = Path(ckpt_dir), resolve_device(device)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     for name in ("config.json", "model.safetensors"):
         if not (ckpt_dir / name).is_file():
             raise ValueError(f"{ckpt_dir}: not a checkpoint directory ({name} is missing)")
     config = LongLlamaConfig.from_json(ckpt_dir / "config.json", **config_overrides)
-    with torch.device("meta"):
-        model = LongLlama(config)
-    expected = {k: v.shape for k, v in tensors_to_save(model.state_dict(), config).items()}
+    needed, available = config.model_bytes(dtype), available_bytes(device)
+    if needed > available:
+        raise ValueError(f"{ckpt_dir}: the model needs {needed / 2**30:.1f} GiB in "
+                         f"{str(dtype).removeprefix('torch.')}, {available / 2**30:.1f} GiB are free on {device}")
     path = ckpt_dir / "model.safetensors"
     state = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            if any(name.startswith("model.layers.") for name in f.keys()):
+            names = set(f.keys())
+            if any(name.startswith("model.layers.") for name in names):
                 raise ValueError(f"{ckpt_dir} holds Hugging Face tensor names: convert it first "
                                  f"(python convert_weights.py {ckpt_dir} OUT_DIR)")
-            for problem, names in (("missing", set(expected) - set(f.keys())), ("unexpected", set(f.keys()) - set(expected))):
-                if names:
-                    raise ValueError(f"{path}: {problem} tensors {sorted(names)[:3]}{' ...' if len(names) > 3 else ''} "
-                                     "for this config")
+            # layers first, from the names alone: building a model of a million layers to compare takes minutes
+            layers_in_file = {f"layers.{name.split('.')[1]}.*" for name in names if name.startswith("layers.")}
+            _refuse_mismatch(path, {f"layers.{i}.*" for i in range(config.num_hidden_layers)}, layers_in_file)
+            with torch.device("meta"):
+                model = LongLlama(config)
+            expected = {k: v.shape for k, v in tensors_to_save(model.state_dict(), config).items()}
+            _refuse_mismatch(path, set(expected), names)
             for name, shape in expected.items():
                 tensor = f.get_tensor(name)  # one at a time, so peak memory is the model in `dtype` plus one tensor
                 if tensor.shape != shape:
                     raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(shape)}")
+                if not tensor.is_floating_point():
+                    raise ValueError(f"{path}: {name} holds {tensor.dtype}, not floating-point weights")
                 state[name] = tensor.to(dtype)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot read weights ({e})") from None

@@ -5,6 +5,7 @@
     text = tok.decode(ids)                     # bos/eos/pad dropped
     stream = tok.decoder(prompt_ids)           # generate.py: .push(id) -> new text, .flush() at the end
     tok = train_tokenizer(texts, "tok.model")  # train.py's default run: a small BPE tokenizer for code
+    text = utf8_text(data)                     # bytes read from a file or stdin, refused unless UTF-8 text
 
 A thin wrapper: SentencePiece does the encoding, this file adds the LLaMA conventions (BOS in front, pad 0),
 clean one-line errors for bad files, a streaming decoder that never splits a character or loses a space,
@@ -114,6 +115,19 @@ class StreamDecoder:
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         utf8.decode(bytes(tail))
         return utf8.getstate()[0] != b""  # bytes still waiting for the rest of their character
+
+
+def utf8_text(data: bytes) -> str:
+    """data as text; raises UnicodeDecodeError unless it is UTF-8 text. A NUL byte counts as binary: UTF-8 allows
+    it, but no text file holds one, while most binary files do."""
+    if b"\0" in data:
+        at = data.index(b"\0")
+        raise UnicodeDecodeError("utf-8", data, at, at + 1, "binary data (a NUL byte)")
+    return data.decode("utf-8")
+
+
+# The fewest pieces a tokenizer trained here can have: 256 byte pieces (byte fallback), <unk>, <s> and </s>.
+MIN_VOCAB_SIZE = 259
 
 
 def train_tokenizer(

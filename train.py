@@ -14,7 +14,8 @@ Where FoT lives in this file:
   EOS BOS when a slot moves on to its next one); with packing k a slot is k consecutive rows, so a document's
   earlier pieces sit in the rows just before it: the positives that cross-batch attention shows the memory
   layers, while the other documents of the batch are the negatives.
-- the training step calls `model(inputs, cross_batch_range=d, stepping=..., packing=k)` (DESIGN.md section 4).
+- the training step calls `model(inputs, cross_batch_range=d, stepping=..., packing=k)`: cross-batch attention
+  (`longllama.cross_batch_attention`).
 - `evaluate`: perplexity of a held-out window when 0, 1, 3, 7 ... earlier windows are in memory.
 
 Data (--data): JSONL files of {"text": ...} or {"prompt": ..., "completion": ...} records (prompt tokens get no
@@ -48,9 +49,10 @@ import shutil
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,7 +62,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 import longllama
-from tokenizer import Tokenizer, train_tokenizer
+from longllama import is_int, is_number
+from tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer, utf8_text
 
 
 def setting(default, help):
@@ -100,7 +103,7 @@ class Settings:
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: off)")
     seed: int = setting(1337, "model init and data order")
     # system
-    device: str = setting("", "cpu, cuda, cuda:1 ... (default: cuda when available)")
+    device: str = setting("", "cpu, cuda, cuda:1 (default: cuda when available)")
     activation_checkpointing: bool = setting(False, "recompute each block in the backward pass")
     compile: bool = setting(False, "torch.compile the model")
     fsdp: bool = setting(False, "shard parameters, gradients and optimizer state with FSDP (under torchrun)")
@@ -114,6 +117,25 @@ class Settings:
     eval_spans: int = setting(16, "held-out spans evaluated")
     eval_batch_size: int = setting(8, "spans per eval forward")
 
+
+# What each setting must be (for longllama.check_values). Flags arrive typed by argparse, but a resumed run's settings
+# come from train_state.json, so types are checked too. Counts stay below 2**63: torch holds them in int64.
+SETTING_RULES = [
+    (["batch_size", "seq_len", "packing", "grad_accum", "save_every", "log_every", "eval_spans", "eval_batch_size"],
+     lambda v: is_int(v) and 1 <= v < 2**63, "an integer in [1, 2**63)"),
+    (["max_steps", "warmup_steps", "lr_decay_steps", "cross_batch_range", "eval_every"],
+     lambda v: is_int(v) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    (["seed"], lambda v: is_int(v) and 0 <= v < 2**64, "an integer in [0, 2**64)"),
+    (["vocab_size"], lambda v: is_int(v) and MIN_VOCAB_SIZE <= v < 2**31, f"an integer in [{MIN_VOCAB_SIZE}, 2**31)"),
+    (["lr", "min_lr", "weight_decay", "grad_clip"], lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
+    (["beta1", "beta2"], lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    (["holdout"], lambda v: is_number(v) and 0 <= v <= 100, "a percentage in [0, 100]"),
+    (["stepping", "activation_checkpointing", "compile", "fsdp", "resume"], lambda v: isinstance(v, bool),
+     "true or false"),
+    (["tokenizer", "init", "mem_layers", "device", "out", "eval_memory"], lambda v: isinstance(v, str), "a string"),
+    (["data", "eval_data"], lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
+    (["preset"], lambda v: v in longllama.PRESETS, f"one of {', '.join(longllama.PRESETS)}"),
+]
 
 # Settings a resumed run may change; any other would make it a different run.
 CHANGEABLE_ON_RESUME = {"max_steps", "save_every", "log_every", "eval_every", "eval_batch_size", "device",
@@ -144,6 +166,10 @@ def parse_settings(argv=None) -> tuple[Settings, dict]:
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
     explicit = vars(parser.parse_args(argv))
     return Settings(**explicit), explicit
+
+
+def check_settings(values: dict, label=lambda key: "--" + key.replace("_", "-")):
+    longllama.check_values(values, SETTING_RULES, label)
 
 
 def int_list(text: str, name: str) -> list[int]:
@@ -185,16 +211,13 @@ def read_document(doc: Document) -> tuple[str, str]:
 
 def read_text(path) -> str:
     """A file's text; raises UnicodeDecodeError for files that are not UTF-8 text (NUL bytes count as binary)."""
-    data = Path(path).read_bytes()
-    if b"\0" in data:
-        raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte: a binary file")
-    return data.decode("utf-8")
+    return utf8_text(Path(path).read_bytes())
 
 
 def parse_record(line: bytes, name: str) -> tuple[str, str]:
     try:
         record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise ValueError(f"{name}: malformed JSON ({e})") from None
     if isinstance(record, dict) and isinstance(record.get("text"), str):
         return "", record["text"]
@@ -389,6 +412,9 @@ class Batches:
         for key, value in self.shape.items():
             if state.get(key) != value:
                 raise ValueError(f"pipeline state has {key}={state.get(key)}, this run {value}")
+        share = set(self.stream.indices)
+        if len(state["slots"]) != len(self.slots) or not all(set(s["documents"]) <= share for s in state["slots"]):
+            raise ValueError("pipeline state names documents this run does not have: has the data changed?")
         self.stream.epoch, self.stream.position = state["epoch"], state["position"]
         for slot, saved in zip(self.slots, state["slots"]):
             slot.pieces = [(index, *self.stream.tokens(index)) for index in saved["documents"]]  # re-tokenized
@@ -452,11 +478,56 @@ def save_checkpoint(out: Path, config, model_state: dict, optimizer_state: dict,
     longllama.write_atomically(writers)
 
 
+# What train_state.json holds: a type, a dict of shapes, or [shape] for a list. Its numbers are counts (>= 0).
+TRAIN_STATE_SHAPE = dict(step=int, tokens=int, world_size=int, settings=dict, pipeline=[dict(
+    batch_size=int, seq_len=int, packing=int, seed=int, rank=int, world_size=int, epoch=int, position=int,
+    slots=[dict(documents=[int], offset=int)])])
+
+
+def shape_problem(value, shape, where: str = "") -> Optional[str]:
+    """Where value first departs from shape, or None."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict) or value.keys() != shape.keys():
+            return f"{where or 'it'} must be an object with the keys {', '.join(shape)}"
+        return next(filter(None, (shape_problem(value[key], shape[key], f"{where}.{key}".lstrip("."))
+                                  for key in shape)), None)
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} must be a list"
+        return next(filter(None, (shape_problem(v, shape[0], f"{where}[{i}]") for i, v in enumerate(value))), None)
+    if shape is int:
+        return None if is_int(value) and value >= 0 else f"{where} must be an integer >= 0, got {value!r}"
+    return None if isinstance(value, shape) else f"{where} must be a {shape.__name__}"
+
+
 def read_train_state(out: Path) -> dict:
+    """train_state.json of the run in out, checked through: a damaged or foreign file is one clear error."""
+    path = out / "train_state.json"
     try:
-        return json.loads((out / "train_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"--resume: {out} holds no run to continue ({e})") from None
+    problem = shape_problem(state, TRAIN_STATE_SHAPE)
+    if problem is None and len(state["pipeline"]) != state["world_size"]:
+        problem = f"it has {len(state['pipeline'])} pipeline states for {state['world_size']} processes"
+    names = {f.name for f in fields(Settings)}
+    if problem is None and state["settings"].keys() - names:
+        problem = f"unknown settings {sorted(state['settings'].keys() - names)}"
+    if problem is None and names - state["settings"].keys():
+        problem = f"missing settings {sorted(names - state['settings'].keys())}"
+    if problem is not None:
+        raise ValueError(f"--resume: {path} is damaged: {problem}")
+    check_settings(state["settings"], label=lambda key: f"--resume: {path} is damaged: settings.{key}")
+    return state
+
+
+def logged_step(line: str) -> float:
+    """The step of a log.jsonl line; infinity for a line that is no entry, such as one cut short by a kill."""
+    try:
+        entry = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return math.inf
+    return entry["step"] if isinstance(entry, dict) and is_int(entry.get("step")) else math.inf
 
 
 def learning_rate(step: int, s: Settings) -> float:
@@ -467,6 +538,24 @@ def learning_rate(step: int, s: Settings) -> float:
         return s.min_lr
     progress = (step - s.warmup_steps) / max(s.lr_decay_steps - s.warmup_steps, 1)
     return s.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (s.lr - s.min_lr)
+
+
+def training_bytes(config, s: Settings, shards: int) -> int:
+    """A lower bound on one process's memory: float32 weights, gradients and AdamW's two moments (FSDP shards them
+    over processes), and of one micro batch, in at least 2 bytes each: the logits, and the keys and values that
+    cross-batch attention gathers from d other rows in each memory layer. Other activations come on top."""
+    tokens, kv_width = s.batch_size * s.seq_len, config.num_key_value_heads * config.head_dim
+    cross_batch = 2 * tokens * s.cross_batch_range * kv_width * len(config.mem_layers)
+    return 16 * config.num_parameters // shards + 2 * tokens * config.vocab_size + 2 * cross_batch
+
+
+def check_out(out: Path):
+    """OUT is a directory, or can become one: found now rather than after a tokenizer has been trained."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
 
 
 def masked_cross_entropy(logits, targets, mask):
@@ -483,6 +572,7 @@ def main(argv=None):
     global QUIET
     s, explicit = parse_settings(argv)
     out = Path(s.out)
+    check_out(out)
     state = None
     if s.resume:
         state = read_train_state(out)
@@ -492,10 +582,8 @@ def main(argv=None):
                 raise ValueError(f"--resume: --{name.replace('_', '-')} {value} differs from the run's "
                                  f"{getattr(saved, name)} ({out / 'train_state.json'})")
         s = Settings(**{**asdict(saved), **{k: v for k, v in explicit.items() if k in CHANGEABLE_ON_RESUME}})
-    if s.batch_size < 1 or s.seq_len < 1 or s.grad_accum < 1 or s.max_steps < 0 or s.cross_batch_range < 0:
-        raise ValueError("--batch-size, --seq-len, --grad-accum must be positive, --max-steps, "
-                         "--cross-batch-range non-negative")
-    if s.packing < 1 or s.batch_size % s.packing:
+    check_settings(asdict(s))
+    if s.batch_size % s.packing:
         raise ValueError(f"--batch-size {s.batch_size} must be divisible by --packing {s.packing}")
     memory_sizes = sorted(set(int_list(s.eval_memory, "eval-memory")))
     if not memory_sizes or min(memory_sizes) < 0:
@@ -509,7 +597,7 @@ def main(argv=None):
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     elif s.fsdp:
         raise ValueError("--fsdp shards over processes: run under torchrun")
-    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = longllama.resolve_device(s.device)
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", local_rank)
     master = rank == 0
@@ -537,6 +625,14 @@ def main(argv=None):
     must_train_tokenizer = not (s.resume or s.tokenizer or s.init or tokenizer_path.is_file())
     if not must_train_tokenizer and not tokenizer_path.is_file():
         raise ValueError(f"tokenizer {tokenizer_path} does not exist (pass --tokenizer)")
+    # refused now rather than killed later; a preset's vocabulary comes from a tokenizer not read yet: the smallest
+    vocab_size = config.vocab_size if s.resume or s.init else MIN_VOCAB_SIZE
+    needed = training_bytes(replace(config, vocab_size=vocab_size), s, world_size if s.fsdp else 1)
+    available = longllama.available_bytes(device)
+    if needed > available:
+        raise ValueError(f"this run needs at least {needed / 2**30:.1f} GiB on {device} (weights, gradients, optimizer "
+                         f"state, logits and cross-batch keys of {s.batch_size} x {s.seq_len} tokens); "
+                         f"{available / 2**30:.1f} GiB are free")
 
     # data
     documents = scan_paths(s.data) if s.data else stdlib_documents()
@@ -559,8 +655,11 @@ def main(argv=None):
     if must_train_tokenizer:
         if master:
             print(f"training a {s.vocab_size}-piece tokenizer on {len(train_documents)} documents -> {tokenizer_path}")
-            train_tokenizer((prompt + text for prompt, text in map(read_document, train_documents)), tokenizer_path,
-                            vocab_size=s.vocab_size, seed=s.seed)
+            trained = train_tokenizer((prompt + text for prompt, text in map(read_document, train_documents)),
+                                      tokenizer_path, vocab_size=s.vocab_size, seed=s.seed)
+            if trained.vocab_size < s.vocab_size:
+                warn(f"the tokenizer has {trained.vocab_size} pieces, not the {s.vocab_size} of --vocab-size: "
+                     "the corpus is too small for more")
         if distributed:
             dist.barrier()
     elif master and not s.resume and not s.tokenizer and not s.init:
@@ -602,11 +701,16 @@ def main(argv=None):
     batches = Batches(train_documents, tokenizer, s.batch_size, s.seq_len, s.packing, s.seed, rank, world_size)
     step, tokens_seen = 0, 0
     if state is not None:
+        path = out / "optimizer.pt"
         try:
-            optimizer_state = torch.load(out / "optimizer.pt", weights_only=True)
-        except (OSError, RuntimeError, pickle.UnpicklingError) as e:
-            raise ValueError(f"--resume: cannot read {out / 'optimizer.pt'} ({e})") from None
-        set_optimizer_state_dict(raw_model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+            optimizer_state = torch.load(path, weights_only=True)  # builds tensors only, never runs pickled code
+            set_optimizer_state_dict(raw_model, optimizer, optimizer_state,
+                                     options=StateDictOptions(full_state_dict=True))
+        except pickle.UnpicklingError:  # damaged, or it would run code: weights_only refuses both
+            raise ValueError(f"--resume: {path} is not a file of plain tensors") from None
+        except Exception as e:  # a damaged or foreign file fails in many ways: EOFError, KeyError, RuntimeError, ...
+            reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise ValueError(f"--resume: {path} does not hold this run's optimizer state ({reason})") from None
         batches.load_state_dict(state["pipeline"][rank])
         step, tokens_seen = state["step"], state["tokens"]
     if s.compile:
@@ -621,8 +725,8 @@ def main(argv=None):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         # a resumed run continues the log from its checkpoint: lines an interrupted run wrote later are dropped
-        lines = log_path.read_text().splitlines() if s.resume and log_path.exists() else []
-        kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)
+        lines = log_path.read_text(errors="replace").splitlines() if s.resume and log_path.exists() else []
+        kept = "".join(line + "\n" for line in lines if logged_step(line) <= step)
         longllama.write_atomically({log_path: lambda p: p.write_text(kept)})
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{'resuming at step ' + str(step) if s.resume else 'training'}: {n_params / 1e6:.2f}M parameters, "
@@ -732,16 +836,22 @@ def shut_down_distributed():
 
 def cli(argv=None) -> int:
     """Run main() as a command: bad input and interrupts end with one line on stderr, never a traceback."""
-    try:
-        main(argv)
-        status = 0
-    except ValueError as e:  # bad input
-        print(f"error: {e}", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:  # the last complete checkpoint in OUT stays as it was; --resume continues it
-        print("interrupted", file=sys.stderr)
-        status = 130
-    shut_down_distributed()  # after the except blocks, so that no traceback still holds main()'s DDP model
+    status, message = 0, None
+    with warnings.catch_warnings():  # warnings (unknown keys in a config.json, say) as one plain line each
+        warnings.showwarning = lambda warning, *_: warn(warning)
+        try:
+            main(argv)
+        except (ValueError, OSError) as e:  # bad input, or a disk that is full or not ours to write
+            status, message = 1, f"error: {e}"
+        except torch.OutOfMemoryError:
+            status, message = 1, ("error: out of GPU memory: try a smaller --batch-size or --seq-len, or "
+                                  "--activation-checkpointing")
+        except KeyboardInterrupt:  # the last complete checkpoint in OUT stays as it was; --resume continues it
+            status, message = 130, "interrupted"
+    # after the except blocks, so that no traceback still holds main()'s DDP model, and its progress bar has closed
+    shut_down_distributed()
+    if message:
+        print(message, file=sys.stderr)
     return status
 
 

@@ -1,4 +1,4 @@
-"""convert_weights.py: Hugging Face and GGUF checkpoints in, ours out, and back (DESIGN sections 5-7).
+"""convert_weights.py: Hugging Face and GGUF checkpoints in, ours out, and back to Hugging Face.
 
 Expected values never come from the converter itself: tensors are fused here with torch.cat, reference models are
 loaded from those hand-fused tensors, and GGUF files are written the way llama.cpp's converter writes them.
@@ -107,7 +107,7 @@ def write_hf(directory, config: dict, tensors: dict, layout: str):
 
 
 def fuse_by_hand(hf: dict, num_layers: int) -> dict:
-    """Our tensor names and layout, built directly from DESIGN's description."""
+    """Our tensor names and layout, written out by hand: q/k/v fused into wqkv, gate/up into gate_up, in order."""
     ours = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
     if "lm_head.weight" in hf:
         ours["lm_head.weight"] = hf["lm_head.weight"]

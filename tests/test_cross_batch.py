@@ -1,4 +1,4 @@
-"""Cross-batch training attention (DESIGN section 4) against a naive per-element loop, and the consistency law."""
+"""Cross-batch training attention (FoT training) against a naive per-element loop, and the consistency law."""
 
 import math
 

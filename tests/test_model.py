@@ -292,6 +292,12 @@ def test_a_longllama_config_json_loads_as_is(recwarn):
     assert not recwarn.list  # every key is known or Hugging Face bookkeeping
 
 
+@pytest.mark.parametrize("pad_token_id", [None, -1, 0])
+def test_llama_configs_without_a_padding_token_load(pad_token_id):
+    config = longllama.LongLlamaConfig.from_dict(dict(hidden_size=32, num_attention_heads=4, pad_token_id=pad_token_id))
+    assert config.pad_token_id == pad_token_id
+
+
 def test_unknown_config_keys_are_ignored_with_a_warning():
     with pytest.warns(UserWarning, match="frobnicate"):
         config = longllama.LongLlamaConfig.from_dict({**LONGLLAMA_3B_CONFIG, "frobnicate": 3})

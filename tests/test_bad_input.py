@@ -1,0 +1,510 @@
+"""Bad input, as a user types it and as a hostile file holds it: one `error: ` line on stderr, a non-zero exit status,
+no traceback, and nothing written. Checked where each value enters: config.json and load(), generate.py, train.py
+and convert_weights.py.
+
+Most cases run the commands' main() in-process; subprocesses run only where the process itself is the point
+(stdin, argv bytes, an interrupt).
+"""
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import convert_weights
+import generate
+import longllama
+import train
+from conftest import ROOT
+from test_train import small_run, synthetic_text
+from tokenizer import Tokenizer, train_tokenizer
+
+TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=32, mem_layers=[1], last_context_length=16, mem_dtype="float32")
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000  # valid JSON, but parsing it recurses past Python's limit
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random checkpoint with its own small tokenizer, a corpus for train.py and the run it trains."""
+    root = tmp_path_factory.mktemp("assets")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i:02}.py").write_text(synthetic_text(i, lines=10 + 5 * i))
+    tokenizer = train_tokenizer([synthetic_text(i) for i in range(20)], root / "tok.model", vocab_size=320)
+    torch.manual_seed(0)
+    ckpt = root / "init"
+    longllama.save(longllama.LongLlama(longllama.LongLlamaConfig(**{**TINY, "vocab_size": tokenizer.vocab_size})), ckpt)
+    shutil.copy(root / "tok.model", ckpt / "tokenizer.model")
+    assets = dict(corpus=str(corpus), init=str(ckpt), tokenizer=str(root / "tok.model"), run=root / "run")
+    train.main(small_run(assets, assets["run"], "--max-steps", "2"))
+    return assets
+
+
+def snapshot(directory):
+    """Every file under directory with its bytes: to show that nothing was written."""
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()} if directory.exists() else None
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def exits_with_one_error_line(capsys, main, argv) -> str:
+    """Run a command's main() in-process; it must exit with status 1 and one error line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 1
+    return one_error_line(capsys.readouterr().err)
+
+
+def rewrite(path, change):
+    """Replace a file: by bytes, or by a function of its JSON; None deletes it."""
+    if change is None:
+        path.unlink()
+    elif isinstance(change, bytes):
+        path.write_bytes(change)
+    else:
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def changed(**values):
+    """A change for rewrite(): these keys of a JSON object set to these values."""
+    return lambda old: {**old, **values}
+
+
+def saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def run_command(script, *args, stdin=b"", cwd):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], input=stdin, capture_output=True, timeout=120,
+                          cwd=cwd)
+
+
+# ------------------------------------------------------------------------------------------------------ config.json
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(num_attention_heads=0), "num_attention_heads must be a positive integer"),
+    (dict(num_attention_heads=-4), "num_attention_heads must be a positive integer"),
+    (dict(num_key_value_heads=0), "num_key_value_heads must be a positive integer"),
+    (dict(num_key_value_heads=3), "num_key_value_heads must be a divisor of num_attention_heads=4"),
+    (dict(hidden_size=36), "hidden_size must be divisible by num_attention_heads=4 into an even head_dim"),
+    (dict(max_position_embeddings=0), "max_position_embeddings must be a positive integer"),
+    (dict(vocab_size=320.0), "vocab_size must be a positive integer"),
+    (dict(num_hidden_layers=True), "num_hidden_layers must be a positive integer"),
+    (dict(rope_theta=0), "rope_theta must be a positive finite number"),
+    (dict(rope_theta=float("nan")), "rope_theta must be a positive finite number"),
+    (dict(rope_theta="1e4"), "rope_theta must be a positive finite number"),
+    (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a positive finite number"),
+    (dict(rms_norm_eps=float("inf")), "rms_norm_eps must be a positive finite number"),
+    (dict(bos_token_id=-1), "bos_token_id must be a token id in [0, vocab_size=320)"),
+    (dict(eos_token_id=320), "eos_token_id must be a token id in [0, vocab_size=320)"),
+    (dict(pad_token_id="0"), "pad_token_id must be null or an integer"),
+    (dict(mem_dtype="int8"), "mem_dtype must be one of bfloat16, float16, float32, float64"),
+    (dict(mem_dtype="bool"), "mem_dtype must be one of"),
+    (dict(mem_layers="1"), "mem_layers must be a list of distinct layer indices in [0, num_hidden_layers=2)"),
+    (dict(mem_layers=[True]), "mem_layers must be a list"),
+    (dict(mem_layers=[0.5]), "mem_layers must be a list"),
+    (dict(mem_layers=[1, 1]), "mem_layers must be a list of distinct"),
+    (dict(mem_layers=[2]), "mem_layers must be a list"),
+    (dict(mem_layers=None), "mem_layers must be a list"),
+    (dict(mem_attention_grouping="23"), "mem_attention_grouping must be null or two positive integers"),
+    (dict(mem_attention_grouping=[2.5, 3]), "mem_attention_grouping must be null or two"),
+    (dict(mem_attention_grouping=[True, 2]), "mem_attention_grouping must be null or two"),
+    (dict(mem_attention_grouping=[4]), "mem_attention_grouping must be null or two"),
+    (dict(mem_positionals="no"), "mem_positionals must be true or false"),
+    (dict(tie_word_embeddings=1), "tie_word_embeddings must be true or false"),
+    (dict(last_context_length=-1), "last_context_length must be null or an integer in [0, max_position_embeddings=32]"),
+    (dict(vocab_size=10**13, hidden_size=10**6), "more than any machine can address"),
+])
+def test_a_bad_config_value_is_refused_naming_its_key(change, message):
+    with pytest.raises(ValueError) as error:
+        longllama.LongLlamaConfig.from_dict({**TINY, **change})
+    assert str(error.value).startswith("config: ") and message in str(error.value)
+
+
+def test_sound_values_are_kept_and_put_in_canonical_form():
+    config = longllama.LongLlamaConfig.from_dict({**TINY, "mem_layers": (1, 0), "mem_attention_grouping": [2, 8],
+                                                  "mem_dtype": "float64", "rope_theta": 10000})
+    assert config.mem_layers == [0, 1] and config.mem_attention_grouping == (2, 8)
+
+
+@pytest.mark.parametrize("tied,kv_heads", [(False, 4), (True, 2)])
+def test_the_parameter_count_memory_checks_use_is_the_models(tied, kv_heads):
+    config = longllama.LongLlamaConfig(**{**TINY, "tie_word_embeddings": tied, "num_key_value_heads": kv_heads})
+    assert config.num_parameters == sum(p.numel() for p in longllama.LongLlama(config).parameters())
+
+
+def bad_checkpoint(assets, tmp_path, **config_changes):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(assets["init"], ckpt)
+    rewrite(ckpt / "config.json", changed(**config_changes))
+    return ckpt
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(mem_layers="1"), "mem_layers must be a list"),
+    (dict(mem_dtype="int8"), "mem_dtype must be one of"),
+    (dict(mem_attention_grouping=[0, 4]), "mem_attention_grouping must be null or two positive integers"),
+    (dict(frobnicate=3), "unknown overrides ['frobnicate']"),
+])
+def test_load_overrides_are_checked_like_config_json(assets, overrides, message):
+    with pytest.raises(ValueError) as error:
+        longllama.load(assets["init"], **overrides)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("change", [dict(max_position_embeddings=10**12), dict(num_hidden_layers=10**6),
+                                    dict(hidden_size=2**20, intermediate_size=2**20)])
+def test_load_refuses_a_model_bigger_than_free_memory_before_allocating_it(assets, tmp_path, change, monkeypatch):
+    monkeypatch.setattr(longllama, "available_bytes", lambda device: 2**34)  # 16 GiB free, whatever this machine has
+    with pytest.raises(ValueError, match=r"the model needs [\d.]+ GiB in float32, 16.0 GiB are free on cpu"):
+        longllama.load(bad_checkpoint(assets, tmp_path, **change))
+
+
+def test_load_compares_the_layers_before_building_a_model_of_them(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(longllama, "available_bytes", lambda device: 2**50)  # not refused for memory first
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"missing tensors \['layers.10.\*', 'layers.100.\*'"):
+        longllama.load(bad_checkpoint(assets, tmp_path, num_hidden_layers=200_000))  # minutes to build
+    assert time.perf_counter() - started < 10
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"{not json", "cannot read config"), (b"\xff\xfe", "cannot read config"), (DEEP_JSON, "cannot read config"),
+    (b"[1, 2]", "config must be a JSON object"),
+])
+def test_load_refuses_a_config_json_that_is_no_config(assets, tmp_path, content, message):
+    ckpt = bad_checkpoint(assets, tmp_path)
+    rewrite(ckpt / "config.json", content)
+    with pytest.raises(ValueError, match=message):
+        longllama.load(ckpt)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_load_refuses_weights_that_are_not_floating_point(assets, tmp_path, dtype):
+    ckpt = bad_checkpoint(assets, tmp_path)
+    state = load_file(ckpt / "model.safetensors")
+    state["norm.weight"] = state["norm.weight"].to(dtype)
+    save_file(state, str(ckpt / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"norm.weight holds {dtype}, not floating-point weights"):
+        longllama.load(ckpt)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        longllama.load(assets["init"], dtype=dtype)
+
+
+NOT_HERE = ["tpu9", "meta", "cuda:x", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+
+
+@pytest.mark.parametrize("name", NOT_HERE)
+def test_a_device_that_is_not_here_is_refused(name):
+    with pytest.raises(ValueError, match=f"device '{name}': "):
+        longllama.resolve_device(name)
+
+
+@pytest.mark.parametrize("command", ["generate.py", "train.py", "convert_weights.py"])
+def test_a_bad_config_json_is_one_error_line_from_every_command(assets, tmp_path, command):
+    ckpt = bad_checkpoint(assets, tmp_path, num_attention_heads=0)
+    args = {"generate.py": ["--ckpt", str(ckpt), "--prompt", "x", "--device", "cpu"],
+            "train.py": ["--init", str(ckpt), "--data", assets["corpus"], "--out", "out"],
+            "convert_weights.py": [str(ckpt), "out", "--to", "hf"]}[command]
+    result = run_command(command, *args, cwd=tmp_path)
+    assert result.returncode == 1
+    line = one_error_line(result.stderr.decode())
+    assert line.endswith("config: num_attention_heads must be a positive integer, got 0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# ------------------------------------------------------------------------------------------------------ generate.py
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--seed", str(2**64)], "--seed must be in [0, 2**64)"),
+    (["--seed", "-1"], "--seed must be in [0, 2**64)"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--last-context-length", "33"], "last_context_length must be null or an integer in [0, max_position_embed"),
+    (["--mem-attention-grouping", "1,2,3"], "mem_attention_grouping must be null or two positive integers"),
+    (["--device", "tpu9"], "device 'tpu9': expected cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "device 'cuda:99': "),
+])
+def test_generate_refuses_a_bad_flag(assets, capsys, flags, message):
+    line = exits_with_one_error_line(capsys, generate.main, ["--ckpt", assets["init"], "--prompt", "def f", *flags])
+    assert message in line
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"def f():\x00\x01\x02", "not UTF-8 text: binary data (a NUL byte) at byte 8"),
+    (b"caf\xe9 au lait", "not UTF-8 text: invalid continuation byte at byte 3"),
+])
+@pytest.mark.parametrize("source", ["file", "stdin", "argv"])
+def test_generate_refuses_a_prompt_that_is_not_utf8_text(assets, tmp_path, capsys, monkeypatch, source, data, message):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_bytes(data)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    flags = {"file": ["--prompt-file", str(prompt_file)], "stdin": ["--prompt-file", "-"],
+             "argv": ["--prompt", data.decode("utf-8", "surrogateescape")]}[source]  # how Python hands argv over
+    named = {"file": f"prompt file {prompt_file}", "stdin": "stdin", "argv": "--prompt"}[source]
+    line = exits_with_one_error_line(capsys, generate.main, ["--ckpt", assets["init"], *flags])
+    assert line == f"error: cannot read {named}: {message}"
+
+
+def test_generate_refuses_binary_stdin_in_one_line(assets, tmp_path):
+    result = run_command("generate.py", "--ckpt", assets["init"], "--prompt-file", "-", "--device", "cpu",
+                         stdin=bytes(range(256)), cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == b""
+    line = one_error_line(result.stderr.decode())
+    assert line == "error: cannot read stdin: not UTF-8 text: binary data (a NUL byte) at byte 0"
+
+
+def run_generate(capsys, assets, *flags):
+    generate.main(["--ckpt", assets["init"], "--prompt", "def alpha_1(x):", "--temperature", "0", "--device", "cpu",
+                   *flags])
+    return capsys.readouterr()
+
+
+def test_zero_new_tokens_print_no_continuation_and_no_decode_rate(assets, capsys):
+    printed = run_generate(capsys, assets, "--max-new-tokens", "0")
+    assert printed.out == ""
+    assert "| decode - |" in printed.err.splitlines()[-1]
+
+
+def test_an_interrupted_generation_exits_130_quietly(assets, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "generate", interrupt)
+    with pytest.raises(SystemExit) as exit_:
+        run_generate(capsys, assets)
+    assert exit_.value.code == 130 and capsys.readouterr().err == ""
+
+
+def test_echo_prints_the_prompt_then_the_continuation(assets, capsys):
+    tokenizer = Tokenizer(assets["tokenizer"])
+    prompt = tokenizer.encode("def alpha_1(x):")
+    new, _ = generate.generate(longllama.load(assets["init"]), prompt, 5, temperature=0)
+    assert run_generate(capsys, assets, "--max-new-tokens", "5", "--echo").out == tokenizer.decode(prompt + new) + "\n"
+    assert run_generate(capsys, assets, "--max-new-tokens", "0", "--echo").out == tokenizer.decode(prompt) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------ train.py
+
+
+def train_fails(capsys, argv) -> str:
+    """train.py's command in-process: status 1 and one error line."""
+    assert train.cli(argv) == 1
+    return one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0, got -1.0"),
+    (["--min-lr", "inf"], "--min-lr must be a finite number >= 0, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--beta2", "1"], "--beta2 must be a number in [0, 1)"),
+    (["--holdout", "150"], "--holdout must be a percentage in [0, 100], got 150.0"),
+    (["--holdout", "-5"], "--holdout must be a percentage in [0, 100], got -5.0"),
+    (["--eval-spans", "0"], "--eval-spans must be an integer in [1, 2**63)"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be an integer in [1, 2**63)"),
+    (["--save-every", "0"], "--save-every must be an integer in [1, 2**63)"),
+    (["--log-every", "0"], "--log-every must be an integer in [1, 2**63)"),
+    (["--grad-accum", str(2**70)], "--grad-accum must be an integer in [1, 2**63)"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be an integer in [0, 2**63)"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**64)"),
+    (["--vocab-size", "10"], "--vocab-size must be an integer in [259, 2**31)"),
+    (["--mem-layers", "1,1"], "mem_layers must be a list of distinct layer indices"),
+    (["--device", "tpu9"], "device 'tpu9': expected cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "device 'cuda:99': "),
+    (["--batch-size", str(10**9), "--packing", "1"], "this run needs at least"),
+    (["--cross-batch-range", str(10**9)], "this run needs at least"),
+    (["--eval-memory", "1,x"], "--eval-memory: expected comma-separated integers"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_train_refuses_a_bad_flag_before_writing_anything(assets, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert message in train_fails(capsys, small_run(assets, out, *flags))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_train_refuses_an_out_that_cannot_be_a_directory_before_training_a_tokenizer(assets, tmp_path, capsys, out):
+    (tmp_path / "file").write_text("precious")
+    line = train_fails(capsys, ["--preset", "tiny", "--data", assets["corpus"], "--out", str(tmp_path / out)])
+    assert line == f"error: --out {tmp_path / out}: {tmp_path / 'file'} is not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "precious"
+
+
+def damaged_run(assets, tmp_path, name, change):
+    """A copy of the finished run, its file `name` rewritten."""
+    out = tmp_path / "run"
+    shutil.copytree(assets["run"], out)
+    rewrite(out / name, change)
+    return out
+
+
+def without(state, key):
+    return {k: v for k, v in state.items() if k != key}
+
+
+def with_setting(**settings):
+    return lambda state: {**state, "settings": {**state["settings"], **settings}}
+
+
+@pytest.mark.parametrize("change,message", [
+    (b"{not json", "holds no run to continue"),
+    (DEEP_JSON, "holds no run to continue"),
+    (lambda state: {}, "is damaged: it must be an object with the keys step, tokens, world_size, settings, pipeline"),
+    (lambda state: [state], "is damaged: it must be an object with the keys"),
+    (lambda state: without(state, "step"), "is damaged: it must be an object with the keys"),
+    (changed(step="2"), "is damaged: step must be an integer >= 0, got '2'"),
+    (changed(tokens=-1), "is damaged: tokens must be an integer >= 0, got -1"),
+    (changed(pipeline={}), "is damaged: pipeline must be a list"),
+    (changed(world_size=2), "is damaged: it has 1 pipeline states for 2 processes"),
+    (lambda state: {**state, "pipeline": [{**state["pipeline"][0], "slots": [{"documents": [0], "offset": 1.5}]}]},
+     "is damaged: pipeline[0].slots[0].offset must be an integer >= 0, got 1.5"),
+    (lambda state: {**state, "pipeline": [{**state["pipeline"][0], "slots": [{"documents": [999], "offset": 0}] * 2}]},
+     "pipeline state names documents this run does not have"),
+    (with_setting(frobnicate=1), "is damaged: unknown settings ['frobnicate']"),
+    (lambda state: {**state, "settings": without(state["settings"], "lr")}, "is damaged: missing settings ['lr']"),
+    (with_setting(batch_size="4"), "is damaged: settings.batch_size must be an integer in [1, "),
+    (with_setting(lr=float("nan")), "is damaged: settings.lr must be a finite number >= 0"),
+    (with_setting(data="corpus"), "is damaged: settings.data must be a list of paths"),
+    (with_setting(preset="huge"), "is damaged: settings.preset must be one of tiny, small"),
+])
+def test_resume_refuses_a_damaged_train_state(assets, tmp_path, capsys, change, message):
+    out = damaged_run(assets, tmp_path, "train_state.json", change)
+    before = snapshot(out)
+    assert message in train_fails(capsys, ["--resume", "--out", str(out)])
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"garbage", "is not a file of plain tensors"),
+    (b"", "does not hold this run's optimizer state"),
+    (saved({}), "does not hold this run's optimizer state"),
+])
+def test_resume_refuses_a_damaged_optimizer_state(assets, tmp_path, capsys, content, message):
+    out = damaged_run(assets, tmp_path, "optimizer.pt", content)
+    before = snapshot(out)
+    assert message in train_fails(capsys, ["--resume", "--out", str(out)])
+    assert snapshot(out) == before
+
+
+def test_resume_drops_a_log_line_cut_short_by_a_kill(assets, tmp_path):
+    out = damaged_run(assets, tmp_path, "log.jsonl", (assets["run"] / "log.jsonl").read_bytes() + b'{"step": 3, "lo')
+    train.main(["--resume", "--out", str(out), "--max-steps", "3"])
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_jsonl_record_nested_thousands_deep_is_malformed(tmp_path):
+    (tmp_path / "deep.jsonl").write_bytes(b'{"text": "fine"}\n' + DEEP_JSON + b"\n")
+    with pytest.raises(ValueError, match=r"deep\.jsonl:2: malformed JSON"):
+        train.scan_paths([tmp_path / "deep.jsonl"])
+
+
+def test_a_corpus_too_small_for_the_vocabulary_size_gives_a_warning_naming_both_sizes(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(["--preset", "tiny", "--data", assets["corpus"], "--out", str(out), "--vocab-size", "4096",
+                "--batch-size", "2", "--seq-len", "16", "--packing", "2", "--max-steps", "0", "--eval-every", "0"])
+    pieces = Tokenizer(out / "tokenizer.model").vocab_size
+    assert pieces < 4096
+    warning = f"warning: the tokenizer has {pieces} pieces, not the 4096 of --vocab-size: the corpus is too small"
+    assert warning in capsys.readouterr().err
+
+
+def test_every_setting_has_a_rule():
+    ruled = [key for keys, _, _ in train.SETTING_RULES for key in keys]
+    assert sorted(ruled) == sorted(f.name for f in fields(train.Settings))
+
+
+def test_an_interrupted_run_exits_130_without_a_traceback_and_its_checkpoint_loads(assets, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"),
+               *small_run(assets, out, "--max-steps", "100000", "--save-every", "1")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()):  # the first step is logged
+            assert process.poll() is None and time.monotonic() < deadline, "no step was logged"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and stderr.rstrip().endswith("interrupted")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+    if (out / "train_state.json").exists():  # the last complete checkpoint loads, and the run goes on from it
+        step = json.loads((out / "train_state.json").read_text())["step"]
+        longllama.load(out)
+        train.main(["--resume", "--out", str(out), "--max-steps", str(step + 1)])
+        assert json.loads((out / "train_state.json").read_text())["step"] == step + 1
+
+
+# ------------------------------------------------------------------------------------------------ convert_weights.py
+
+
+@pytest.fixture(scope="module")
+def hf_source(assets, tmp_path_factory):
+    """The tiny checkpoint in the Hugging Face layout, as convert_weights.py reads it."""
+    hf = tmp_path_factory.mktemp("hf") / "tiny"
+    convert_weights.export_hf(assets["init"], hf)
+    return hf
+
+
+CONVERT_CASES = {  # arguments after SRC, a rewrite of SRC/config.json (or None), the message
+    "dtype int8": (["out", "--dtype", "int8"], changed(), "argument --dtype: invalid choice: 'int8'"),
+    "mem-layers garbage": (["out", "--mem-layers", "a,b"], changed(),
+                           "argument --mem-layers: expected comma-separated layer indices, got 'a,b'"),
+    "mem-layers twice": (["out", "--mem-layers", "1,1"], changed(), "mem_layers must be a list of distinct layer"),
+    "last-context-length negative": (["out", "--last-context-length", "-5"], changed(),
+                                     "last_context_length must be null or an integer"),
+    "out is a file": (["file"], changed(), "file: exists and is not a directory"),
+    "out is under a file": (["file/ckpt"], changed(), "file/ckpt: file exists and is not a directory"),
+    "no out": ([], changed(), "the following arguments are required: OUT_DIR"),
+    "no config.json": (["out"], None, "src: no config.json"),
+    "config nested thousands deep": (["out"], DEEP_JSON, "src/config.json: not valid JSON"),
+    "config with zero heads": (["out"], changed(num_attention_heads=0),
+                               "config: num_attention_heads must be a positive integer, got 0"),
+    "config with int8 memory": (["out"], changed(mem_dtype="int8"), "config: mem_dtype must be one of"),
+    "config too big for memory": (["out"], changed(num_hidden_layers=10**6), "the converted weights need at least"),
+    "tokenizer that is no model": (["out", "--tokenizer", "file"], changed(), "tokenizer file: not a SentencePiece"),
+}
+
+
+@pytest.mark.parametrize("case", CONVERT_CASES)
+def test_convert_refuses_bad_input_in_one_line(hf_source, tmp_path, capsys, monkeypatch, case):
+    args, config_change, message = CONVERT_CASES[case]
+    shutil.copytree(hf_source, tmp_path / "src")
+    rewrite(tmp_path / "src" / "config.json", config_change)
+    (tmp_path / "file").write_text("precious")
+    monkeypatch.setattr(convert_weights, "available_bytes", lambda device: 2**34)  # 16 GiB free
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    assert message in exits_with_one_error_line(capsys, convert_weights.main, ["src", *args])
+    assert snapshot(tmp_path) == before
