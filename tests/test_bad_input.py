@@ -24,8 +24,8 @@ import generate
 import longllama
 import train
 from conftest import ROOT
-from test_train import small_run, synthetic_text
-from tokenizer import Tokenizer, train_tokenizer
+from test_train import assets, small_run  # noqa: F401 (assets is a fixture)
+from tokenizer import Tokenizer
 
 TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=32, mem_layers=[1], last_context_length=16, mem_dtype="float32")
@@ -33,21 +33,11 @@ DEEP_JSON = b"[" * 100_000 + b"]" * 100_000  # valid JSON, but parsing it recurs
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny random checkpoint with its own small tokenizer, a corpus for train.py and the run it trains."""
-    root = tmp_path_factory.mktemp("assets")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"doc{i:02}.py").write_text(synthetic_text(i, lines=10 + 5 * i))
-    tokenizer = train_tokenizer([synthetic_text(i) for i in range(20)], root / "tok.model", vocab_size=320)
-    torch.manual_seed(0)
-    ckpt = root / "init"
-    longllama.save(longllama.LongLlama(longllama.LongLlamaConfig(**{**TINY, "vocab_size": tokenizer.vocab_size})), ckpt)
-    shutil.copy(root / "tok.model", ckpt / "tokenizer.model")
-    assets = dict(corpus=str(corpus), init=str(ckpt), tokenizer=str(root / "tok.model"), run=root / "run")
-    train.main(small_run(assets, assets["run"], "--max-steps", "2"))
-    return assets
+def trained_run(assets, tmp_path_factory):
+    """A two-step run from test_train's tiny checkpoint (assets): the state files that the damage tests break."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    train.main(small_run(assets, out, "--max-steps", "2"))
+    return out
 
 
 def snapshot(directory):
@@ -357,10 +347,10 @@ def test_train_refuses_an_out_that_cannot_be_a_directory_before_training_a_token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "precious"
 
 
-def damaged_run(assets, tmp_path, name, change):
+def damaged_run(trained_run, tmp_path, name, change):
     """A copy of the finished run, its file `name` rewritten."""
     out = tmp_path / "run"
-    shutil.copytree(assets["run"], out)
+    shutil.copytree(trained_run, out)
     rewrite(out / name, change)
     return out
 
@@ -394,8 +384,8 @@ def with_setting(**settings):
     (with_setting(data="corpus"), "is damaged: settings.data must be a list of paths"),
     (with_setting(preset="huge"), "is damaged: settings.preset must be one of tiny, small"),
 ])
-def test_resume_refuses_a_damaged_train_state(assets, tmp_path, capsys, change, message):
-    out = damaged_run(assets, tmp_path, "train_state.json", change)
+def test_resume_refuses_a_damaged_train_state(trained_run, tmp_path, capsys, change, message):
+    out = damaged_run(trained_run, tmp_path, "train_state.json", change)
     before = snapshot(out)
     assert message in train_fails(capsys, ["--resume", "--out", str(out)])
     assert snapshot(out) == before
@@ -406,15 +396,15 @@ def test_resume_refuses_a_damaged_train_state(assets, tmp_path, capsys, change, 
     (b"", "does not hold this run's optimizer state"),
     (saved({}), "does not hold this run's optimizer state"),
 ])
-def test_resume_refuses_a_damaged_optimizer_state(assets, tmp_path, capsys, content, message):
-    out = damaged_run(assets, tmp_path, "optimizer.pt", content)
+def test_resume_refuses_a_damaged_optimizer_state(trained_run, tmp_path, capsys, content, message):
+    out = damaged_run(trained_run, tmp_path, "optimizer.pt", content)
     before = snapshot(out)
     assert message in train_fails(capsys, ["--resume", "--out", str(out)])
     assert snapshot(out) == before
 
 
-def test_resume_drops_a_log_line_cut_short_by_a_kill(assets, tmp_path):
-    out = damaged_run(assets, tmp_path, "log.jsonl", (assets["run"] / "log.jsonl").read_bytes() + b'{"step": 3, "lo')
+def test_resume_drops_a_log_line_cut_short_by_a_kill(trained_run, tmp_path):
+    out = damaged_run(trained_run, tmp_path, "log.jsonl", (trained_run / "log.jsonl").read_bytes() + b'{"step": 3, "lo')
     train.main(["--resume", "--out", str(out), "--max-steps", "3"])
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
 
