@@ -181,7 +181,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shape = SMALL if args.small else longllama.PRESETS[args.preset]
     model = build_model(shape, device, dtype)
@@ -242,4 +242,8 @@ def speedups(rows) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a device that is not here, a shape that does not fit: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
