@@ -62,6 +62,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 import longllama
+import passkey
 from longllama import is_int, is_number
 from tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer, utf8_text
 
@@ -78,6 +79,7 @@ class Settings:
     data: list = setting([], "JSONL / text files or directories (default: the embedded Python stdlib corpus)")
     eval_data: list = setting([], "held-out documents for eval (default: the --holdout share of the corpus)")
     holdout: float = setting(5.0, "percent of documents held out for eval, by a stable hash of their names")
+    passkey_docs: int = setting(0, "synthetic passkey documents (passkey.py) added to the training documents")
     tokenizer: str = setting("", "SentencePiece model (default: the --init checkpoint's, else one trained into OUT)")
     vocab_size: int = setting(4096, "vocabulary of a tokenizer trained here")
     # model
@@ -123,7 +125,7 @@ class Settings:
 SETTING_RULES = [
     (["batch_size", "seq_len", "packing", "grad_accum", "save_every", "log_every", "eval_spans", "eval_batch_size"],
      lambda v: is_int(v) and 1 <= v < 2**63, "an integer in [1, 2**63)"),
-    (["max_steps", "warmup_steps", "lr_decay_steps", "cross_batch_range", "eval_every"],
+    (["max_steps", "warmup_steps", "lr_decay_steps", "cross_batch_range", "eval_every", "passkey_docs"],
      lambda v: is_int(v) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
     (["seed"], lambda v: is_int(v) and 0 <= v < 2**64, "an integer in [0, 2**64)"),
     (["vocab_size"], lambda v: is_int(v) and MIN_VOCAB_SIZE <= v < 2**31, f"an integer in [{MIN_VOCAB_SIZE}, 2**31)"),
@@ -196,10 +198,14 @@ class Document(NamedTuple):
     files: tuple  # the file it is read from, or the files of a stdlib package (concatenated)
     offset: int = -1  # JSONL: byte offset of its line in files[0]
     root: str = ""  # stdlib packages: each file is preceded by "# file: PATH" relative to this
+    passkey: tuple = ()  # synthetic passkey documents: (seed, training window) that generate the text
 
 
 def read_document(doc: Document) -> tuple[str, str]:
     """(prompt, text): prompt is "" except for {"prompt", "completion"} records."""
+    if doc.passkey:
+        seed, window = doc.passkey
+        return "", passkey.training_document(random.Random(seed), window)
     if doc.offset >= 0:
         with open(doc.files[0], "rb") as f:
             f.seek(doc.offset)
@@ -292,6 +298,11 @@ def stdlib_documents() -> list[Document]:
     if not packages:
         raise ValueError(f"no Python files in the standard library at {root}: pass --data")
     return [Document(name, tuple(files), root=str(root)) for name, files in sorted(packages.items())]
+
+
+def passkey_documents(count: int, seed: int, window: int) -> list[Document]:
+    """Synthetic passkey documents, each generated from its own seed when read (they cost no memory or disk)."""
+    return [Document(f"passkey {i}", (), passkey=(seed * 1_000_003 + i, window)) for i in range(count)]
 
 
 def is_held_out(doc: Document, percent: float) -> bool:
@@ -645,6 +656,8 @@ def main(argv=None):
         if not train_documents:
             warn("every document is held out: training on all, no eval")
             train_documents, eval_documents = documents, []
+    # never held out: they are for learning to use memory, the eval measures it on real text
+    train_documents += passkey_documents(s.passkey_docs, s.seed, s.seq_len)
     if len(train_documents) < world_size:
         raise ValueError(f"{len(train_documents)} training documents cannot be shared by {world_size} processes")
 

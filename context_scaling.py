@@ -1,0 +1,150 @@
+"""FoT's context-scaling experiment, end to end: train three models, then measure how far their memory reaches.
+
+    python context_scaling.py --size cpu --out runs/scaling     # 2 CPU cores, see README for the wall time
+    python context_scaling.py --size gpu --out runs/scaling     # one GPU: a larger model, longer training
+
+Three models are trained with the same steps, data and seed, differing only in cross-batch attention:
+- `fot`: d = 3 with packing 4: a row's memory layer sees its document's three earlier rows (the positives), and
+  rows whose pack began a new document see the previous document (negatives);
+- `d1`: d = 1: only the row just before;
+- `d0`: d = 0: no cross-batch attention, so memory layers never see memory while training.
+The data is the embedded Python standard library corpus plus synthetic passkey documents (`train.py
+--passkey-docs`), in which the answer sits at least one training row after the passkey.
+
+Then, for each model: passkey retrieval at prompt lengths far beyond the training rows (passkey.py), and the
+held-out perplexity of standard-library code with 0 .. 16 earlier windows in memory (train.py's eval). Every
+command runs as its own process and is printed first, so any step can be rerun alone. The results go to
+OUT/results.json, and OUT/passkey.png, OUT/perplexity.png and OUT/heatmap_fot.png draw them.
+"""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import longllama
+
+SETUPS = {"fot": 3, "d1": 1, "d0": 0}  # name: cross-batch range d
+
+# Shared training flags per size. The curriculum of distances lives in each passkey document (passkey.py).
+SIZES = {
+    "cpu": dict(train=["--preset", "tiny", "--seq-len", "128", "--batch-size", "16", "--packing", "4",
+                       "--max-steps", "1500", "--eval-every", "1500", "--passkey-docs", "40000",
+                       "--eval-spans", "8"],
+                lengths="1k,4k,16k,64k", depths="0.1,0.5,0.9", trials=4),
+    "gpu": dict(train=["--preset", "small", "--seq-len", "512", "--batch-size", "32", "--packing", "4",
+                       "--max-steps", "6000", "--eval-every", "6000", "--passkey-docs", "200000",
+                       "--eval-spans", "32"],
+                lengths="1k,4k,16k,64k,256k", depths="0,0.25,0.5,0.75,1", trials=10),
+}
+EVAL_MEMORY = "0,1,2,4,8,16"
+
+
+def run(command: list[str]):
+    print("$ " + shlex.join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def train(out: Path, name: str, d: int, size: dict):
+    """One model; the first run trains the tokenizer, the others reuse it so that all read the same tokens."""
+    first = out / next(iter(SETUPS)) / "tokenizer.model"
+    tokenizer = ["--tokenizer", str(first)] if first.is_file() else []
+    run([sys.executable, "train.py", *size["train"], "--cross-batch-range", str(d), "--eval-memory", EVAL_MEMORY,
+         "--out", str(out / name), *tokenizer])
+
+
+def final_perplexity(run_dir: Path) -> dict:
+    """The last eval line of a run's log: {windows in memory: perplexity}."""
+    evals = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if "eval_ppl" in line]
+    return evals[-1]["eval_ppl"]
+
+
+def evaluate_passkey(out: Path, name: str, size: dict):
+    run([sys.executable, "passkey.py", "--ckpt", str(out / name), "--lengths", size["lengths"], "--depths",
+         size["depths"], "--trials", str(size["trials"]), "--out", str(out / f"passkey_{name}.json")])
+
+
+def plot_lines(series: dict, path, xlabel: str, ylabel: str, title: str, log_x: bool = True, percent: bool = False):
+    """One line per setup: series = {label: {x: y}}."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        xs = [float(x) for x in points]
+        ax.plot(xs, list(points.values()), marker="o", label=label)
+    if log_x:  # powers of two, 0 included (symlog is linear below 1)
+        ax.set_xscale("symlog" if min(xs) == 0 else "log", base=2)
+        ax.set_xticks(xs, [f"{int(x):,}" for x in xs])
+        ax.minorticks_off()
+    if percent:
+        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+LABELS = {"fot": "FoT (d = 3)", "d1": "d = 1", "d0": "d = 0 (no cross-batch)"}
+
+
+def draw(results: dict, out: Path):
+    """The experiment's plots from its results.json content."""
+    import passkey
+
+    plot_lines({LABELS.get(n, n): r["passkey"]["accuracy"] for n, r in results["setups"].items()},
+               out / "passkey.png", "prompt length (tokens)", "passkey accuracy",
+               f"Passkey retrieval, trained on rows of {results['train_tokens']} tokens", percent=True)
+    plot_lines({LABELS.get(n, n): r["perplexity"] for n, r in results["setups"].items()},
+               out / "perplexity.png", f"earlier windows of {results['window']} tokens in memory",
+               "held-out perplexity", "Perplexity of standard-library code vs memory")
+    first = next(iter(results["setups"]))
+    passkey.plot_heatmap(results["setups"][first]["passkey"], out / f"heatmap_{first}.png",
+                         f"passkey retrieval: {LABELS.get(first, first)}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=list(SIZES), default="cpu")
+    p.add_argument("--out", default="runs/scaling", help="directory for the three runs, results.json and plots")
+    p.add_argument("--only-draw", action="store_true", help="redraw the plots from OUT/results.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out, size = Path(args.out), SIZES[args.size]
+    if args.only_draw:
+        draw(json.loads((out / "results.json").read_text()), out)
+        return
+    started = time.time()
+    for name, d in SETUPS.items():
+        train(out, name, d, size)
+    for name in SETUPS:
+        evaluate_passkey(out, name, size)
+    config = longllama.LongLlamaConfig.from_json(out / next(iter(SETUPS)) / "config.json")
+    results = dict(size=args.size, window=config.max_position_embeddings,
+                   train_tokens=int(size["train"][size["train"].index("--seq-len") + 1]),
+                   setups={name: dict(cross_batch_range=d,
+                                      passkey=json.loads((out / f"passkey_{name}.json").read_text()),
+                                      perplexity=final_perplexity(out / name))
+                           for name, d in SETUPS.items()})
+    for setup in results["setups"].values():
+        del setup["passkey"]["results"]  # every trial stays in passkey_NAME.json
+    results["wall_seconds"] = round(time.time() - started)
+    longllama.write_atomically({out / "results.json": lambda tmp: tmp.write_text(json.dumps(results, indent=1))})
+    draw(results, out)
+    print(f"done in {results['wall_seconds']} s: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""passkey.py and context_scaling.py: prompts checked by re-tokenizing them, greedy answers against a full
+recomputation, training documents that put the answer a window after the passkey, the CLI, and the plots."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import context_scaling
+import longllama
+import passkey
+import train
+from conftest import ROOT, shared_tokenizer
+from tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module", params=["open_llama_v1.model", "open_llama_v2.model"])
+def tokenizer(request):
+    return Tokenizer(shared_tokenizer(request.param))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random checkpoint (window 32) with the OpenLLaMA v2 tokenizer."""
+    out = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    config = longllama.LongLlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=32, mem_layers=[1],
+                                       last_context_length=16)
+    longllama.save(longllama.LongLlama(config), out)
+    (out / "tokenizer.model").write_bytes(shared_tokenizer("open_llama_v2.model").read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("length", [200, 1000, 5000])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_a_prompt_has_the_requested_length_and_the_passkey_at_its_depth(tokenizer, length, depth):
+    builder = passkey.PromptBuilder(tokenizer)
+    prompt, answer = builder.build(length, depth, 31415)
+    assert abs(len(prompt) - length) <= builder.filler_tokens
+    text = tokenizer.decode(prompt)
+    assert text.startswith(passkey.TASK) and text.endswith(passkey.QUESTION)
+    assert tokenizer.decode(answer).strip() == "31415"
+    before, after = text.split(passkey.passkey_line(31415))
+    fillers = before.count(passkey.FILLER) + after.count(passkey.FILLER)
+    assert before.count(passkey.FILLER) == round(depth * fillers)
+
+
+def test_the_answer_is_what_the_tokenizer_gives_the_passkey_after_the_question(tokenizer):
+    builder = passkey.PromptBuilder(tokenizer)
+    prompt, answer = builder.build(300, 0.3, 7)
+    text = passkey.prompt_text(*[len(part.split(passkey.FILLER)) - 1 for part in
+                                 tokenizer.decode(prompt).split(passkey.passkey_line(7))], 7)
+    assert tokenizer.encode(text + " 7") == prompt + answer
+
+
+@pytest.mark.parametrize("window", [64, 128, 512])
+def test_a_training_document_asks_last_at_least_a_window_after_the_passkey_was_last_said(tokenizer, window):
+    rng = random.Random(window)
+    for _ in range(20):
+        text = passkey.training_document(rng, window)
+        key = int(text.split("The pass key is ")[1].split(".")[0])
+        said = [i for i in range(len(text)) if text.startswith(f" {key}", i)]
+        assert len(said) == 2 + 4  # the passkey line says it twice, then four answers
+        assert len(tokenizer.encode(text[said[-2]:said[-1]], bos=False)) >= window
+
+
+def test_the_greedy_answer_equals_greedy_decoding_by_full_recomputation(checkpoint):
+    model = longllama.load(checkpoint)
+    prompt = passkey.PromptBuilder(Tokenizer(checkpoint / "tokenizer.model")).build(150, 0.5, 123)[0]
+    expected = []
+    with torch.no_grad():
+        for _ in range(5):  # the whole sequence again for every token: no cache, everything read window by window
+            logits, _ = model(torch.tensor([prompt + expected]), last_context_length=16)
+            expected.append(int(logits[0, -1].argmax()))
+    assert passkey.answer(model, prompt, 5) == expected
+
+
+def test_lengths_parse_with_k_and_m_suffixes():
+    assert [passkey.parse_length(t) for t in ["100", "4k", "1M"]] == [100, 4096, 2**20]
+    for bad in ["x", "0", "-4k", "4kk"]:
+        with pytest.raises(ValueError):
+            passkey.parse_length(bad)
+
+
+def test_the_command_writes_a_table_a_json_file_and_a_heatmap(checkpoint, tmp_path):
+    out, plot = tmp_path / "r.json", tmp_path / "h.png"
+    result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), "--lengths", "100,300",
+                             "--depths", "0,1", "--trials", "2", "--out", str(out), "--plot", str(plot)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert len(report["results"]) == 2 * 2 * 2
+    for length in [100, 300]:  # the summary counts the trials
+        hits = [r["correct"] for r in report["results"] if r["length"] == length]
+        assert report["accuracy"][str(length)] == sum(hits) / len(hits)
+    assert "| 300 |" in result.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_uniform_depths_are_reported_by_quarter(checkpoint):
+    model = longllama.load(checkpoint)
+    builder = passkey.PromptBuilder(Tokenizer(checkpoint / "tokenizer.model"))
+    results = passkey.run_trials(model, builder, [120], None, 8, seed=1, log=lambda _: None)
+    assert {r["depth"] for r in results} <= {"0-25%", "25-50%", "50-75%", "75-100%"}
+    assert len(passkey.summarize(results)["by_depth"]["120"]) == len({r["depth"] for r in results})
+
+
+@pytest.mark.parametrize("flags", [["--lengths", "4q"], ["--depths", "2"], ["--depths", "a"], ["--trials", "0"]])
+def test_bad_flags_are_one_error_line(checkpoint, flags):
+    result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_passkey_documents_are_the_same_text_on_every_read_and_differ_from_each_other():
+    docs = train.passkey_documents(3, seed=5, window=64)
+    assert train.read_document(docs[1]) == train.read_document(train.passkey_documents(3, seed=5, window=64)[1])
+    assert len({train.read_document(doc)[1] for doc in docs}) == 3
+
+
+def test_the_experiment_plots_draw_from_a_small_results_file(tmp_path):
+    summary = dict(accuracy={"1024": 1.0, "4096": 0.5}, by_depth={"1024": {"0.5": 1.0}, "4096": {"0.5": 0.5}})
+    results = dict(size="cpu", window=256, train_tokens=128, setups={
+        name: dict(cross_batch_range=d, passkey=summary, perplexity={"0": 30.0, "4": 29.0 - d, "16": 28.0 - d})
+        for name, d in context_scaling.SETUPS.items()})
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    context_scaling.main(["--out", str(tmp_path), "--only-draw"])
+    for name in ["passkey.png", "perplexity.png", "heatmap_fot.png"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
