@@ -543,6 +543,8 @@ def export_gguf(src, out_path, mem_layers=None, last_context_length=None, tokeni
     check_out_file(out_path, force)
     config = load_config(src, mem_layers, last_context_length)
     check_fits_in_memory(config, torch.float32, src)  # the writer holds every tensor until it writes the file
+    if config.rope_scaling is not None:  # llama.cpp stores it as a rope_freqs.weight tensor, which is not read back
+        raise ValueError(f"{src}: rope_scaling cannot be written to GGUF here")
     tok = source_tokenizer(tokenizer, src)
     if tok is None:
         raise ValueError(f"{src}: no {' or '.join(TOKENIZER_FILES)} (a GGUF file carries its tokenizer; pass --tokenizer)")

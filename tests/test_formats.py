@@ -6,6 +6,7 @@ GGUF files are written here the way llama.cpp's converter writes them, from the 
 built from hand-fused (and hand-quantized) tensors, never from the code under test.
 """
 import json
+import math
 import shutil
 
 import gguf
@@ -217,10 +218,10 @@ def rounding_bound(weight, gguf_type):
 # ---------------------------------------------------------------------------------------------------- Llama-3, Code-7B
 
 
-def write_llama3(directory):
+def write_llama3(directory, **overrides):
     """A Llama-3 shaped Hugging Face checkpoint: config.json, safetensors, tokenizer.json, tokenizer_config.json."""
     source = train_bpe(directory.with_name("bpe"))
-    config = llama3_config(source)
+    config = llama3_config(source, **overrides)
     hf = random_hf_tensors(config)
     write_hf(directory, config, hf, "safetensors")
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -301,3 +302,55 @@ def test_code_7b_shaped_checkpoint_converts_generates_and_exports(tmp_path, caps
     convert_weights.main([str(tmp_path / "code.gguf"), str(tmp_path / "back")])
     assert longllama.load(tmp_path / "back").config == longllama.LongLlamaConfig.from_dict(config)
     assert_encodes_like_sentencepiece(tmp_path / "back", model_path)
+
+
+LLAMA31_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+
+
+def test_llama3_rope_scaling_gives_llama_cpps_frequency_factors():
+    """llama.cpp's converter writes Llama-3.1's scaling as one divisor per frequency, computed in a loop: the rotary
+    tables must turn at those frequencies."""
+    head_dim, theta, scaling = 128, 500000.0, LLAMA31_ROPE_SCALING
+    low_wavelength = scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]
+    high_wavelength = scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]
+    expected, branches = [], set()
+    for i in range(0, head_dim, 2):
+        frequency = 1.0 / theta ** (i / head_dim)
+        wavelength = 2 * math.pi / frequency
+        if wavelength < high_wavelength:
+            divisor, branch = 1.0, "kept"
+        elif wavelength > low_wavelength:
+            divisor, branch = scaling["factor"], "divided"
+        else:
+            branch = "blended"
+            smooth = (scaling["original_max_position_embeddings"] / wavelength - scaling["low_freq_factor"]) / (
+                scaling["high_freq_factor"] - scaling["low_freq_factor"])
+            divisor = 1 / ((1 - smooth) / scaling["factor"] + smooth)
+        expected.append(frequency / divisor)
+        branches.add(branch)
+    assert branches == {"kept", "divided", "blended"}
+    position = 1000
+    cos, sin = longllama.rope_tables(head_dim, position + 1, theta, scaling)
+    angles = torch.tensor(expected, dtype=torch.float64) * position
+    assert torch.allclose(cos[position].double(), torch.cat([angles.cos(), angles.cos()]), atol=1e-4)
+    assert torch.allclose(sin[position].double(), torch.cat([angles.sin(), angles.sin()]), atol=1e-4)
+
+
+def test_llama31_checkpoint_keeps_its_rope_scaling_and_other_scalings_are_refused(tmp_path, capsys):
+    source, config, hf = write_llama3(tmp_path / "hf", rope_scaling=LLAMA31_ROPE_SCALING)
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    model = longllama.load(tmp_path / "ours")
+    assert model.config.rope_scaling == LLAMA31_ROPE_SCALING
+    assert not torch.equal(model.rope_cos, longllama.LongLlama(longllama.LongLlamaConfig.from_dict(
+        {**config, "rope_scaling": None})).rope_cos)
+    with pytest.raises(SystemExit):
+        convert_weights.main([str(tmp_path / "ours"), str(tmp_path / "model.gguf"), "--to", "gguf"])
+    assert "rope_scaling cannot be written to GGUF" in capsys.readouterr().err
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rope_scaling": yarn}))
+    with pytest.raises(SystemExit):
+        convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "yarn")])
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "rope_scaling must be null or" in error and error.count("\n") == 1
