@@ -1,18 +1,23 @@
-"""Convert checkpoints: Hugging Face LongLLaMA / LLaMA or GGUF in, this project's checkpoint out, and back to HF.
+"""Convert checkpoints: Hugging Face LongLLaMA / LLaMA / Llama-3 or GGUF in, this project's checkpoint out, and back out
+to Hugging Face or GGUF.
 
     python convert_weights.py long_llama_3b_v1_1/ ckpt/    # HF directory: *.bin or *.safetensors, sharded or not
     python convert_weights.py open_llama_3b_v2/ ckpt/ --mem-layers 6,12,18    # plain LLaMA, given memory layers
-    python convert_weights.py long_llama_3b.Q8_0.gguf ckpt/ --tokenizer tokenizer.model --mem-layers 6,12,18
+    python convert_weights.py long_llama_3b_v1_1.Q8_0.gguf ckpt/   # GGUF alone: its vocabulary becomes the tokenizer
     python convert_weights.py ckpt/ hf/ --to hf            # back to the Hugging Face layout
+    python convert_weights.py ckpt/ model.gguf --to gguf --type q8_0    # a LLaMA GGUF for llama.cpp-compatible tools
 
 Options: --dtype float32|float16|bfloat16 casts (default: keep the source's dtype; GGUF dequantizes to float32),
---mem-layers / --last-context-length override the memory settings (plain LLaMA and GGUF have none),
---tokenizer PATH copies that tokenizer.model (default: the one in SRC), --force replaces a non-empty OUT_DIR.
+--type f16|q8_0|f32 stores GGUF matrices, --mem-layers / --last-context-length override the memory settings (plain
+LLaMA has none), --tokenizer PATH uses that tokenizer.model or tokenizer.json (default: SRC's, or the one a GGUF
+file holds), --force replaces a non-empty OUT.
 
 Converting is renaming plus fusing, driven by one table (LAYER_NAMES, MODEL_NAMES): q/k/v become one `wqkv` matrix and
 gate/up one `gate_up` matrix, as in gpt-fast. Hugging Face checkpoints already use the rotate-half RoPE layout; GGUF
-files hold q/k rows permuted by llama.cpp's converter, which `unpermute_rope_rows` undoes. Every tensor is checked
-against the config before anything is written, and OUT_DIR appears only once complete.
+files hold q/k rows permuted by llama.cpp's converter, which `unpermute_rope_rows` undoes (`permute_rope_rows` on the
+way out). A GGUF file's vocabulary (tokenizer.ggml.*) is rebuilt into the file it came from, tokenizer.model or
+tokenizer.json; memory layers, which GGUF has no keys for, travel as longllama.* metadata. Every tensor is checked
+against the config before anything is written, and OUT appears only once complete.
 """
 
 import argparse
@@ -306,8 +311,8 @@ def gguf_config_values(reader, source) -> dict:
 
 
 def gguf_memory_settings(reader, source) -> dict:
-    """mem_layers and last_context_length of a GGUF file (not a GGUF concept): from the longllama.* keys this project
-    writes, else from general.name when it names a published LongLLaMA model, else none ({})."""
+    """The memory settings of a GGUF file (not a GGUF concept): the longllama.* keys export_gguf writes, else the
+    memory layers of the published LongLLaMA model general.name names, else none ({})."""
     ours = {key: value for key in MEMORY_KEYS if (value := gguf_value(reader, f"longllama.{key}", source, None))
             is not None}
     if ours:  # written by export_gguf, which always writes last_context_length: a key left out was [] or null

@@ -354,3 +354,24 @@ def test_llama31_checkpoint_keeps_its_rope_scaling_and_other_scalings_are_refuse
         convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "yarn")])
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "rope_scaling must be null or" in error and error.count("\n") == 1
+
+
+def test_gguf_export_writes_nothing_when_it_fails_and_replaces_a_file_only_with_force(tmp_path, capsys, monkeypatch):
+    config = hf_config(vocab_size=32000)
+    write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
+    shutil.copy(shared_tokenizer("open_llama_v2.model"), tmp_path / "hf" / "tokenizer.model")
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    (tmp_path / "model.gguf").write_text("precious")
+    with pytest.raises(SystemExit):
+        convert_weights.main([str(tmp_path / "ours"), str(tmp_path / "model.gguf"), "--to", "gguf"])
+    assert "exists (--force replaces it)" in capsys.readouterr().err
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    with pytest.raises(SystemExit):
+        convert_weights.main([str(tmp_path / "ours"), str(tmp_path / "model.gguf"), "--to", "gguf", "--force"])
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device\n"
+    assert (tmp_path / "model.gguf").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "model.gguf", "ours"]
