@@ -553,11 +553,9 @@ def export_gguf(src, out_path, mem_layers=None, last_context_length=None, tokeni
     tok = source_tokenizer(tokenizer, src)
     if tok is None:
         raise ValueError(f"{src}: no {' or '.join(TOKENIZER_FILES)} (a GGUF file carries its tokenizer; pass --tokenizer)")
-    if tok.vocab_size > config.vocab_size:
-        raise ValueError(f"{src}: the tokenizer has {tok.vocab_size} tokens, the embedding only {config.vocab_size} rows")
     writer = gguf.GGUFWriter(None, "llama")
     add_gguf_metadata(writer, config, src.name, GGUF_TYPES[gguf_type])
-    add_gguf_tokenizer(writer, tok, config)
+    add_gguf_tokenizer(writer, tok, config, src)
     for part, tensor in checkpoint_parts(src, config):
         heads = rope_heads(part, config)
         weight = (tensor if heads is None else permute_rope_rows(tensor, heads)).float().numpy()
@@ -589,10 +587,9 @@ def add_gguf_metadata(writer: gguf.GGUFWriter, config: LongLlamaConfig, name: st
         add(f"longllama.{key}", value)
 
 
-def add_gguf_tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer, config: LongLlamaConfig):
+def add_gguf_tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer, config: LongLlamaConfig, source):
     """tokenizer.ggml.* as llama.cpp's converter writes them: SentencePiece pieces, scores and types, or BPE tokens,
-    types, merges and pre-tokenizer name; ids beyond the tokenizer's pad the vocabulary to the embedding's rows."""
-    padding = range(tok.vocab_size, config.vocab_size)
+    types, merges and pre-tokenizer name; "[PADi]" tokens fill the vocabulary up to the embedding's rows."""
     if isinstance(tok, BPETokenizer):
         tokens, types, merges, pre = bpe_vocabulary(tok)
         writer.add_tokenizer_model("gpt2")
@@ -602,10 +599,13 @@ def add_gguf_tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer, config: LongLlam
         tokens, scores, types = sentencepiece_vocabulary(tok)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
-        writer.add_token_scores(scores + [-1000.0] * len(padding))
+        writer.add_token_scores(scores + [-1000.0] * (config.vocab_size - len(scores)))
         # llama.cpp reads these two normalizer rules from the file (defaults: True, False); found by trying them
         writer.add_add_space_prefix(tok.sp.IdToPiece(tok.sp.encode("a")[0]).startswith("\u2581"))
         writer.add_remove_extra_whitespaces(tok.sp.decode(tok.sp.encode("a  b")) == "a b")
+    if len(tokens) > config.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {len(tokens)} tokens, the embedding only {config.vocab_size} rows")
+    padding = range(len(tokens), config.vocab_size)
     writer.add_token_list(tokens + [f"[PAD{i}]" for i in padding])
     writer.add_token_types(types + [UNUSED] * len(padding))
     writer.add_bos_token_id(tok.bos_id)

@@ -309,9 +309,11 @@ def bpe_vocabulary(tok: BPETokenizer) -> tuple[list, list, list, str]:
                          f"{' or '.join(BPE_PRE_TOKENIZERS)} can be written to GGUF")
     vocab = {i: token for token, i in tok.hf.get_vocab(with_added_tokens=True).items()}
     added = tok.hf.get_added_tokens_decoder()  # id -> AddedToken
-    types = [NORMAL if i not in added else CONTROL if added[i].special else USER_DEFINED for i in range(tok.vocab_size)]
+    ids = range(max(vocab) + 1)  # an id no token has becomes "[PADi]", unused, as llama.cpp fills it
+    types = [UNUSED if i not in vocab else NORMAL if i not in added else CONTROL if added[i].special else USER_DEFINED
+             for i in ids]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    return [vocab[i] for i in range(tok.vocab_size)], types, merges, pre
+    return [vocab.get(i, f"[PAD{i}]") for i in ids], types, merges, pre
 
 
 def _splitting(pre_tokenizer):
