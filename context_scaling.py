@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import longllama
+from tokenizer import tokenizer_file
 
 SETUPS = {"fot": 3, "d1": 1, "d0": 0}  # name: cross-batch range d
 
@@ -50,8 +51,8 @@ def run(command: list[str]):
 
 def train(out: Path, name: str, d: int, size: dict):
     """One model; the first run trains the tokenizer, the others reuse it so that all read the same tokens."""
-    first = out / next(iter(SETUPS)) / "tokenizer.model"
-    tokenizer = ["--tokenizer", str(first)] if first.is_file() else []
+    first = tokenizer_file(out / next(iter(SETUPS)))
+    tokenizer = ["--tokenizer", str(first)] if first else []
     run([sys.executable, "train.py", *size["train"], "--cross-batch-range", str(d), "--eval-memory", EVAL_MEMORY,
          "--out", str(out / name), *tokenizer])
 

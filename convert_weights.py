@@ -1,21 +1,27 @@
-"""Convert checkpoints: Hugging Face LongLLaMA / LLaMA or GGUF in, this project's checkpoint out, and back to HF.
+"""Convert checkpoints: Hugging Face LongLLaMA / LLaMA / Llama-3 or GGUF in, this project's checkpoint out, and back out
+to Hugging Face or GGUF.
 
     python convert_weights.py long_llama_3b_v1_1/ ckpt/    # HF directory: *.bin or *.safetensors, sharded or not
     python convert_weights.py open_llama_3b_v2/ ckpt/ --mem-layers 6,12,18    # plain LLaMA, given memory layers
-    python convert_weights.py long_llama_3b.Q8_0.gguf ckpt/ --tokenizer tokenizer.model --mem-layers 6,12,18
+    python convert_weights.py long_llama_3b_v1_1.Q8_0.gguf ckpt/   # GGUF alone: its vocabulary becomes the tokenizer
     python convert_weights.py ckpt/ hf/ --to hf            # back to the Hugging Face layout
+    python convert_weights.py ckpt/ model.gguf --to gguf --type q8_0    # a LLaMA GGUF for llama.cpp-compatible tools
 
 Options: --dtype float32|float16|bfloat16 casts (default: keep the source's dtype; GGUF dequantizes to float32),
---mem-layers / --last-context-length override the memory settings (plain LLaMA and GGUF have none),
---tokenizer PATH copies that tokenizer.model (default: the one in SRC), --force replaces a non-empty OUT_DIR.
+--type f16|q8_0|f32 stores GGUF matrices, --mem-layers / --last-context-length override the memory settings (plain
+LLaMA has none), --tokenizer PATH uses that tokenizer.model or tokenizer.json (default: SRC's, or the one a GGUF
+file holds), --force replaces a non-empty OUT.
 
 Converting is renaming plus fusing, driven by one table (LAYER_NAMES, MODEL_NAMES): q/k/v become one `wqkv` matrix and
 gate/up one `gate_up` matrix, as in gpt-fast. Hugging Face checkpoints already use the rotate-half RoPE layout; GGUF
-files hold q/k rows permuted by llama.cpp's converter, which `unpermute_rope_rows` undoes. Every tensor is checked
-against the config before anything is written, and OUT_DIR appears only once complete.
+files hold q/k rows permuted by llama.cpp's converter, which `unpermute_rope_rows` undoes (`permute_rope_rows` on the
+way out). A GGUF file's vocabulary (tokenizer.ggml.*) is rebuilt into the file it came from, tokenizer.model or
+tokenizer.json; memory layers, which GGUF has no keys for, travel as longllama.* metadata. Every tensor is checked
+against the config before anything is written, and OUT appears only once complete.
 """
 
 import argparse
+import functools
 import json
 import os
 import pickle
@@ -33,8 +39,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from longllama import LongLlamaConfig, available_bytes
-from tokenizer import Tokenizer
+from longllama import LongLlamaConfig, available_bytes, write_atomically
+from tokenizer import (NORMAL, TOKENIZER_CONFIG, TOKENIZER_FILES, UNUSED, BPETokenizer, Tokenizer, bpe_tokenizer_json,
+                       bpe_vocabulary, open_tokenizer, read_tokenizer_config, sentencepiece_model,
+                       sentencepiece_vocabulary, tokenizer_file)
 
 # One row per tensor of a layer: our name, its Hugging Face name (under "model.layers.{i}."), its GGUF name (under
 # "blk.{i}."), and its shape in config sizes. Rows that share our name are fused along dim 0, in table order.
@@ -56,6 +64,16 @@ MODEL_NAMES = [
 ]
 # config.json "architectures" -> "model_type", both ways
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "LongLlamaForCausalLM": "longllama"}
+# --to gguf --type: what matrices are stored as
+GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+              "q8_0": gguf.GGMLQuantizationType.Q8_0}
+LLAMA_FILE_TYPES = {gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
+                    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
+                    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+# Memory settings, which GGUF has no keys for: written and read here as longllama.{key}.
+MEMORY_KEYS = ("mem_layers", "mem_positionals", "mem_dtype", "mem_attention_grouping", "last_context_length")
+# GGUF files without them: the published LongLLaMA models, known by general.name (lowercase letters and digits only).
+KNOWN_LONGLLAMA = {"longllama3b": [6, 12, 18], "longllamacode7b": [8, 16, 24]}
 # Tried in this order: safetensors first (same tensors, no pickle).
 HF_WEIGHT_FILES = ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                    "pytorch_model.bin"]
@@ -75,11 +93,11 @@ def tensor_parts(config: LongLlamaConfig) -> dict:
     size = dict(vocab=config.vocab_size, hidden=config.hidden_size, ffn=config.intermediate_size,
                 q=config.num_attention_heads * config.head_dim, kv=config.num_key_value_heads * config.head_dim)
     rows = [row for row in MODEL_NAMES if not (row[0] == "lm_head.weight" and config.tie_word_embeddings)]
-    rows += [(f"layers.{i}.{ours}", f"model.layers.{i}.{hf}", f"blk.{i}.{gguf}", shape)
-             for i in range(config.num_hidden_layers) for ours, hf, gguf, shape in LAYER_NAMES]
+    rows += [(f"layers.{i}.{ours}", f"model.layers.{i}.{hf}", f"blk.{i}.{gguf_name}", shape)
+             for i in range(config.num_hidden_layers) for ours, hf, gguf_name, shape in LAYER_NAMES]
     parts = defaultdict(list)
-    for ours, hf, gguf, shape in rows:
-        parts[ours].append(Part(ours, hf, gguf, tuple(size[s] for s in shape)))
+    for ours, hf, gguf_name, shape in rows:
+        parts[ours].append(Part(ours, hf, gguf_name, tuple(size[s] for s in shape)))
     return dict(parts)
 
 
@@ -121,6 +139,18 @@ def fuse(tensors, parts: dict, dtype, source) -> dict:
     if missing:
         raise ValueError(f"{source}: missing tensors {first_names(missing)}")
     return state
+
+
+def rope_heads(part: Part, config: LongLlamaConfig) -> Optional[int]:
+    """The heads whose rows llama.cpp reorders in a GGUF tensor (q: all heads, k: key/value heads), or None."""
+    kind = part.gguf.split(".", 2)[-1]
+    return {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}.get(kind)
+
+
+def permute_rope_rows(weight, heads: int):
+    """llama.cpp's reordering of q/k rows (see unpermute_rope_rows): each head's [2, D/2] rows become [D/2, 2]."""
+    rows, columns = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
 
 
 def unpermute_rope_rows(weight, heads: int):
@@ -224,20 +254,32 @@ def read_gguf(path: Path):
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
 
 
+MISSING = object()  # gguf_value's default: the key is required
+
+
+def gguf_value(reader, key: str, source, default=MISSING):
+    """A metadata value as Python: numbers, strings, lists (arrays); a float32 as its shortest decimal (1e-06)."""
+    found = reader.get_field(key)
+    if found is None:
+        if default is MISSING:
+            raise ValueError(f"{source}: metadata {key} is missing")
+        return default
+    try:
+        value = found.contents()
+    except UnicodeDecodeError:
+        raise ValueError(f"{source}: metadata {key} is not UTF-8 text") from None
+    if found.types == [gguf.GGUFValueType.FLOAT32]:
+        value = float(str(np.float32(value)))
+    return value
+
+
 def gguf_config_values(reader, source) -> dict:
     """Hugging Face config keys from the llama.* metadata llama.cpp's converter wrote from config.json."""
 
-    def field(key, default=None):
-        found = reader.get_field(key)
-        if found is None:
-            if default is None:
-                raise ValueError(f"{source}: metadata {key} is missing")
-            return default
-        value = found.contents()
+    def field(key, default=MISSING):
+        value = gguf_value(reader, key, source, default)
         if isinstance(value, list):
             raise ValueError(f"{source}: per-layer {key} is not supported")
-        if found.types == [gguf.GGUFValueType.FLOAT32]:
-            value = float(str(np.float32(value)))  # shortest decimal of the float32: 1e-06 as in config.json
         return value
 
     architecture = field("general.architecture")
@@ -268,20 +310,72 @@ def gguf_config_values(reader, source) -> dict:
     )
 
 
+def gguf_memory_settings(reader, source) -> dict:
+    """The memory settings of a GGUF file (not a GGUF concept): the longllama.* keys export_gguf writes, else the
+    memory layers of the published LongLLaMA model general.name names, else none ({})."""
+    ours = {key: value for key in MEMORY_KEYS if (value := gguf_value(reader, f"longllama.{key}", source, None))
+            is not None}
+    if ours:  # written by export_gguf, which always writes last_context_length: a key left out was [] or null
+        return {"mem_layers": [], **ours}
+    name = str(gguf_value(reader, "general.name", source, ""))
+    spelled = "".join(c for c in name.lower() if c.isalnum())  # "LongLLaMA-3Bv1.1", "long_llama_3b_v1_1" alike
+    for prefix, mem_layers in KNOWN_LONGLLAMA.items():
+        if spelled.startswith(prefix):
+            print(f"{source}: general.name {name!r} is a LongLLaMA model: memory layers {mem_layers} "
+                  "(--mem-layers overrides)", file=sys.stderr)
+            return {"mem_layers": mem_layers}
+    return {}
+
+
+def gguf_tokenizer_files(reader, config: LongLlamaConfig, source) -> dict:
+    """{file name: bytes}: the tokenizer llama.cpp's converter stored in tokenizer.ggml.*, rebuilt as the file it came
+    from (SentencePiece "llama": tokenizer.model; byte-level BPE "gpt2": tokenizer.json), and a tokenizer_config.json
+    naming BOS and EOS, with the chat template when the file has one. {} when the file holds no vocabulary."""
+    model = gguf_value(reader, "tokenizer.ggml.model", source, None)
+    if model is None:
+        return {}
+    tokens = gguf_value(reader, "tokenizer.ggml.tokens", source)
+    types = gguf_value(reader, "tokenizer.ggml.token_type", source, [NORMAL] * len(tokens))
+    if not len(tokens) == len(types) == config.vocab_size:
+        raise ValueError(f"{source}: the vocabulary has {len(tokens)} tokens ({len(types)} token types), "
+                         f"the embedding {config.vocab_size} rows")
+    if model == "llama":
+        # llama.cpp's defaults for keys its LLaMA converter does not write
+        files = {"tokenizer.model": sentencepiece_model(
+            tokens, gguf_value(reader, "tokenizer.ggml.scores", source), types, config.bos_token_id,
+            config.eos_token_id, add_dummy_prefix=gguf_value(reader, "tokenizer.ggml.add_space_prefix", source, True),
+            remove_extra_whitespaces=gguf_value(reader, "tokenizer.ggml.remove_extra_whitespaces", source, False))}
+    elif model == "gpt2":
+        files = {"tokenizer.json": bpe_tokenizer_json(
+            tokens, types, gguf_value(reader, "tokenizer.ggml.merges", source),
+            gguf_value(reader, "tokenizer.ggml.pre", source), source).encode()}
+    else:
+        raise ValueError(f"{source}: tokenizer {model!r} is not supported (only llama and gpt2)")
+    tokenizer_config = {"bos_token": tokens[config.bos_token_id], "eos_token": tokens[config.eos_token_id]}
+    chat_template = gguf_value(reader, "tokenizer.chat_template", source, None)
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
+    files[TOKENIZER_CONFIG] = (json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n").encode()
+    return files
+
+
 def gguf_tensors(reader, parts: dict, config: LongLlamaConfig, source):
     """Yield (Hugging Face name, float32 tensor) for each GGUF tensor: dequantized, q/k rows back in HF order."""
     part_of = {part.gguf: part for group in parts.values() for part in group}
-    rope_heads = {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}
     for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=None, leave=False):
         part = part_of.get(tensor.name)
+        if tensor.name == "rope_freqs.weight":  # what llama.cpp writes for Llama-3.1's rope_scaling
+            raise ValueError(f"{source}: rope frequency factors (rope_freqs.weight, Llama-3.1 rope scaling) are not "
+                             "supported from GGUF: convert the Hugging Face checkpoint instead")
         if part is None:
             raise ValueError(f"{source}: unexpected tensor {tensor.name}")
         try:
             weight = torch.tensor(gguf.quants.dequantize(tensor.data, tensor.tensor_type))  # float32 [rows, columns]
-        except NotImplementedError as e:
-            raise ValueError(f"{source}: {tensor.name}: {e}") from None
+        except NotImplementedError:
+            raise ValueError(f"{source}: {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf package "
+                             "cannot dequantize") from None
         check_tensor(tensor.name, weight, part.shape, source)
-        heads = rope_heads.get(tensor.name.split(".", 2)[-1])
+        heads = rope_heads(part, config)
         yield part.hf, weight if heads is None else unpermute_rope_rows(weight, heads)
 
 
@@ -309,20 +403,31 @@ def check_fits_in_memory(config: LongLlamaConfig, dtype, source):
                          f"{available / 2**30:.1f} GiB are free")
 
 
-def find_tokenizer(tokenizer, src_dir) -> Optional[Path]:
-    """The tokenizer.model to copy: the one given, else the source's, else None. A file that is no SentencePiece
-    model is refused now, rather than found by generate.py in the finished checkpoint."""
-    if tokenizer is None and src_dir is not None and (src_dir / "tokenizer.model").is_file():
-        tokenizer = src_dir / "tokenizer.model"
-    if tokenizer is not None:
-        Tokenizer(tokenizer)  # raises ValueError for a missing or damaged file
-    return None if tokenizer is None else Path(tokenizer)
+def check_out_file(out_path: Path, force: bool):
+    """As check_out_dir, for a single file (a GGUF export)."""
+    existing = next(p for p in out_path.parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{out_path}: {existing} exists and is not a directory")
+    if out_path.is_dir() or (out_path.exists() and not force):
+        raise ValueError(f"{out_path}: exists{' and is a directory' if out_path.is_dir() else ' (--force replaces it)'}")
 
 
-def write_checkpoint(out_dir: Path, config: dict, state: dict, tokenizer):
-    """Write config.json, model.safetensors and tokenizer.model into a temporary sibling, then rename it to out_dir:
-    out_dir never holds half a checkpoint, and an old out_dir (empty, or --force) is replaced only once the new is
-    complete."""
+def source_tokenizer(path, src_dir) -> Optional[Tokenizer]:
+    """The tokenizer to carry over: the one given (--tokenizer), else the source directory's, else None. A damaged
+    file is refused now, rather than found by generate.py in the finished checkpoint."""
+    path = path or (src_dir and tokenizer_file(src_dir))
+    return open_tokenizer(path) if path else None
+
+
+def tokenizer_bytes(tok: Optional[Tokenizer]) -> dict:
+    """{checkpoint file name: content} of a tokenizer's files (tokenizer.model or .json, tokenizer_config.json)."""
+    return {name: path.read_bytes() for name, path in tok.files.items()} if tok else {}
+
+
+def write_checkpoint(out_dir: Path, config: dict, state: dict, tokenizer_files: dict):
+    """Write config.json, model.safetensors and the tokenizer's files into a temporary sibling, then rename it to
+    out_dir: out_dir never holds half a checkpoint, and an old out_dir (empty, or --force) is replaced only once the
+    new is complete."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     tmp.mkdir()
@@ -330,8 +435,10 @@ def write_checkpoint(out_dir: Path, config: dict, state: dict, tokenizer):
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors creates it 0600: honour umask
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        for name, content in tokenizer_files.items():
+            (tmp / name).write_bytes(content)
+        if tokenizer_files:
+            open_tokenizer(tokenizer_file(tmp))  # a rebuilt tokenizer is checked by its own library before it counts
         if out_dir.exists():
             old = tmp.with_name(f"{tmp.name}.old")
             out_dir.rename(old)
@@ -342,12 +449,36 @@ def write_checkpoint(out_dir: Path, config: dict, state: dict, tokenizer):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # warnings come after the work, so that a failed conversion reports its error alone
-    if tokenizer is None:
-        warnings.warn(f"{out_dir} has no tokenizer.model (generate.py needs one): pass --tokenizer PATH")
+    if not tokenizer_files:
+        warnings.warn(f"{out_dir} has no {' or '.join(TOKENIZER_FILES)} (generate.py needs one): pass --tokenizer PATH")
+
+
+def checkpoint_parts(src: Path, config: LongLlamaConfig):
+    """Yield (Part, tensor) for every Hugging Face / GGUF tensor of our checkpoint directory: fused tensors split."""
+    parts, path = tensor_parts(config), src / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{src}: no model.safetensors")
+    for name, fused in read_weights(path):
+        group = parts.pop(name, None)
+        if group is None:
+            raise ValueError(f"{path}: unexpected tensor {name}")
+        check_tensor(name, fused, (sum(p.shape[0] for p in group), *group[0].shape[1:]), path)
+        yield from zip(group, fused.split([p.shape[0] for p in group]))
+    if parts:
+        raise ValueError(f"{path}: missing tensors {first_names(list(parts))}")
+
+
+def write_gguf_file(writer: gguf.GGUFWriter, path: Path):
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=sys.stderr.isatty())
+    finally:
+        writer.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The three conversions
+# The conversions
 
 
 def convert_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=None, tokenizer=None,
@@ -358,31 +489,36 @@ def convert_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=No
     config = load_config(src, mem_layers, last_context_length)
     check_fits_in_memory(config, dtype, src)
     files = hf_weight_files(src)
-    tokenizer = find_tokenizer(tokenizer, src)
+    tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
     tensors = (item for path in tqdm(files, desc="reading", unit="shard", disable=None, leave=False)
                for item in read_weights(path))
     state = fuse(tensors, tensor_parts(config), dtype, src)
-    write_checkpoint(out_dir, config.to_dict(), state, tokenizer)
+    write_checkpoint(out_dir, config.to_dict(), state, tokenizer_files)
     return config
 
 
 def convert_gguf(src, out_dir, dtype=None, mem_layers=None, last_context_length=None, tokenizer=None,
                  force=False) -> LongLlamaConfig:
-    """llama.cpp GGUF file (any quantization the gguf package can dequantize) -> our checkpoint directory."""
+    """llama.cpp GGUF file (any quantization the gguf package can dequantize) -> our checkpoint directory, with the
+    tokenizer rebuilt from the file's vocabulary unless --tokenizer names one."""
     src, out_dir = Path(src), Path(out_dir)
     check_out_dir(out_dir, force)
     if not src.is_file():
         raise ValueError(f"{src}: no such file")
     reader = read_gguf(src)
-    config = build_config(gguf_config_values(reader, src), mem_layers, last_context_length, src)
+    values = gguf_config_values(reader, src)
+    if mem_layers is None:
+        values.update(gguf_memory_settings(reader, src))
+    config = build_config(values, mem_layers, last_context_length, src)
     check_fits_in_memory(config, dtype or torch.float32, src)  # dequantized to float32
-    tokenizer = find_tokenizer(tokenizer, None)
+    tokenizer_files = (tokenizer_bytes(source_tokenizer(tokenizer, None)) if tokenizer
+                       else gguf_tokenizer_files(reader, config, src))
     parts = tensor_parts(config)
     state = fuse(gguf_tensors(reader, parts, config, src), parts, dtype, src)
-    write_checkpoint(out_dir, config.to_dict(), state, tokenizer)
-    if mem_layers is None:
-        warnings.warn(f"{src.name} holds no LongLLaMA memory settings and no --mem-layers was given: {out_dir} is "
-                      f"plain LLaMA limited to its {config.max_position_embeddings}-token window")
+    write_checkpoint(out_dir, config.to_dict(), state, tokenizer_files)
+    if not config.mem_layers and mem_layers is None:
+        warnings.warn(f"{src.name} names no memory layers and no --mem-layers was given: {out_dir} is plain LLaMA "
+                      f"limited to its {config.max_position_embeddings}-token window")
     return config
 
 
@@ -393,25 +529,109 @@ def export_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=Non
     check_out_dir(out_dir, force)
     config = load_config(src, mem_layers, last_context_length)
     check_fits_in_memory(config, dtype, src)
-    tokenizer = find_tokenizer(tokenizer, src)
-    parts, path, state = tensor_parts(config), src / "model.safetensors", {}
-    if not path.is_file():
-        raise ValueError(f"{src}: no model.safetensors")
-    for name, fused in read_weights(path):
-        group = parts.pop(name, None)
-        if group is None:
-            raise ValueError(f"{path}: unexpected tensor {name}")
-        check_tensor(name, fused, (sum(p.shape[0] for p in group), *group[0].shape[1:]), path)
-        for part, piece in zip(group, fused.split([p.shape[0] for p in group])):
-            state[part.hf] = piece.to(dtype=dtype).clone()  # clone: pieces of one tensor share memory otherwise
-    if parts:
-        raise ValueError(f"{path}: missing tensors {first_names(list(parts))}")
+    tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
+    # clone: pieces of one tensor share memory otherwise
+    state = {part.hf: piece.to(dtype=dtype).clone() for part, piece in checkpoint_parts(src, config)}
     architecture = "LongLlamaForCausalLM" if config.mem_layers else "LlamaForCausalLM"
     hf_config = {"architectures": [architecture], "model_type": HF_ARCHITECTURES[architecture], "hidden_act": "silu",
                  "torch_dtype": str(state["model.embed_tokens.weight"].dtype).removeprefix("torch."),
                  **config.to_dict()}
-    write_checkpoint(out_dir, hf_config, state, tokenizer)
+    write_checkpoint(out_dir, hf_config, state, tokenizer_files)
     return config
+
+
+def export_gguf(src, out_path, mem_layers=None, last_context_length=None, tokenizer=None, force=False,
+                gguf_type="f16") -> LongLlamaConfig:
+    """Our checkpoint directory -> a LLaMA GGUF file as llama.cpp's converter writes one (gguf_type: f32, f16, q8_0),
+    with the memory settings under longllama.* keys, which other GGUF readers ignore."""
+    src, out_path = Path(src), Path(out_path)
+    check_out_file(out_path, force)
+    config = load_config(src, mem_layers, last_context_length)
+    check_fits_in_memory(config, torch.float32, src)  # the writer holds every tensor until it writes the file
+    if config.rope_scaling is not None:  # llama.cpp stores it as a rope_freqs.weight tensor, which is not read back
+        raise ValueError(f"{src}: rope_scaling cannot be written to GGUF here")
+    tok = source_tokenizer(tokenizer, src)
+    if tok is None:
+        raise ValueError(f"{src}: no {' or '.join(TOKENIZER_FILES)} (a GGUF file carries its tokenizer; pass --tokenizer)")
+    writer = gguf.GGUFWriter(None, "llama")
+    add_gguf_metadata(writer, config, src.name, GGUF_TYPES[gguf_type])
+    add_gguf_tokenizer(writer, tok, config, src)
+    for part, tensor in checkpoint_parts(src, config):
+        heads = rope_heads(part, config)
+        weight = (tensor if heads is None else permute_rope_rows(tensor, heads)).float().numpy()
+        add_gguf_tensor(writer, part.gguf, weight, GGUF_TYPES[gguf_type])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically({out_path: lambda tmp: write_gguf_file(writer, tmp)})  # temporary name, then renamed
+    return config
+
+
+def add_gguf_metadata(writer: gguf.GGUFWriter, config: LongLlamaConfig, name: str, qtype):
+    """The llama.* keys llama.cpp's converter writes from config.json, and our memory settings."""
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type(LLAMA_FILE_TYPES[qtype])
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(config.head_dim)
+    for key, value in config.to_dict().items():
+        if key not in MEMORY_KEYS or value in (None, []):  # GGUF has no null and no empty array: left out
+            continue
+        add = (writer.add_array if isinstance(value, list) else writer.add_bool if isinstance(value, bool)
+               else writer.add_string if isinstance(value, str) else writer.add_uint32)
+        add(f"longllama.{key}", value)
+
+
+def add_gguf_tokenizer(writer: gguf.GGUFWriter, tok: Tokenizer, config: LongLlamaConfig, source):
+    """tokenizer.ggml.* as llama.cpp's converter writes them: SentencePiece pieces, scores and types, or BPE tokens,
+    types, merges and pre-tokenizer name; "[PADi]" tokens fill the vocabulary up to the embedding's rows."""
+    if isinstance(tok, BPETokenizer):
+        tokens, types, merges, pre = bpe_vocabulary(tok)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_merges(merges)
+    else:
+        tokens, scores, types = sentencepiece_vocabulary(tok)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(scores + [-1000.0] * (config.vocab_size - len(scores)))
+        # llama.cpp reads these two normalizer rules from the file (defaults: True, False); found by trying them
+        writer.add_add_space_prefix(tok.sp.IdToPiece(tok.sp.encode("a")[0]).startswith("\u2581"))
+        writer.add_remove_extra_whitespaces(tok.sp.decode(tok.sp.encode("a  b")) == "a b")
+    if len(tokens) > config.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {len(tokens)} tokens, the embedding only {config.vocab_size} rows")
+    padding = range(len(tokens), config.vocab_size)
+    writer.add_token_list(tokens + [f"[PAD{i}]" for i in padding])
+    writer.add_token_types(types + [UNUSED] * len(padding))
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.eos_id)
+    if config.pad_token_id is not None and 0 <= config.pad_token_id < config.vocab_size:
+        writer.add_pad_token_id(config.pad_token_id)
+    chat_template = tokenizer_chat_template(tok)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+def tokenizer_chat_template(tok: Tokenizer) -> Optional[str]:
+    path = tok.files.get(TOKENIZER_CONFIG)
+    return read_tokenizer_config(path).get("chat_template") if path else None
+
+
+def add_gguf_tensor(writer: gguf.GGUFWriter, name: str, weight: np.ndarray, qtype):
+    """1-D tensors (norms) stay float32, as llama.cpp keeps them; a matrix whose rows do not fill whole Q8_0 blocks
+    falls back to float16, as llama.cpp's converter does."""
+    if weight.ndim == 1:
+        qtype = gguf.GGMLQuantizationType.F32
+    try:
+        writer.add_tensor(name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+    except gguf.quants.QuantError:
+        writer.add_tensor(name, gguf.quants.quantize(weight, gguf.GGMLQuantizationType.F16),
+                          raw_dtype=gguf.GGMLQuantizationType.F16)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -430,27 +650,35 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = fail  # a bad flag is bad input like any other: one line, status 1
     parser.add_argument("src", type=Path, metavar="SRC",
-                        help="Hugging Face directory or .gguf file (with --to hf: our checkpoint directory)")
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="directory to create")
-    parser.add_argument("--to", choices=["ours", "hf"], default="ours", help="output layout (default: ours)")
+                        help="Hugging Face directory or .gguf file (with --to hf/gguf: our checkpoint directory)")
+    parser.add_argument("out", type=Path, metavar="OUT", help="directory to create (with --to gguf: the .gguf file)")
+    parser.add_argument("--to", choices=["ours", "hf", "gguf"], default="ours", help="output layout (default: ours)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast (default: keep)")
+    parser.add_argument("--type", choices=list(GGUF_TYPES), help="with --to gguf: how matrices are stored (default f16)")
     parser.add_argument("--mem-layers", type=layer_list, help='memory layer indices, e.g. "6,12,18" ("" for none)')
     parser.add_argument("--last-context-length", type=int, help="tokens kept in the local window, not memory")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model to copy (default: SRC/tokenizer.model)")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR when it is not empty")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="tokenizer.model or tokenizer.json to use (default: SRC's, or the one a GGUF file holds)")
+    parser.add_argument("--force", action="store_true", help="replace OUT when it is not empty")
     args = parser.parse_args(argv)
-    convert = export_hf if args.to == "hf" else convert_gguf if args.src.suffix == ".gguf" else convert_hf
+    if (args.type and args.to != "gguf") or (args.dtype and args.to == "gguf"):
+        fail("--type goes with --to gguf, --dtype with the other layouts")
+    settings = dict(mem_layers=args.mem_layers, last_context_length=args.last_context_length,
+                    tokenizer=args.tokenizer, force=args.force)
+    if args.to == "gguf":
+        convert = functools.partial(export_gguf, gguf_type=args.type or "f16")
+    else:
+        convert = export_hf if args.to == "hf" else convert_gguf if args.src.suffix == ".gguf" else convert_hf
+        settings["dtype"] = getattr(torch, args.dtype) if args.dtype else None
 
     with warnings.catch_warnings():  # warnings as one plain line each, like errors
         warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
         try:
-            config = convert(args.src, args.out_dir, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                             mem_layers=args.mem_layers, last_context_length=args.last_context_length,
-                             tokenizer=args.tokenizer, force=args.force)
+            config = convert(args.src, args.out, **settings)
         except (ValueError, OSError) as e:
             fail(str(e))
-    print(f"wrote {args.out_dir} ({'Hugging Face' if args.to == 'hf' else 'longllama'} layout): "
-          f"{config.num_hidden_layers} layers, mem_layers {config.mem_layers}, "
+    layout = {"ours": "longllama layout", "hf": "Hugging Face layout", "gguf": f"GGUF {args.type or 'f16'}"}[args.to]
+    print(f"wrote {args.out} ({layout}): {config.num_hidden_layers} layers, mem_layers {config.mem_layers}, "
           f"last_context_length {config.last_context_length}")
 
 

@@ -26,7 +26,7 @@ import torch
 
 import longllama
 from longllama import available_bytes
-from tokenizer import Tokenizer, utf8_text
+from tokenizer import checkpoint_tokenizer, utf8_text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -149,12 +149,12 @@ def peak_memory(device: torch.device) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Continue a long prompt with a LongLLaMA checkpoint.")
     p.error = fail  # a bad flag is bad input like any other: one line, status 1
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.model)")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer.model or .json)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", help="file holding the prompt ('-' reads stdin)")
     p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
-    p.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the checkpoint's")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
@@ -218,10 +218,7 @@ def run(args):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if not Path(args.ckpt).is_dir():
         raise ValueError(f"checkpoint directory {args.ckpt} does not exist")
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.ckpt) / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise ValueError(f"no tokenizer at {tokenizer_path} (pass --tokenizer PATH)")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
     prompt_ids = tokenizer.encode(read_prompt(args))
 
     model = longllama.load(args.ckpt, device=device, dtype=dtype, **config_overrides(args))

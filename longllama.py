@@ -49,6 +49,7 @@ class LongLlamaConfig:
     num_key_value_heads: Optional[int] = None  # None: same as num_attention_heads (no grouped-query attention)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama-3.1's {"rope_type": "llama3", ...}: see llama3_frequencies
     max_position_embeddings: int = 2048  # W: the local context window
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
@@ -86,6 +87,9 @@ class LongLlamaConfig:
             (["hidden_size"], lambda v: v % (2 * heads) == 0,
              f"divisible by num_attention_heads={heads} into an even head_dim (rotary embeddings turn pairs)"),
             (["rms_norm_eps", "rope_theta"], lambda v: is_number(v) and v > 0, "a positive finite number"),
+            (["rope_scaling"], lambda v: v is None or is_llama3_scaling(v),
+             'null or {"rope_type": "llama3", "factor", "low_freq_factor" < "high_freq_factor", '
+             '"original_max_position_embeddings"} (positive numbers); other rope scalings are not supported'),
             (["tie_word_embeddings", "mem_positionals"], lambda v: isinstance(v, bool), "true or false"),
             (["bos_token_id", "eos_token_id"], lambda v: is_int(v) and 0 <= v < vocab,
              f"a token id in [0, vocab_size={vocab})"),
@@ -179,6 +183,13 @@ def is_int_list(value, low: int, high: float = math.inf) -> bool:
     return isinstance(value, (list, tuple)) and all(is_int(v) and low <= v < high for v in value)
 
 
+def is_llama3_scaling(value) -> bool:
+    numbers = ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+    return (isinstance(value, dict) and value.get("rope_type", value.get("type")) == "llama3"
+            and all(is_number(value.get(key)) and value[key] > 0 for key in numbers)
+            and value["low_freq_factor"] < value["high_freq_factor"])
+
+
 def check_values(values: dict, rules, label=str):
     """Raise ValueError for the first value that breaks its rule, naming it with label(key).
 
@@ -191,7 +202,7 @@ def check_values(values: dict, rules, label=str):
 
 
 # Hugging Face config keys that change nothing here when they hold these values (and anything else is unsupported).
-_HF_REQUIRED_VALUES = {"hidden_act": "silu", "rope_scaling": None, "attention_bias": False, "mlp_bias": False}
+_HF_REQUIRED_VALUES = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 # Hugging Face config keys that carry no information for this model.
 _HF_BOOKKEEPING = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "auto_map",
                    "initializer_range", "use_cache", "attention_dropout", "pretraining_tp", "head_dim"}
@@ -214,12 +225,25 @@ PRESETS = {
 # Rotary embeddings (Hugging Face "rotate half" layout)
 
 
-def rope_tables(head_dim: int, length: int, theta: float, device=None):
+def rope_tables(head_dim: int, length: int, theta: float, scaling: Optional[dict] = None, device=None):
     """cos and sin, each [length, head_dim], for positions 0 .. length-1 (float32)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # frequencies repeated twice: [length, head_dim]
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(inv_freq, scaling: dict):
+    """Llama-3.1's rope_scaling, which stretches its 8k-token training to 128k: frequencies that turn less than once
+    in the original context (wavelength > context / low_freq_factor) are divided by `factor`, those that turn often
+    (wavelength < context / high_freq_factor) are kept, and those between are blended, linearly in 1 / wavelength."""
+    context = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    turns = context * inv_freq / (2 * math.pi)  # turns in the original context: context / wavelength
+    kept = ((turns - low) / (high - low)).clamp(0, 1)  # 0: divided by factor, 1: kept
+    return inv_freq * (kept + (1 - kept) / factor)
 
 
 def rotate_half(x):
@@ -667,7 +691,7 @@ class LongLlama(nn.Module):
     def reset_rope(self):
         """(Re)compute the rotary tables; positions never exceed the window, so W rows are enough."""
         cos, sin = rope_tables(self.config.head_dim, self.config.max_position_embeddings, self.config.rope_theta,
-                               device=self.embed.weight.device)
+                               self.config.rope_scaling, device=self.embed.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import longllama
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, checkpoint_tokenizer
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -201,6 +201,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.error = fail
     p.add_argument("--ckpt", required=True, help="checkpoint directory, as generate.py takes it")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the checkpoint's")
     p.add_argument("--lengths", default="1k,4k,16k,64k", help="prompt lengths in tokens, e.g. 1k,4k,16k,64k")
     p.add_argument("--depths", default=None,
                    help="passkey depths in [0, 1] (0: right after the task line, 1: just before the question); "
@@ -229,7 +230,7 @@ def parse_args(argv=None):
 def run(args):
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    tokenizer = Tokenizer(Path(args.ckpt) / "tokenizer.model")
+    tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
     model = longllama.load(args.ckpt, device=device, dtype=dtype)
     log = lambda line: print(line, file=sys.stderr)
     results = run_trials(model, PromptBuilder(tokenizer), args.lengths, args.depths, args.trials, args.seed, log)

@@ -1,38 +1,81 @@
-"""SentencePiece tokenizer for LongLLaMA: encode/decode, streaming decode, and training a small tokenizer.
+"""Tokenizers for LongLLaMA and the Llama-3 family: SentencePiece or byte-level BPE behind one interface, a streaming
+decoder, the two file formats rebuilt from vocabulary lists (GGUF), and training a small tokenizer.
 
-    tok = Tokenizer("tokenizer.model")        # a checkpoint's tokenizer (OpenLLaMA v1/v2 for LongLLaMA-3B)
-    ids = tok.encode("def f():")               # BOS, then exactly SentencePiece's ids
-    text = tok.decode(ids)                     # bos/eos/pad dropped
+    tok = checkpoint_tokenizer("ckpt/")        # its tokenizer.model (SentencePiece) or tokenizer.json (BPE)
+    ids = tok.encode("def f():")               # BOS, then exactly the underlying tokenizer's ids
+    text = tok.decode(ids)                     # bos/eos/pad (BPE: every special token) dropped
     stream = tok.decoder(prompt_ids)           # generate.py: .push(id) -> new text, .flush() at the end
     tok = train_tokenizer(texts, "tok.model")  # train.py's default run: a small BPE tokenizer for code
     text = utf8_text(data)                     # bytes read from a file or stdin, refused unless UTF-8 text
 
-A thin wrapper: SentencePiece does the encoding, this file adds the LLaMA conventions (BOS in front, pad 0),
-clean one-line errors for bad files, a streaming decoder that never splits a character or loses a space,
-and trainer settings under which source code round-trips exactly.
+Thin wrappers: SentencePiece (LongLLaMA, LLaMA, Code Llama) and Hugging Face `tokenizers` (Llama-3's tokenizer.json,
+imported only when one is opened) do the encoding; this file adds the LLaMA conventions (BOS in front), clean
+one-line errors for bad files, a streaming decoder that never splits a character or loses a space, and trainer
+settings under which source code round-trips exactly.
 """
-import codecs
 import io
+import json
 import random
+import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import sentencepiece as spm
 
 from longllama import write_atomically
 
+# A checkpoint's tokenizer is whichever of these files it has (looked for in this order), with the Hugging Face
+# tokenizer_config.json beside it when there is one (BPE special tokens, chat template).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def tokenizer_file(ckpt_dir) -> Optional[Path]:
+    """The checkpoint's tokenizer.model or tokenizer.json, or None."""
+    return next((Path(ckpt_dir) / name for name in TOKENIZER_FILES if (Path(ckpt_dir) / name).is_file()), None)
+
+
+def open_tokenizer(path) -> "Tokenizer":
+    """A tokenizer file by its kind: tokenizer.json (or any .json) is BPE, anything else SentencePiece."""
+    return BPETokenizer(path) if Path(path).suffix == ".json" else Tokenizer(path)
+
+
+def checkpoint_tokenizer(ckpt_dir, override=None) -> "Tokenizer":
+    """The tokenizer generate.py and train.py use: `override` (a --tokenizer flag) when given, else the checkpoint's."""
+    path = override or tokenizer_file(ckpt_dir)
+    if path is None:
+        raise ValueError(f"{ckpt_dir} has no {' or '.join(TOKENIZER_FILES)} (pass --tokenizer PATH)")
+    return open_tokenizer(path)
+
+
+def check_file(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path}: {'is a directory' if path.is_dir() else 'no such file'}")
+    return path
+
+
+def files_of(path: Path, name: str) -> dict:
+    """{checkpoint file name: path}: a tokenizer file and the tokenizer_config.json beside it, when there is one (it
+    names BPE special tokens and holds the chat template)."""
+    config = path.with_name(TOKENIZER_CONFIG)
+    return {name: path, **({TOKENIZER_CONFIG: config} if config.is_file() else {})}
+
 
 class Tokenizer:
-    """A SentencePiece model with LLaMA's conventions; a bad file raises ValueError with a one-line message."""
+    """A SentencePiece model with LLaMA's conventions; a bad file raises ValueError with a one-line message.
+
+    BPETokenizer has the same interface: encode, decode, decoder, bos_id, eos_id, pad_id, vocab_size and `files`
+    (checkpoint file name -> where it is read from, for copying the tokenizer into another checkpoint).
+    """
 
     def __init__(self, path):
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"tokenizer {path}: {'is a directory' if path.is_dir() else 'no such file'}")
+        path = check_file(path)
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as err:
             raise ValueError(f"tokenizer {path}: not a SentencePiece model ({err})") from None
+        self.files = files_of(path, "tokenizer.model")
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         # LLaMA tokenizers have no pad piece; LLaMA checkpoints pad with 0 (<unk>).
@@ -41,36 +84,91 @@ class Tokenizer:
         self.special_ids = {self.bos_id, self.eos_id, self.pad_id}
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        return [self.bos_id] * bos + self._ids(text) + [self.eos_id] * eos
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([i for i in map(int, ids) if i not in self.special_ids])
+        return self._text([i for i in map(int, ids) if i not in self.special_ids])
 
     def decoder(self, prefix_ids: Iterable[int] = ()) -> "StreamDecoder":
         """An incremental decoder for text generated after prefix_ids (the prompt, which it does not emit)."""
         return StreamDecoder(self, prefix_ids)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+class BPETokenizer(Tokenizer):
+    """A Hugging Face tokenizer.json (Llama-3's byte-level BPE) with the same conventions as Tokenizer.
+
+    tokenizer.json does not say which tokens are BOS and EOS: the tokenizer_config.json beside it does (bos_token,
+    eos_token, and pad_token when there is one; without one, padding uses EOS, which decoding drops anyway).
+    """
+
+    def __init__(self, path):
+        path = check_file(path)
+        import tokenizers  # only checkpoints with a tokenizer.json need it
+
+        try:
+            self.hf = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust side raises a bare Exception for a malformed file
+            raise ValueError(f"tokenizer {path}: not a Hugging Face tokenizer.json ({err})") from None
+        self.files = files_of(path, "tokenizer.json")
+        config_path = self.files.get(TOKENIZER_CONFIG, path.with_name(TOKENIZER_CONFIG))
+        config = read_tokenizer_config(config_path) if config_path.is_file() else {}
+        self.bos_id, self.eos_id = (self._special_id(config, name, config_path) for name in ("bos_token", "eos_token"))
+        self.pad_id = self._special_id(config, "pad_token", config_path) if config.get("pad_token") else self.eos_id
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        self.special_ids = {self.bos_id, self.eos_id, self.pad_id}
+
+    def _special_id(self, config: dict, name: str, config_path) -> int:
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token  # older configs write {"content": ...}
+        token_id = self.hf.token_to_id(token) if isinstance(token, str) else None
+        if token_id is None:
+            raise ValueError(f"tokenizer {config_path}: {name} {token!r} is not a token of the tokenizer.json beside it"
+                             if token else f"tokenizer {config_path}: no {name} (tokenizer.json needs it beside it)")
+        return token_id
+
+    def _ids(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids  # BOS/EOS are added by encode(), as for SentencePiece
+
+    def _text(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
+def read_tokenizer_config(path) -> dict:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"tokenizer {path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"tokenizer {path}: expected a JSON object")
+    return config
 
 
 class StreamDecoder:
     """Turns generated ids into text one token at a time; everything pushed and flushed adds up to decode(ids).
 
     Decoding tokens one by one is wrong in two ways: SentencePiece drops the leading space of the text it
-    decodes ("▁world" alone gives "world"), and a character spelled as byte pieces (<0xE2><0x82><0xAC>) is
-    broken until its last byte arrives. So, like the streaming detokenizers of TGI and vLLM, each step decodes
-    a short window of recent ids twice, up to the read offset and up to the end, and emits the difference. The
-    window then drops what lies before the old read offset, so a step costs O(1) whatever the text's length.
-    Text that ends inside a byte-spelled character is held back until the character is complete.
+    decodes ("▁world" alone gives "world"), and a character spelled in bytes (SentencePiece's <0xE2><0x82><0xAC>,
+    or byte-level BPE tokens holding part of a character) is broken until its last byte arrives. So, like the
+    streaming detokenizers of TGI and vLLM, each step decodes a short window of recent ids twice, up to the read
+    offset and up to the end, and emits the difference. The window then drops what lies before the old read
+    offset, so a step costs O(1) whatever the text's length. New text that ends in U+FFFD, which is how an
+    unfinished character decodes, is held back until the next token completes it (or flush() gives up).
     """
 
     def __init__(self, tokenizer: Tokenizer, prefix_ids: Iterable[int] = ()):
         self.tok = tokenizer
-        self.sp = tokenizer.sp
         prefix = [i for i in map(int, prefix_ids) if i not in tokenizer.special_ids]
         # SentencePiece strips leading "▁" only while it has decoded nothing visible. Once the text has begun,
         # the window is decoded behind an anchor piece ("a"), so that none of the window's spaces is stripped.
         self.at_start = not tokenizer.decode(prefix)
-        self.anchor = self.sp.encode("a")
-        self.anchor_text = self.sp.decode(self.anchor)
+        self.anchor = tokenizer.encode("a", bos=False)
+        self.anchor_text = tokenizer.decode(self.anchor)
         # The prompt's last token is context only (read, never emitted): a prompt that decodes to nothing can
         # still end in a "▁" which SentencePiece strips there but which shows once a word follows.
         self.ids = prefix[-1:]
@@ -82,18 +180,17 @@ class StreamDecoder:
         if token_id in self.tok.special_ids:
             return ""
         self.ids.append(token_id)
-        if self._ends_inside_character():
-            return ""
-        return self._advance()
+        return self._advance(final=False)
 
     def flush(self) -> str:
         """The text still held back (an unfinished character comes out as U+FFFD, as decode() writes it)."""
-        return self._advance()
+        return self._advance(final=True)
 
-    def _advance(self) -> str:
+    def _advance(self, final: bool) -> str:
         read_text = self._text(self.ids[: self.read])
         new_text = self._text(self.ids)[len(read_text):]
-        if not new_text:  # e.g. a lone leading "▁", which shows only once a word follows
+        # "": e.g. a lone leading "▁", which shows only once a word follows; U+FFFD: maybe an unfinished character
+        if not new_text or (new_text.endswith("\ufffd") and not final):
             return ""
         self.at_start = False  # the read part of every later window holds visible text: stripping is over
         self.ids = self.ids[self.read:]
@@ -102,19 +199,130 @@ class StreamDecoder:
 
     def _text(self, ids: list[int]) -> str:
         if self.at_start:
-            return self.sp.decode(ids)
-        return self.sp.decode(self.anchor + ids)[len(self.anchor_text):]
+            return self.tok.decode(ids)
+        return self.tok.decode(self.anchor + ids)[len(self.anchor_text):]
 
-    def _ends_inside_character(self) -> bool:
-        # A UTF-8 character is at most 4 bytes, so only the last 3 byte pieces can be an unfinished one.
-        tail = []
-        for token_id in reversed(self.ids[-3:]):
-            if not self.sp.IsByte(token_id):
-                break
-            tail.insert(0, int(self.sp.IdToPiece(token_id)[1:-1], 16))  # "<0xE2>" -> 0xE2
-        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        utf8.decode(bytes(tail))
-        return utf8.getstate()[0] != b""  # bytes still waiting for the rest of their character
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer files rebuilt from vocabulary lists (a GGUF file's tokenizer.ggml.* arrays) and read back into them
+
+# SentencePiece piece types; GGUF's token types use the same numbers (llama.cpp copies them).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SENTENCEPIECE_BPE = 2  # TrainerSpec.model_type: LLaMA's tokenizers are BPE, not unigram
+
+
+def sentencepiece_model(pieces: list, scores: list, types: list, bos_id: int, eos_id: int,
+                        add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = False) -> bytes:
+    """A tokenizer.model (a SentencePiece ModelProto) holding these pieces, encoding as the original model did.
+
+    Encoding reads the pieces with their scores and types, the model type (BPE), byte fallback (on when there are
+    byte pieces), the special pieces, and the normalizer's two whitespace rules; training settings are left out.
+    The text is the identity (no Unicode normalization), as in every LLaMA tokenizer. The few fields are written
+    directly in protobuf's wire format (field numbers from SentencePiece's sentencepiece_model.proto), which needs
+    no protobuf package.
+    """
+    unk_id = types.index(UNKNOWN) if UNKNOWN in types else 0
+    trainer_spec = _protobuf(
+        (3, SENTENCEPIECE_BPE), (4, len(pieces)), (35, BYTE in types),  # model_type, vocab_size, byte_fallback
+        (40, unk_id), (41, bos_id), (42, eos_id), (43, -1),  # unk_id, bos_id, eos_id, pad_id (none)
+        (45, pieces[unk_id]), (46, pieces[bos_id]), (47, pieces[eos_id]))  # unk_piece, bos_piece, eos_piece
+    normalizer_spec = _protobuf((1, "identity"), (3, add_dummy_prefix), (4, remove_extra_whitespaces))
+    return _protobuf(*[(1, _protobuf((1, piece), (2, float(score)), (3, kind)))  # ModelProto.pieces
+                       for piece, score, kind in zip(pieces, scores, types)],
+                     (2, trainer_spec), (3, normalizer_spec))
+
+
+def _protobuf(*fields) -> bytes:
+    """Protocol buffers' wire format of (field number, value) pairs: integers and booleans as varints, floats as
+    32-bit floats, strings and bytes (nested messages too) as length-prefixed runs of bytes."""
+    out = []
+    for number, value in fields:
+        if isinstance(value, float):
+            out += [_varint(number << 3 | 5), struct.pack("<f", value)]
+        elif isinstance(value, (str, bytes)):
+            data = value.encode("utf-8") if isinstance(value, str) else value
+            out += [_varint(number << 3 | 2), _varint(len(data)), data]
+        else:
+            out += [_varint(number << 3 | 0), _varint(int(value))]
+    return b"".join(out)
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # a negative int32 (pad_id -1) is written as its 64-bit two's complement
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def sentencepiece_vocabulary(tok: Tokenizer) -> tuple[list, list, list]:
+    """The pieces, scores and types of a SentencePiece model, as llama.cpp's converter lists them for GGUF."""
+    sp = tok.sp
+    kinds = [(sp.IsUnknown, UNKNOWN), (sp.IsControl, CONTROL), (sp.IsUnused, UNUSED), (sp.IsByte, BYTE)]
+    types = [next((kind for test, kind in kinds if test(i)), NORMAL) for i in range(tok.vocab_size)]
+    return [sp.IdToPiece(i) for i in range(tok.vocab_size)], [sp.GetScore(i) for i in range(tok.vocab_size)], types
+
+
+# Byte-level BPE pre-tokenizers by their GGUF name (tokenizer.ggml.pre), as tokenizer.json writes them: text is split
+# by a regex into words (Llama-3's own; GPT-2's inside ByteLevel), and each word's bytes are spelled as characters.
+# A word found whole in the vocabulary is one token under llama-bpe (ignore_merges), as llama.cpp does too.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_PRE_TOKENIZERS = {
+    "llama-bpe": ({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}, True),
+    "gpt-2": ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, False),
+}
+
+
+def bpe_tokenizer_json(tokens: list, types: list, merges: list, pre: str, source) -> str:
+    """A tokenizer.json for a byte-level BPE vocabulary: tokens in id order, their GGUF types (control and user-defined
+    tokens become added tokens, matched before BPE), merges as "left right", and the pre-tokenizer's GGUF name."""
+    if pre not in BPE_PRE_TOKENIZERS:
+        raise ValueError(f"{source}: BPE pre-tokenizer {pre!r} is not supported (only {', '.join(BPE_PRE_TOKENIZERS)})")
+    pre_tokenizer, ignore_merges = BPE_PRE_TOKENIZERS[pre]
+    added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": kind == CONTROL}
+             for i, (token, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED)]
+    return json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": pre_tokenizer, "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": ignore_merges,
+                  "vocab": {token: i for i, token in enumerate(tokens)}, "merges": [m.split(" ") for m in merges]},
+    }, ensure_ascii=False)
+
+
+def bpe_vocabulary(tok: BPETokenizer) -> tuple[list, list, list, str]:
+    """Tokens in id order, their GGUF types, merges ("left right") and the GGUF pre-tokenizer name of a tokenizer.json,
+    as llama.cpp's converter lists them; a pre-tokenizer not in BPE_PRE_TOKENIZERS is refused."""
+    path = tok.files["tokenizer.json"]
+    spec = json.loads(path.read_text())
+    pre = next((name for name, (pre_tokenizer, _) in BPE_PRE_TOKENIZERS.items()
+                if _splitting(pre_tokenizer) == _splitting(spec.get("pre_tokenizer"))), None)
+    if pre is None or spec.get("model", {}).get("type") != "BPE":
+        raise ValueError(f"tokenizer {path}: only byte-level BPE with the pre-tokenizer of "
+                         f"{' or '.join(BPE_PRE_TOKENIZERS)} can be written to GGUF")
+    vocab = {i: token for token, i in tok.hf.get_vocab(with_added_tokens=True).items()}
+    added = tok.hf.get_added_tokens_decoder()  # id -> AddedToken
+    ids = range(max(vocab) + 1)  # an id no token has becomes "[PADi]", unused, as llama.cpp fills it
+    types = [UNUSED if i not in vocab else NORMAL if i not in added else CONTROL if added[i].special else USER_DEFINED
+             for i in ids]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return [vocab.get(i, f"[PAD{i}]") for i in ids], types, merges, pre
+
+
+def _splitting(pre_tokenizer):
+    """A pre-tokenizer's settings that decide where text splits (trim_offsets only moves the reported offsets)."""
+    if isinstance(pre_tokenizer, dict):
+        return {key: _splitting(value) for key, value in pre_tokenizer.items() if key != "trim_offsets"}
+    if isinstance(pre_tokenizer, list):
+        return [_splitting(value) for value in pre_tokenizer]
+    return pre_tokenizer
 
 
 def utf8_text(data: bytes) -> str:

@@ -31,7 +31,7 @@ after a "# file: PATH" line (a module outside a package is a document of its own
 documents of 451 files, 8.8 MB; --holdout 5 holds out _markupbase, ast, hashlib, hmac and sre_compile.
 
 OUT holds a checkpoint generate.py and longllama.load read as is (config.json, model.safetensors,
-tokenizer.model) plus optimizer.pt, train_state.json (step, pipeline state, settings) and log.jsonl.
+tokenizer.model or tokenizer.json) plus optimizer.pt, train_state.json (step, pipeline state, settings) and log.jsonl.
 Settings are the fields of `Settings` below; each is a flag (`batch_size` is --batch-size).
 """
 
@@ -64,7 +64,7 @@ from tqdm import tqdm
 import longllama
 import passkey
 from longllama import is_int, is_number
-from tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer, utf8_text
+from tokenizer import MIN_VOCAB_SIZE, open_tokenizer, tokenizer_file, train_tokenizer, utf8_text
 
 
 def setting(default, help):
@@ -80,7 +80,7 @@ class Settings:
     eval_data: list = setting([], "held-out documents for eval (default: the --holdout share of the corpus)")
     holdout: float = setting(5.0, "percent of documents held out for eval, by a stable hash of their names")
     passkey_docs: int = setting(0, "synthetic passkey documents (passkey.py) added to the training documents")
-    tokenizer: str = setting("", "SentencePiece model (default: the --init checkpoint's, else one trained into OUT)")
+    tokenizer: str = setting("", "tokenizer.model or tokenizer.json (default: the --init checkpoint's, else one trained into OUT)")
     vocab_size: int = setting(4096, "vocabulary of a tokenizer trained here")
     # model
     preset: str = setting("tiny", "model shape when training from scratch: " + ", ".join(longllama.PRESETS))
@@ -475,7 +475,7 @@ def evaluate(model, spans, window: int, memory_sizes, batch_size: int, device, a
 # Checkpoints
 
 
-def save_checkpoint(out: Path, config, model_state: dict, optimizer_state: dict, train_state: dict, tokenizer_path):
+def save_checkpoint(out: Path, config, model_state: dict, optimizer_state: dict, train_state: dict, tokenizer):
     """Write every file to a temporary name, then rename them all: an interrupted save leaves the previous
     checkpoint as it was. train_state.json is renamed last, since it says which step the others hold."""
     out.mkdir(parents=True, exist_ok=True)
@@ -484,8 +484,9 @@ def save_checkpoint(out: Path, config, model_state: dict, optimizer_state: dict,
         out / "optimizer.pt": lambda p: torch.save(optimizer_state, p),
         out / "train_state.json": lambda p: p.write_text(json.dumps(train_state) + "\n"),
     }
-    if Path(tokenizer_path).resolve() != (out / "tokenizer.model").resolve():
-        writers = {out / "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p), **writers}
+    for name, path in tokenizer.files.items():  # tokenizer.model or .json (and tokenizer_config.json), unless there
+        if path.resolve() != (out / name).resolve():
+            writers = {out / name: lambda p, path=path: shutil.copyfile(path, p), **writers}
     longllama.write_atomically(writers)
 
 
@@ -621,12 +622,12 @@ def main(argv=None):
     overrides = {} if mem_layers is None else dict(mem_layers=mem_layers)
     if s.resume:
         config = longllama.LongLlamaConfig.from_json(out / "config.json")
-        tokenizer_path = out / "tokenizer.model"
+        tokenizer_path = tokenizer_file(out) or out / "tokenizer.model"
     elif s.init:
         if not (Path(s.init) / "config.json").is_file():
             raise ValueError(f"--init {s.init}: not a checkpoint directory (no config.json)")
         config = longllama.LongLlamaConfig.from_json(Path(s.init) / "config.json", **overrides)
-        tokenizer_path = Path(s.tokenizer or Path(s.init) / "tokenizer.model")
+        tokenizer_path = Path(s.tokenizer) if s.tokenizer else tokenizer_file(s.init) or Path(s.init) / "tokenizer.model"
     else:
         config = longllama.LongLlamaConfig(**{**longllama.PRESETS[s.preset], **overrides})
         tokenizer_path = Path(s.tokenizer) if s.tokenizer else out / "tokenizer.model"
@@ -677,7 +678,7 @@ def main(argv=None):
             dist.barrier()
     elif master and not s.resume and not s.tokenizer and not s.init:
         print(f"using the tokenizer cached in {tokenizer_path} (delete it to train a new one)")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
 
     # model: fp32 weights; bf16 autocast on GPU
     torch.manual_seed(s.seed)
@@ -758,7 +759,7 @@ def main(argv=None):
         if master:
             train_state = dict(step=step, tokens=tokens_seen, world_size=world_size, pipeline=pipeline,
                                settings=asdict(s))
-            save_checkpoint(out, config, model_state, optimizer_state, train_state, tokenizer_path)
+            save_checkpoint(out, config, model_state, optimizer_state, train_state, tokenizer)
 
     def run_eval():
         ppl = evaluate(raw_model, spans, window, memory_sizes, s.eval_batch_size, device, autocast)

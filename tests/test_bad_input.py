@@ -476,7 +476,7 @@ CONVERT_CASES = {  # arguments after SRC, a rewrite of SRC/config.json (or None)
                                      "last_context_length must be null or an integer"),
     "out is a file": (["file"], changed(), "file: exists and is not a directory"),
     "out is under a file": (["file/ckpt"], changed(), "file/ckpt: file exists and is not a directory"),
-    "no out": ([], changed(), "the following arguments are required: OUT_DIR"),
+    "no out": ([], changed(), "the following arguments are required: OUT"),
     "no config.json": (["out"], None, "src: no config.json"),
     "config nested thousands deep": (["out"], DEEP_JSON, "src/config.json: not valid JSON"),
     "config with zero heads": (["out"], changed(num_attention_heads=0),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -285,8 +286,9 @@ def llama_cpp_permute(weight, heads):
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(path, config: dict, hf: dict, qtype, architecture="llama"):
-    """A GGUF file as llama.cpp's HF converter writes one: llama.* metadata, q/k permuted, 1-D tensors in F32."""
+def write_gguf(path, config: dict, hf: dict, qtype, architecture="llama", vocabulary=None):
+    """A GGUF file as llama.cpp's HF converter writes one: llama.* metadata, q/k permuted, 1-D tensors in F32.
+    vocabulary(writer) adds the tokenizer.ggml.* keys (test_formats.py); without it the file holds no vocabulary."""
     writer = gguf.GGUFWriter(str(path), architecture)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
@@ -299,11 +301,13 @@ def write_gguf(path, config: dict, hf: dict, qtype, architecture="llama"):
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
-    writer.add_file_type(FILE_TYPES[qtype])
+    if qtype in FILE_TYPES:  # general.file_type names the usual types only
+        writer.add_file_type(FILE_TYPES[qtype])
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_tokenizer_model("llama")
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
+    if vocabulary is not None:
+        vocabulary(writer)
     for name, tensor in hf.items():
         if name.endswith("inv_freq"):
             continue  # llama.cpp skips these buffers too
@@ -322,11 +326,21 @@ def write_gguf(path, config: dict, hf: dict, qtype, architecture="llama"):
         if array.ndim == 1:
             writer.add_tensor(gguf_name, array)  # llama.cpp keeps norms in F32
         else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            writer.add_tensor(gguf_name, stored(array, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def stored(array, qtype):
+    """The bytes of array stored as qtype; zero blocks of the right size for a type the gguf package cannot quantize
+    (Q8_1: llama.cpp uses it for activations only, and the gguf package does not dequantize it either)."""
+    try:
+        return gguf.quants.quantize(array, qtype)
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        return np.zeros((*array.shape[:-1], array.shape[-1] // block * size), dtype=np.uint8)
 
 
 def test_llama_cpp_permutation_turns_rotate_half_into_interleaved_rope():
@@ -457,6 +471,18 @@ def bad_source(tmp_path, case: str):
     elif case == "gguf of another architecture":
         src = tmp_path / "gpt2.gguf"
         write_gguf(src, config, tensors, gguf.GGMLQuantizationType.F32, architecture="gpt2")
+    elif case == "gguf of a type the gguf package cannot read":
+        src = tmp_path / "model.gguf"
+        write_gguf(src, config, tensors, gguf.GGMLQuantizationType.Q8_1)
+    elif case == "gguf vocabulary smaller than the embedding":
+        src = tmp_path / "model.gguf"
+
+        def ten_tokens(writer):
+            writer.add_tokenizer_model("llama")
+            writer.add_token_list(["<unk>", "<s>", "</s>"] + list("abcdefg"))
+            writer.add_token_scores([0.0] * 10)
+            writer.add_token_types([2, 3, 3] + [1] * 7)
+        write_gguf(src, config, tensors, gguf.GGMLQuantizationType.F16, vocabulary=ten_tokens)
     elif case == "damaged gguf":
         src = tmp_path / "model.gguf"
         write_gguf(src, config, tensors, gguf.GGMLQuantizationType.F16)
@@ -483,6 +509,9 @@ BAD_INPUTS = {
     "extra tensor": "unexpected tensor model.layers.0.self_attn.q_proj.bias",
     "gguf of another architecture": "architecture 'gpt2' is not supported (only llama)",
     "damaged gguf": "not a readable GGUF file",
+    "gguf of a type the gguf package cannot read": "token_embd.weight is stored as Q8_1, which the gguf package "
+                                                   "cannot dequantize",
+    "gguf vocabulary smaller than the embedding": "the vocabulary has 10 tokens (10 token types), the embedding 64 rows",
 }
 
 

@@ -319,7 +319,7 @@ def test_a_preset_run_trains_its_own_tokenizer_and_caches_it_in_out(assets, tmp_
     assert "training a 300-piece tokenizer" in capsys.readouterr().out
     model = longllama.load(out)
     tokenizer_model = (out / "tokenizer.model").read_bytes()
-    assert model.config.vocab_size == train.Tokenizer(out / "tokenizer.model").vocab_size
+    assert model.config.vocab_size == train.open_tokenizer(out / "tokenizer.model").vocab_size
     assert model.config.hidden_size == longllama.PRESETS["tiny"]["hidden_size"]
     train.main(args)  # a second fresh run reuses the cached tokenizer
     assert "using the tokenizer cached" in capsys.readouterr().out
