@@ -4,8 +4,9 @@
     python context_scaling.py --size gpu --out runs/scaling     # one GPU: a larger model, longer training
 
 Three models are trained with the same steps, data and seed, differing only in cross-batch attention:
-- `fot`: d = 3 with packing 4: a row's memory layer sees its document's three earlier rows (the positives), and
-  rows whose pack began a new document see the previous document (negatives);
+- `fot`: d = 3 with packing 4: a row's memory layer sees the three rows before it: its document's earlier rows
+  (the positives) and, for the first rows of a pack, the rows of the pack before, another document read beside
+  it (the negatives);
 - `d1`: d = 1: only the row just before;
 - `d0`: d = 0: no cross-batch attention, so memory layers never see memory while training.
 The data is the embedded Python standard library corpus plus synthetic passkey documents (`train.py
@@ -25,19 +26,22 @@ import sys
 import time
 from pathlib import Path
 
+import generate
 import longllama
+import passkey
 from tokenizer import tokenizer_file
 
 SETUPS = {"fot": 3, "d1": 1, "d0": 0}  # name: cross-batch range d
 
-# Shared training flags per size. The curriculum of distances lives in each passkey document (passkey.py).
+# Shared training flags per size: rows as long as the model's window, which is how it reads at inference. The
+# curriculum of distances lives in each passkey document (passkey.py).
 SIZES = {
-    "cpu": dict(train=["--preset", "tiny", "--seq-len", "128", "--batch-size", "16", "--packing", "4",
-                       "--max-steps", "1500", "--eval-every", "1500", "--passkey-docs", "40000",
+    "cpu": dict(train=["--preset", "tiny", "--seq-len", "256", "--batch-size", "8", "--packing", "4",
+                       "--max-steps", "1500", "--eval-every", "1500", "--passkey-docs", "3000",
                        "--eval-spans", "8"],
                 lengths="1k,4k,16k,64k", depths="0.1,0.5,0.9", trials=4),
-    "gpu": dict(train=["--preset", "small", "--seq-len", "512", "--batch-size", "32", "--packing", "4",
-                       "--max-steps", "6000", "--eval-every", "6000", "--passkey-docs", "200000",
+    "gpu": dict(train=["--preset", "small", "--seq-len", "1024", "--batch-size", "16", "--packing", "4",
+                       "--max-steps", "6000", "--eval-every", "6000", "--passkey-docs", "20000",
                        "--eval-spans", "32"],
                 lengths="1k,4k,16k,64k,256k", depths="0,0.25,0.5,0.75,1", trials=10),
 }
@@ -46,15 +50,18 @@ EVAL_MEMORY = "0,1,2,4,8,16"
 
 def run(command: list[str]):
     print("$ " + shlex.join(command), flush=True)
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode:
+        raise ValueError("the step above failed: rerun this command to go on from the last finished step")
 
 
 def train(out: Path, name: str, d: int, size: dict):
-    """One model; the first run trains the tokenizer, the others reuse it so that all read the same tokens."""
-    first = tokenizer_file(out / next(iter(SETUPS)))
-    tokenizer = ["--tokenizer", str(first)] if first else []
+    """One model. The first trains the tokenizer and the others reuse it, so that all read the same tokens; a run
+    that has a checkpoint is resumed (a finished one does nothing), so the experiment goes on where it stopped."""
+    first = next(iter(SETUPS))
+    tokenizer = [] if name == first else ["--tokenizer", str(tokenizer_file(out / first))]
+    resume = ["--resume"] if (out / name / "train_state.json").is_file() else []
     run([sys.executable, "train.py", *size["train"], "--cross-batch-range", str(d), "--eval-memory", EVAL_MEMORY,
-         "--out", str(out / name), *tokenizer])
+         "--out", str(out / name), *tokenizer, *resume])
 
 
 def final_perplexity(run_dir: Path) -> dict:
@@ -70,10 +77,7 @@ def evaluate_passkey(out: Path, name: str, size: dict):
 
 def plot_lines(series: dict, path, xlabel: str, ylabel: str, title: str, log_x: bool = True, percent: bool = False):
     """One line per setup: series = {label: {x: y}}."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
+    plt = passkey.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in series.items():
         xs = [float(x) for x in points]
@@ -83,16 +87,14 @@ def plot_lines(series: dict, path, xlabel: str, ylabel: str, title: str, log_x: 
         ax.set_xticks(xs, [f"{int(x):,}" for x in xs])
         ax.minorticks_off()
     if percent:
-        ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.yaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
         ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    passkey.save_figure(fig, path)
 
 
 LABELS = {"fot": "FoT (d = 3)", "d1": "d = 1", "d0": "d = 0 (no cross-batch)"}
@@ -100,8 +102,6 @@ LABELS = {"fot": "FoT (d = 3)", "d1": "d = 1", "d0": "d = 0 (no cross-batch)"}
 
 def draw(results: dict, out: Path):
     """The experiment's plots from its results.json content."""
-    import passkey
-
     plot_lines({LABELS.get(n, n): r["passkey"]["accuracy"] for n, r in results["setups"].items()},
                out / "passkey.png", "prompt length (tokens)", "passkey accuracy",
                f"Passkey retrieval, trained on rows of {results['train_tokens']} tokens", percent=True)
@@ -115,6 +115,7 @@ def draw(results: dict, out: Path):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.error = generate.fail
     p.add_argument("--size", choices=list(SIZES), default="cpu")
     p.add_argument("--out", default="runs/scaling", help="directory for the three runs, results.json and plots")
     p.add_argument("--only-draw", action="store_true", help="redraw the plots from OUT/results.json")
@@ -122,10 +123,16 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    generate.as_command(lambda: experiment(parse_args(argv)))
+
+
+def experiment(args):
     out, size = Path(args.out), SIZES[args.size]
     if args.only_draw:
-        draw(json.loads((out / "results.json").read_text()), out)
+        results = out / "results.json"
+        if not results.is_file():
+            raise ValueError(f"no {results} to draw: run the experiment first")
+        draw(json.loads(results.read_text()), out)
         return
     started = time.time()
     for name, d in SETUPS.items():

@@ -213,23 +213,33 @@ def config_overrides(args) -> dict:
     return overrides
 
 
+def load_checkpoint(ckpt, tokenizer_override, device, dtype, **overrides):
+    """(model, tokenizer) of a checkpoint directory, refused with one line when missing or mismatched."""
+    if not Path(ckpt).is_dir():
+        raise ValueError(f"checkpoint directory {ckpt} does not exist")
+    tokenizer = checkpoint_tokenizer(ckpt, tokenizer_override)
+    model = longllama.load(ckpt, device=device, dtype=dtype, **overrides)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def check_prompt_fits(config, prompt_tokens: int, dtype, device):
+    """Refuse a prompt whose memory would not fit, before reading it rather than halfway through."""
+    needed, available = prompt_memory_bytes(config, prompt_tokens, dtype), available_bytes(device)
+    if needed > 0.9 * available:
+        raise ValueError(f"a prompt of {prompt_tokens} tokens needs about {needed / 2**30:.1f} GiB more, "
+                         f"{available / 2**30:.1f} GiB are free: try --dtype bfloat16 (memory is kept in the compute "
+                         "dtype) or a shorter prompt")
+
+
 def run(args):
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if not Path(args.ckpt).is_dir():
-        raise ValueError(f"checkpoint directory {args.ckpt} does not exist")
-    tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
-    prompt_ids = tokenizer.encode(read_prompt(args))
-
-    model = longllama.load(args.ckpt, device=device, dtype=dtype, **config_overrides(args))
-    config = model.config
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
-    needed, available = prompt_memory_bytes(config, len(prompt_ids), dtype), available_bytes(device)
-    if needed > 0.9 * available:
-        raise ValueError(f"a prompt of {len(prompt_ids)} tokens needs about {needed / 2**30:.1f} GiB more, "
-                         f"{available / 2**30:.1f} GiB are free: try --dtype bfloat16 (memory is kept in the compute "
-                         "dtype) or a shorter prompt")
+    text = read_prompt(args)
+    model, tokenizer = load_checkpoint(args.ckpt, args.tokenizer, device, dtype, **config_overrides(args))
+    prompt_ids = tokenizer.encode(text)
+    check_prompt_fits(model.config, len(prompt_ids), dtype, device)
 
     def write(text):
         sys.stdout.write(text)
@@ -246,10 +256,15 @@ def run(args):
 
 
 def main(argv=None):
+    as_command(lambda: run(parse_args(argv)))
+
+
+def as_command(job):
+    """Run a command's job: bad input, lack of memory and Ctrl-C end with one line on stderr, never a traceback."""
     with warnings.catch_warnings():  # warnings as one plain line each, like errors
         warnings.showwarning = lambda warning, *_: print(f"warning: {warning}", file=sys.stderr)
         try:
-            run(parse_args(argv))
+            job()
         except KeyboardInterrupt:
             sys.exit(130)
         except torch.OutOfMemoryError:

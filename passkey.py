@@ -25,18 +25,20 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+import generate
 import longllama
-from tokenizer import Tokenizer, checkpoint_tokenizer
+from generate import fail
+from tokenizer import Tokenizer
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
 MAX_PASSKEY = 50000
-FILLER_MIN_TOKENS = len(FILLER.split())  # 18 words
 TRAINING_QUESTIONS = 4  # per training document
 TRAINING_GAP_WINDOWS = 3  # longest filler gap before a question, in training windows
 
@@ -45,9 +47,13 @@ def passkey_line(passkey: int) -> str:
     return f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
 
 
+def filler(blocks: int) -> str:
+    return " ".join([FILLER] * blocks)
+
+
 def prompt_text(fillers_before: int, fillers_after: int, passkey: int) -> str:
-    """The prompt with the passkey line after fillers_before filler blocks and before fillers_after of them."""
-    return " ".join([TASK, *[FILLER] * fillers_before, passkey_line(passkey), *[FILLER] * fillers_after, QUESTION])
+    """The prompt as LongLLaMA's evaluation lays it out: task, filler, passkey line, filler, question, one per line."""
+    return "\n".join([TASK, filler(fillers_before), passkey_line(passkey), filler(fillers_after), QUESTION])
 
 
 class PromptBuilder:
@@ -58,9 +64,8 @@ class PromptBuilder:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        fixed = len(tokenizer.encode(prompt_text(0, 0, MAX_PASSKEY)))
-        self.filler_tokens = (len(tokenizer.encode(prompt_text(0, 64, MAX_PASSKEY))) - fixed) / 64
-        self.fixed_tokens = fixed
+        self.fixed_tokens = len(tokenizer.encode(prompt_text(0, 0, MAX_PASSKEY)))
+        self.filler_tokens = (len(tokenizer.encode(prompt_text(0, 64, MAX_PASSKEY))) - self.fixed_tokens) / 64
 
     def fillers(self, length: int) -> int:
         return max(round((length - self.fixed_tokens) / self.filler_tokens), 0)
@@ -77,36 +82,28 @@ class PromptBuilder:
         return prompt, full[len(prompt):]
 
 
-def training_document(rng: random.Random, window: int) -> str:
-    """A passkey document for training: the passkey line, then TRAINING_QUESTIONS question-answer pairs, each
-    after a filler gap uniform in [0, TRAINING_GAP_WINDOWS] windows of tokens, the last at least one window away.
+def training_document(rng: random.Random, window: int, filler_tokens: float) -> str:
+    """A passkey document for training: the passkey line, then TRAINING_QUESTIONS question-answer lines, each
+    after a filler gap of 0 to TRAINING_GAP_WINDOWS windows of tokens, the last at least one window long.
 
-    Short gaps teach the copy itself inside the local window; gaps of a window or more put the previous answer in
-    an earlier training row, where only cross-batch attention reaches it: a curriculum of distances in every
-    document. Gaps are counted in filler blocks of at least FILLER_MIN_TOKENS tokens (one per word in any
-    tokenizer), so no tokenizer is needed and the last gap is a window long whatever the tokenizer.
+    Short gaps teach the copy itself inside the local window; gaps of a window or more put the passkey's last
+    mention in an earlier training row, where only cross-batch attention reaches it: a curriculum of distances in
+    every document. filler_tokens is what one filler block costs in the training tokenizer (PromptBuilder).
     """
     passkey = rng.randint(1, MAX_PASSKEY)
-    blocks_per_window = math.ceil(window / FILLER_MIN_TOKENS)
-    parts = [TASK, *[FILLER] * rng.randint(0, blocks_per_window), passkey_line(passkey)]
+    blocks_per_window = window / filler_tokens
+    longest = math.floor(TRAINING_GAP_WINDOWS * blocks_per_window)
+    lines = [TASK, filler(rng.randint(0, math.floor(blocks_per_window))), passkey_line(passkey)]
     for i in range(TRAINING_QUESTIONS):
-        shortest = blocks_per_window if i == TRAINING_QUESTIONS - 1 else 0
-        gap = rng.randint(shortest, TRAINING_GAP_WINDOWS * blocks_per_window)
-        parts += [*[FILLER] * gap, f"{QUESTION} {passkey}."]
-    return " ".join(parts)
+        shortest = math.ceil(blocks_per_window) if i == TRAINING_QUESTIONS - 1 else 0
+        lines += [filler(rng.randint(shortest, max(shortest, longest))), f"{QUESTION} {passkey}."]
+    return "\n".join(lines)
 
 
-@torch.inference_mode()
 def answer(model, prompt: list[int], length: int) -> list[int]:
-    """Greedy decoding of `length` tokens after reading the prompt with memory, as generate.py reads it."""
-    device = model.embed.weight.device
-    logits, cache = model(torch.tensor([prompt], device=device), use_cache=True, last_logits_only=True)
-    tokens = []
-    while True:
-        tokens.append(int(logits[0, -1].argmax()))
-        if len(tokens) == length:
-            return tokens
-        logits, cache = model(torch.tensor([tokens[-1:]], device=device), cache=cache, use_cache=True)
+    """Greedy decoding of `length` tokens after reading the prompt with memory, exactly as generate.py does."""
+    tokens, _ = generate.generate(model, prompt, length, temperature=0, seed=0)
+    return tokens
 
 
 def parse_length(text: str) -> int:
@@ -122,79 +119,100 @@ def parse_length(text: str) -> int:
 
 
 def run_trials(model, builder: PromptBuilder, lengths, depths, trials: int, seed: int, log=print) -> list[dict]:
-    """`trials` prompts per length and depth (depths None: each at a uniform depth), one result dict each."""
-    rng = random.Random(seed)
+    """`trials` prompts per length and depth (depths None: each at a uniform depth), one result dict each.
+
+    Every (length, depth) cell draws from its own seeded stream, so adding a length changes no other cell."""
     results = []
     for length in lengths:
         for depth in depths or [None]:
+            rng = random.Random(f"{seed} {length} {depth}")
             for _ in range(trials):
                 at = rng.random() if depth is None else depth
                 passkey = rng.randint(1, MAX_PASSKEY)
                 prompt, expected = builder.build(length, at, passkey)
                 start = time.perf_counter()
                 got = answer(model, prompt, len(expected))
-                results.append(dict(length=length, depth=depth_group(at, depths), prompt_tokens=len(prompt),
-                                    passkey=passkey, answer=builder.tokenizer.decode(got).strip(),
-                                    correct=got == expected, seconds=round(time.perf_counter() - start, 3)))
-            column = depth_group(depth, depths) if depth is not None else None
-            log(f"{length} tokens, depth {column or 'uniform'}: {accuracy(results, length, column):.0%}")
+                results.append(dict(length=length, depth=at, column=depth_column(at, depths),
+                                    prompt_tokens=len(prompt), passkey=passkey,
+                                    answer=builder.tokenizer.decode(got).strip(), correct=got == expected,
+                                    seconds=round(time.perf_counter() - start, 3)))
+            done = [r for r in results if r["length"] == length]
+            log(f"{length} tokens, depth {'uniform' if depth is None else depth}: "
+                f"{sum(r['correct'] for r in done[-trials:])} of {trials} correct")
     return results
 
 
-def depth_group(depth: float, depths) -> str:
+def depth_column(depth: float, depths) -> str:
     """The column a trial counts in: its given depth, or the quarter of the prompt a uniform depth fell in."""
     if depths:
-        return f"{depth:g}"
+        return f"{depth:.4g}"
     quarter = min(int(depth * 4), 3)
     return f"{quarter * 25}-{quarter * 25 + 25}%"
 
 
-def accuracy(results, length, depth=None) -> float:
-    hits = [r["correct"] for r in results if r["length"] == length and (depth is None or r["depth"] == depth)]
-    return sum(hits) / max(len(hits), 1)
+def accuracy(results) -> Optional[float]:
+    """The share of correct answers; None when there are no trials (an empty cell, not a 0%)."""
+    return sum(r["correct"] for r in results) / len(results) if results else None
 
 
 def summarize(results) -> dict:
-    """{"accuracy": {length: all depths}, "by_depth": {length: {depth: accuracy}}} (lengths as strings, as in JSON)."""
+    """{"accuracy": {length: over all depths}, "by_depth": {length: {column: accuracy or None}}}, lengths as
+    strings (JSON keys), columns from the shallowest depth to the deepest."""
     lengths = sorted({r["length"] for r in results})
-    depths = sorted({r["depth"] for r in results}, key=lambda d: float(d.split("-")[0]))
-    return dict(accuracy={str(n): accuracy(results, n) for n in lengths},
-                by_depth={str(n): {d: accuracy(results, n, d) for d in depths} for n in lengths})
+    columns = list(dict.fromkeys(r["column"] for r in sorted(results, key=lambda r: r["depth"])))
+    return dict(accuracy={str(n): accuracy([r for r in results if r["length"] == n]) for n in lengths},
+                by_depth={str(n): {c: accuracy([r for r in results if r["length"] == n and r["column"] == c])
+                                   for c in columns} for n in lengths})
+
+
+def percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def table(summary: dict) -> str:
-    depths = list(next(iter(summary["by_depth"].values())))
-    lines = ["| prompt tokens | " + " | ".join(f"depth {d}" for d in depths) + " | all |",
-             "| ---: |" + " ---: |" * (len(depths) + 1)]
+    columns = list(next(iter(summary["by_depth"].values())))
+    lines = ["| prompt tokens | " + " | ".join(f"depth {c}" for c in columns) + " | all |",
+             "| ---: |" + " ---: |" * (len(columns) + 1)]
     for length, by_depth in summary["by_depth"].items():
-        cells = [f"{by_depth[d]:.0%}" for d in depths] + [f"{summary['accuracy'][length]:.0%}"]
+        cells = [percent(by_depth[c]) for c in columns] + [percent(summary["accuracy"][length])]
         lines.append(f"| {int(length):,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_heatmap(summary: dict, path, title: str):
-    """Accuracy per prompt length (rows) and depth (columns) as a PNG."""
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display needed); imported only where a plot is drawn."""
     import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_heatmap(summary: dict, path, title: str):
+    """Accuracy per prompt length (rows) and depth (columns) as a PNG; cells without trials stay blank."""
+    plt = pyplot()
     lengths = list(summary["by_depth"])
-    depths = list(summary["by_depth"][lengths[0]])
-    grid = [[summary["by_depth"][n][d] for d in depths] for n in lengths]
-    fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2.5, 0.6 * len(lengths) + 1.8))
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    columns = list(summary["by_depth"][lengths[0]])
+    grid = [[summary["by_depth"][n][c] for c in columns] for n in lengths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2.5, 0.6 * len(lengths) + 1.8))
+    image = ax.imshow([[math.nan if v is None else v for v in row] for row in grid], vmin=0, vmax=1,
+                      cmap="RdYlGn", aspect="auto")
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.0%}", ha="center", va="center")
-    ax.set_xticks(range(len(depths)), depths)
+            ax.text(j, i, percent(value), ha="center", va="center")
+    ax.set_xticks(range(len(columns)), columns)
     ax.set_yticks(range(len(lengths)), [f"{int(n):,}" for n in lengths])
     ax.set_xlabel("depth of the passkey in the prompt")
     ax.set_ylabel("prompt length (tokens)")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="accuracy")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """A PNG written atomically (never a half-drawn file), then the figure freed."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    longllama.write_atomically({Path(path): lambda tmp: fig.savefig(tmp, dpi=120, format="png")})
+    pyplot().close(fig)
 
 
 def parse_args(argv=None):
@@ -228,34 +246,27 @@ def parse_args(argv=None):
 
 
 def run(args):
+    for path in filter(None, [args.out, args.plot]):  # refused now, not after hours of trials
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        pyplot()
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    tokenizer = checkpoint_tokenizer(args.ckpt, args.tokenizer)
-    model = longllama.load(args.ckpt, device=device, dtype=dtype)
+    model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype)
+    generate.check_prompt_fits(model.config, max(args.lengths), dtype, device)
     log = lambda line: print(line, file=sys.stderr)
     results = run_trials(model, PromptBuilder(tokenizer), args.lengths, args.depths, args.trials, args.seed, log)
     summary = summarize(results)
     print(table(summary))
     if args.out:
         report = dict(checkpoint=str(args.ckpt), seed=args.seed, trials=args.trials, **summary, results=results)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         longllama.write_atomically({Path(args.out): lambda tmp: tmp.write_text(json.dumps(report, indent=1))})
     if args.plot:
         plot_heatmap(summary, args.plot, f"passkey retrieval: {Path(args.ckpt).name}")
 
 
-def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    generate.as_command(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

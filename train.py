@@ -125,9 +125,10 @@ class Settings:
 SETTING_RULES = [
     (["batch_size", "seq_len", "packing", "grad_accum", "save_every", "log_every", "eval_spans", "eval_batch_size"],
      lambda v: is_int(v) and 1 <= v < 2**63, "an integer in [1, 2**63)"),
-    (["max_steps", "warmup_steps", "lr_decay_steps", "cross_batch_range", "eval_every", "passkey_docs"],
+    (["max_steps", "warmup_steps", "lr_decay_steps", "cross_batch_range", "eval_every"],
      lambda v: is_int(v) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
     (["seed"], lambda v: is_int(v) and 0 <= v < 2**64, "an integer in [0, 2**64)"),
+    (["passkey_docs"], lambda v: is_int(v) and 0 <= v <= 10**7, "an integer in [0, 10**7]"),  # a list entry each
     (["vocab_size"], lambda v: is_int(v) and MIN_VOCAB_SIZE <= v < 2**31, f"an integer in [{MIN_VOCAB_SIZE}, 2**31)"),
     (["lr", "min_lr", "weight_decay", "grad_clip"], lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
     (["beta1", "beta2"], lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -198,14 +199,14 @@ class Document(NamedTuple):
     files: tuple  # the file it is read from, or the files of a stdlib package (concatenated)
     offset: int = -1  # JSONL: byte offset of its line in files[0]
     root: str = ""  # stdlib packages: each file is preceded by "# file: PATH" relative to this
-    passkey: tuple = ()  # synthetic passkey documents: (seed, training window) that generate the text
+    passkey: tuple = ()  # a synthetic passkey document: (seed, training window, tokens per filler block)
 
 
 def read_document(doc: Document) -> tuple[str, str]:
     """(prompt, text): prompt is "" except for {"prompt", "completion"} records."""
     if doc.passkey:
-        seed, window = doc.passkey
-        return "", passkey.training_document(random.Random(seed), window)
+        seed, window, filler_tokens = doc.passkey
+        return "", passkey.training_document(random.Random(seed), window, filler_tokens)
     if doc.offset >= 0:
         with open(doc.files[0], "rb") as f:
             f.seek(doc.offset)
@@ -300,9 +301,11 @@ def stdlib_documents() -> list[Document]:
     return [Document(name, tuple(files), root=str(root)) for name, files in sorted(packages.items())]
 
 
-def passkey_documents(count: int, seed: int, window: int) -> list[Document]:
+def passkey_documents(count: int, seed: int, window: int, tokenizer) -> list[Document]:
     """Synthetic passkey documents, each generated from its own seed when read (they cost no memory or disk)."""
-    return [Document(f"passkey {i}", (), passkey=(seed * 1_000_003 + i, window)) for i in range(count)]
+    filler_tokens = passkey.PromptBuilder(tokenizer).filler_tokens  # gaps are measured in this tokenizer's tokens
+    return [Document(f"passkey {i}", (), passkey=(f"passkey {seed} {i}", window, filler_tokens))
+            for i in range(count)]
 
 
 def is_held_out(doc: Document, percent: float) -> bool:
@@ -657,8 +660,6 @@ def main(argv=None):
         if not train_documents:
             warn("every document is held out: training on all, no eval")
             train_documents, eval_documents = documents, []
-    # never held out: they are for learning to use memory, the eval measures it on real text
-    train_documents += passkey_documents(s.passkey_docs, s.seed, s.seq_len)
     if len(train_documents) < world_size:
         raise ValueError(f"{len(train_documents)} training documents cannot be shared by {world_size} processes")
 
@@ -679,6 +680,9 @@ def main(argv=None):
     elif master and not s.resume and not s.tokenizer and not s.init:
         print(f"using the tokenizer cached in {tokenizer_path} (delete it to train a new one)")
     tokenizer = open_tokenizer(tokenizer_path)
+    # added after the tokenizer is trained (their filler would only crowd its sample) and never held out: they
+    # teach the use of memory, the eval measures it on real text
+    train_documents += passkey_documents(s.passkey_docs, s.seed, s.seq_len, tokenizer)
 
     # model: fp32 weights; bf16 autocast on GPU
     torch.manual_seed(s.seed)

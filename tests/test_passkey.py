@@ -14,6 +14,7 @@ import longllama
 import passkey
 import train
 from conftest import ROOT, shared_tokenizer
+from test_train import assets, small_run  # noqa: F401 (assets: test_train's tiny corpus and checkpoint)
 from tokenizer import Tokenizer
 
 
@@ -49,34 +50,27 @@ def test_a_prompt_has_the_requested_length_and_the_passkey_at_its_depth(tokenize
     assert before.count(passkey.FILLER) == round(depth * fillers)
 
 
-def test_the_answer_is_what_the_tokenizer_gives_the_passkey_after_the_question(tokenizer):
-    builder = passkey.PromptBuilder(tokenizer)
-    prompt, answer = builder.build(300, 0.3, 7)
-    text = passkey.prompt_text(*[len(part.split(passkey.FILLER)) - 1 for part in
-                                 tokenizer.decode(prompt).split(passkey.passkey_line(7))], 7)
-    assert tokenizer.encode(text + " 7") == prompt + answer
+def test_the_prompt_and_its_answer_decode_to_the_question_followed_by_the_passkey(tokenizer):
+    prompt, answer = passkey.PromptBuilder(tokenizer).build(300, 0.3, 7)
+    assert tokenizer.decode(prompt + answer).endswith(f"\n{passkey.QUESTION} 7")
+    assert tokenizer.decode(prompt).endswith(passkey.QUESTION)
 
 
 @pytest.mark.parametrize("window", [64, 128, 512])
-def test_a_training_document_asks_last_at_least_a_window_after_the_passkey_was_last_said(tokenizer, window):
+def test_training_gaps_span_up_to_three_windows_and_the_last_at_least_one(tokenizer, window):
+    """Tokens between consecutive mentions of the passkey, counted by the tokenizer itself."""
+    filler_tokens = passkey.PromptBuilder(tokenizer).filler_tokens
+    question = len(tokenizer.encode(f"\n{passkey.QUESTION}", bos=False))
     rng = random.Random(window)
     for _ in range(20):
-        text = passkey.training_document(rng, window)
+        text = passkey.training_document(rng, window, filler_tokens)
         key = int(text.split("The pass key is ")[1].split(".")[0])
         said = [i for i in range(len(text)) if text.startswith(f" {key}", i)]
-        assert len(said) == 2 + 4  # the passkey line says it twice, then four answers
-        assert len(tokenizer.encode(text[said[-2]:said[-1]], bos=False)) >= window
-
-
-def test_the_greedy_answer_equals_greedy_decoding_by_full_recomputation(checkpoint):
-    model = longllama.load(checkpoint)
-    prompt = passkey.PromptBuilder(Tokenizer(checkpoint / "tokenizer.model")).build(150, 0.5, 123)[0]
-    expected = []
-    with torch.no_grad():
-        for _ in range(5):  # the whole sequence again for every token: no cache, everything read window by window
-            logits, _ = model(torch.tensor([prompt + expected]), last_context_length=16)
-            expected.append(int(logits[0, -1].argmax()))
-    assert passkey.answer(model, prompt, 5) == expected
+        assert len(said) == 2 + passkey.TRAINING_QUESTIONS  # the passkey line says it twice, then the answers
+        gaps = [len(tokenizer.encode(text[a:b], bos=False)) for a, b in zip(said[1:], said[2:])]
+        assert gaps[-1] >= window
+        # a gap's tokens besides filler: the question, the number and the end of the line said before it
+        assert all(gap <= passkey.TRAINING_GAP_WINDOWS * window + question + 16 for gap in gaps)
 
 
 def test_lengths_parse_with_k_and_m_suffixes():
@@ -101,25 +95,44 @@ def test_the_command_writes_a_table_a_json_file_and_a_heatmap(checkpoint, tmp_pa
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_uniform_depths_are_reported_by_quarter(checkpoint):
+def test_uniform_depths_are_reported_by_quarter_and_a_quarter_without_trials_is_empty_not_zero(checkpoint):
     model = longllama.load(checkpoint)
     builder = passkey.PromptBuilder(Tokenizer(checkpoint / "tokenizer.model"))
-    results = passkey.run_trials(model, builder, [120], None, 8, seed=1, log=lambda _: None)
-    assert {r["depth"] for r in results} <= {"0-25%", "25-50%", "50-75%", "75-100%"}
-    assert len(passkey.summarize(results)["by_depth"]["120"]) == len({r["depth"] for r in results})
+    results = passkey.run_trials(model, builder, [120, 200], None, 2, seed=1, log=lambda _: None)
+    assert {r["column"] for r in results} <= {"0-25%", "25-50%", "50-75%", "75-100%"}
+    assert all(r["column"] == passkey.depth_column(r["depth"], None) for r in results)
+    summary = passkey.summarize(results)
+    for length in ["120", "200"]:
+        for column, value in summary["by_depth"][length].items():
+            trials = [r for r in results if r["length"] == int(length) and r["column"] == column]
+            assert value == (sum(r["correct"] for r in trials) / len(trials) if trials else None)
+    if None in summary["by_depth"]["120"].values():  # 2 trials cannot fill the 3 or 4 quarters 4 trials hit
+        assert "| -" in passkey.table(summary) or " - |" in passkey.table(summary)
 
 
-@pytest.mark.parametrize("flags", [["--lengths", "4q"], ["--depths", "2"], ["--depths", "a"], ["--trials", "0"]])
-def test_bad_flags_are_one_error_line(checkpoint, flags):
+@pytest.mark.parametrize("flags", [["--lengths", "4q"], ["--depths", "2"], ["--depths", "a"], ["--trials", "0"],
+                                   ["--lengths", "4000m"]])  # the last: more memory than the machine has
+def test_bad_input_is_one_error_line(checkpoint, flags):
     result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), *flags], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
-def test_passkey_documents_are_the_same_text_on_every_read_and_differ_from_each_other():
-    docs = train.passkey_documents(3, seed=5, window=64)
-    assert train.read_document(docs[1]) == train.read_document(train.passkey_documents(3, seed=5, window=64)[1])
+def test_passkey_documents_are_the_same_text_on_every_read_and_differ_from_each_other(tokenizer):
+    docs = train.passkey_documents(3, seed=5, window=64, tokenizer=tokenizer)
+    again = train.passkey_documents(3, seed=5, window=64, tokenizer=tokenizer)
+    assert train.read_document(docs[1]) == train.read_document(again[1])
     assert len({train.read_document(doc)[1] for doc in docs}) == 3
+
+
+def test_a_training_run_reads_passkey_documents_beside_the_corpus(assets, tmp_path):
+    tok = Tokenizer(assets["tokenizer"])
+    docs = train.scan_paths([assets["corpus"]]) + train.passkey_documents(6, seed=0, window=16, tokenizer=tok)
+    batches = train.Batches(docs, tok, batch_size=4, seq_len=16, packing=2, seed=0)
+    text = "".join(tok.decode(batches.next()[0].flatten().tolist()) for _ in range(40))
+    assert "important info" in text and "def " in text  # the task line of a passkey document, and code
+    train.main(small_run(assets, tmp_path / "run", "--max-steps", "2", "--passkey-docs", "6"))
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_the_experiment_plots_draw_from_a_small_results_file(tmp_path):
