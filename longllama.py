@@ -345,6 +345,26 @@ class Cache:
         """An independent copy, e.g. to ask several questions about one document read once."""
         return copy.deepcopy(self)
 
+    def tensors(self) -> dict:
+        """What the cache holds as named tensors, for a file: each memory layer's entries, every layer's filled local
+        slots (LongLlama.cache_from_tensors reads them back).
+
+        Memory goes out in mem_dtype where that is narrower than the dtype it is held in: its values were rounded to
+        mem_dtype when written, so nothing is lost and a file of bfloat16 memory read in float32 is half the size.
+        """
+        tensors = {}
+        for i, memory in self.memory.items():
+            keys, values, valid = memory.view()
+            stored = memory.dtype if memory.dtype.itemsize < keys.dtype.itemsize else keys.dtype
+            tensors |= {f"memory.{i}.keys": keys.to(stored), f"memory.{i}.values": values.to(stored),
+                        f"memory.{i}.valid": valid}
+        if self.local is not None:
+            for i, local in enumerate(self.local):
+                tensors |= {f"local.{i}.keys": local.keys[:, :, :self.local_length],
+                            f"local.{i}.values": local.values[:, :, :self.local_length]}
+            tensors["local.valid"] = self.local_valid[:, :self.local_length]
+        return {name: tensor.contiguous() for name, tensor in tensors.items()}
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention
@@ -703,6 +723,53 @@ class LongLlama(nn.Module):
     def new_cache(self, batch_size: int) -> Cache:
         memory = {i: MemoryCache(getattr(torch, self.config.mem_dtype)) for i in self.config.mem_layers}
         return Cache(batch_size, memory)
+
+    def cache_from_tensors(self, tensors: dict, batch_size: int, position: int, padding: bool) -> Cache:
+        """The cache that Cache.tensors() wrote, on this model's device and in its dtype. Tensors that do not fit
+        this model (names, shapes, dtypes) raise ValueError naming the first of them."""
+        config, param = self.config, self.embed.weight
+        kv_shape = (config.num_key_value_heads, config.head_dim)
+
+        def entries(name: str) -> int:
+            mask = tensors.get(name)
+            if mask is None or mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != batch_size:
+                raise ValueError(f"{name} is missing or not a [{batch_size}, entries] bool mask")
+            return mask.shape[1]
+
+        expected = {}  # name -> shape
+        for i in config.mem_layers:
+            size = entries(f"memory.{i}.valid")
+            expected |= {f"memory.{i}.{part}": (batch_size, kv_shape[0], size, kv_shape[1])
+                         for part in ("keys", "values")}
+            expected[f"memory.{i}.valid"] = (batch_size, size)
+        local_length = entries("local.valid") if "local.valid" in tensors else None
+        if local_length is not None:
+            if local_length > config.max_position_embeddings:
+                raise ValueError(f"local.valid holds {local_length} slots, more than the window's "
+                                 f"{config.max_position_embeddings}")
+            for i in range(config.num_hidden_layers):
+                expected |= {f"local.{i}.{part}": (batch_size, kv_shape[0], local_length, kv_shape[1])
+                             for part in ("keys", "values")}
+            expected["local.valid"] = (batch_size, local_length)
+        _refuse_mismatch("cache", set(expected), set(tensors))
+        for name, shape in expected.items():
+            tensor = tensors[name]
+            if tuple(tensor.shape) != shape or tensor.is_floating_point() == name.endswith(".valid"):
+                raise ValueError(f"{name} is {str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}, this "
+                                 f"model expects {shape}")
+
+        cache = self.new_cache(batch_size)
+        for i, memory in cache.memory.items():
+            memory.append(tensors[f"memory.{i}.keys"].to(param), tensors[f"memory.{i}.values"].to(param),
+                          tensors[f"memory.{i}.valid"].to(param.device))
+        if local_length is not None:
+            self._prepare_local(cache, local_length)
+            for i, local in enumerate(cache.local):
+                local.write(0, tensors[f"local.{i}.keys"].to(param), tensors[f"local.{i}.values"].to(param))
+            cache.local_valid[:, :local_length] = tensors["local.valid"].to(param.device)
+            cache.local_length = local_length
+        cache.position, cache.padding = position, padding
+        return cache
 
     def forward(self, input_ids, cache: Optional[Cache] = None, use_cache: bool = False,
                 last_context_length: Optional[int] = None, attention_mask=None, last_logits_only: bool = False,

@@ -25,7 +25,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -70,16 +70,21 @@ class PromptBuilder:
     def fillers(self, length: int) -> int:
         return max(round((length - self.fixed_tokens) / self.filler_tokens), 0)
 
-    def build(self, length: int, depth: float, passkey: int) -> tuple[list[int], list[int]]:
-        """(prompt ids with BOS, the answer's ids: the passkey's tokens as they follow the question)."""
+    def build(self, length: int, depth: float, passkey: int) -> "Prompt":
         blocks = self.fillers(length)
         before = round(depth * blocks)
         text = prompt_text(before, blocks - before, passkey)
-        prompt = self.tokenizer.encode(text)
+        ids = self.tokenizer.encode(text)
         full = self.tokenizer.encode(f"{text} {passkey}")
-        if full[:len(prompt)] != prompt:  # tokenizers that merge across the boundary would make the answer ambiguous
+        if full[:len(ids)] != ids:  # tokenizers that merge across the boundary would make the answer ambiguous
             raise ValueError("the tokenizer merges the question's last token with the passkey")
-        return prompt, full[len(prompt):]
+        return Prompt(text, ids, full[len(ids):])
+
+
+class Prompt(NamedTuple):
+    text: str
+    ids: list  # as the model reads it, BOS first
+    answer: list  # the passkey's tokens as they follow the question
 
 
 def training_document(rng: random.Random, window: int, filler_tokens: float) -> str:
@@ -100,10 +105,11 @@ def training_document(rng: random.Random, window: int, filler_tokens: float) -> 
     return "\n".join(lines)
 
 
-def answer(model, prompt: list[int], length: int) -> list[int]:
-    """Greedy decoding of `length` tokens after reading the prompt with memory, exactly as generate.py does."""
-    tokens, _ = generate.generate(model, prompt, length, temperature=0, seed=0)
-    return tokens
+def answer(model, tokenizer, prompt: str, length: int) -> list[int]:
+    """Greedy decoding of `length` tokens after reading the prompt into memory, exactly as generate.py does."""
+    documents = generate.read(model, tokenizer, prompt)
+    greedy = generate.Sampling(max_new_tokens=length, temperature=0, seed=0)
+    return generate.answer(model, tokenizer, documents, sampling=greedy).tokens[0]
 
 
 def parse_length(text: str) -> int:
@@ -129,12 +135,12 @@ def run_trials(model, builder: PromptBuilder, lengths, depths, trials: int, seed
             for _ in range(trials):
                 at = rng.random() if depth is None else depth
                 passkey = rng.randint(1, MAX_PASSKEY)
-                prompt, expected = builder.build(length, at, passkey)
+                prompt = builder.build(length, at, passkey)
                 start = time.perf_counter()
-                got = answer(model, prompt, len(expected))
+                got = answer(model, builder.tokenizer, prompt.text, len(prompt.answer))
                 results.append(dict(length=length, depth=at, column=depth_column(at, depths),
-                                    prompt_tokens=len(prompt), passkey=passkey,
-                                    answer=builder.tokenizer.decode(got).strip(), correct=got == expected,
+                                    prompt_tokens=len(prompt.ids), passkey=passkey,
+                                    answer=builder.tokenizer.decode(got).strip(), correct=got == prompt.answer,
                                     seconds=round(time.perf_counter() - start, 3)))
             done = [r for r in results if r["length"] == length]
             log(f"{length} tokens, depth {'uniform' if depth is None else depth}: "
@@ -253,7 +259,7 @@ def run(args):
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype)
-    generate.check_prompt_fits(model.config, max(args.lengths), dtype, device)
+    generate.check_memory(model, [max(args.lengths)])  # refused now, not when the longest prompt comes
     log = lambda line: print(line, file=sys.stderr)
     results = run_trials(model, PromptBuilder(tokenizer), args.lengths, args.depths, args.trials, args.seed, log)
     summary = summarize(results)

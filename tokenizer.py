@@ -7,11 +7,13 @@ decoder, the two file formats rebuilt from vocabulary lists (GGUF), and training
     stream = tok.decoder(prompt_ids)           # generate.py: .push(id) -> new text, .flush() at the end
     tok = train_tokenizer(texts, "tok.model")  # train.py's default run: a small BPE tokenizer for code
     text = utf8_text(data)                     # bytes read from a file or stdin, refused unless UTF-8 text
+    template, bos, eos = read_chat_template("ckpt/tokenizer_config.json")   # a checkpoint's own chat template
+    text = render_chat(template, [{"role": "user", "content": "Hi"}], bos, eos)
 
 Thin wrappers: SentencePiece (LongLLaMA, LLaMA, Code Llama) and Hugging Face `tokenizers` (Llama-3's tokenizer.json,
 imported only when one is opened) do the encoding; this file adds the LLaMA conventions (BOS in front), clean
-one-line errors for bad files, a streaming decoder that never splits a character or loses a space, and trainer
-settings under which source code round-trips exactly.
+one-line errors for bad files, a streaming decoder that never splits a character or loses a space, trainer
+settings under which source code round-trips exactly, and chat templates rendered as Hugging Face renders them.
 """
 import io
 import json
@@ -396,3 +398,54 @@ def _sample_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
             elif (slot := rng.randrange(seen)) < max_lines:
                 sample[slot] = line
     return sample
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Chat templates: the Jinja template a checkpoint's tokenizer_config.json carries, rendered as Hugging Face does
+
+
+def read_chat_template(path) -> tuple[str, str, str]:
+    """(chat_template, bos_token, eos_token) of a Hugging Face tokenizer_config.json; ValueError when it has none."""
+    config = read_tokenizer_config(path)
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one is for plain conversations
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if not isinstance(template, str):
+        raise ValueError(f"{path} has no chat_template")
+    return template, _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+
+
+def _token_text(token) -> str:
+    """A special token as tokenizer_config.json writes it: its text, or {"content": text, ...}."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else ""
+
+
+def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
+                add_generation_prompt: bool = True) -> str:
+    """messages ([{"role": ..., "content": ...}]) as the chat template writes them, then (add_generation_prompt) the
+    opening of the assistant's turn.
+
+    Rendered as Hugging Face's apply_chat_template does: a sandboxed environment (templates come with downloaded
+    checkpoints, so they must not reach Python objects), blocks trimmed, `raise_exception(message)` for templates that
+    refuse a conversation. jinja2 is imported only here: nothing else needs it.
+    """
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ValueError("chat templates need jinja2: python -m pip install jinja2") from None
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+    environment.globals["raise_exception"] = raise_exception
+    try:
+        return environment.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                                         add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template is a program from a downloaded file: whatever it raises is bad input
+        raise ValueError(f"chat template: {e}") from None

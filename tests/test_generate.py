@@ -11,6 +11,7 @@ import generate
 import longllama
 from conftest import ROOT, shared_tokenizer
 from test_model import WINDOW, tiny_model, tokens
+from test_train import assets, synthetic_text  # noqa: F401 (assets is a fixture)
 from tokenizer import Tokenizer
 
 
@@ -38,32 +39,39 @@ def greedy_by_hand(model, prompt, steps):
     return out
 
 
-def test_greedy_generation_equals_step_by_step_greedy_decode_through_evictions():
-    model = tiny_model()
-    prompt = tokens(1, 3 * WINDOW + 5)[0].tolist()
-    new, stats = generate.generate(model, prompt, 2 * WINDOW + 3, temperature=0)
-    assert new == greedy_by_hand(model, prompt, 2 * WINDOW + 3)
-    assert stats.prompt_tokens == len(prompt) and stats.memory_size == len(prompt) - model.config.last_context_length
-    assert stats.decode_steps == 2 * WINDOW + 2
+def test_greedy_generation_equals_step_by_step_greedy_decode_through_evictions(assets):
+    model, tok = longllama.load(assets["init"]), Tokenizer(assets["tokenizer"])
+    window = model.config.max_position_embeddings
+    document = synthetic_text(1, lines=12)
+    prompt = tok.encode(document)
+    assert len(prompt) > 3 * window
+    documents = generate.read(model, tok, document)
+    result = generate.answer(model, tok, documents, None, generate.Sampling(2 * window + 3, temperature=0))
+    expected = greedy_by_hand(model, prompt, 2 * window + 3)
+    assert tok.eos_id not in expected and result.tokens == [expected]
+    assert result.texts == [tok.decode(prompt + expected)[len(tok.decode(prompt)):]]
+    assert documents.cache.memory_size == len(prompt) - model.config.last_context_length
 
 
-def test_generation_stops_after_eos():
-    model = tiny_model()
-    prompt = tokens(1, 10)[0].tolist()
-    expected = greedy_by_hand(model, prompt, 8)
-    new, _ = generate.generate(model, prompt, 8, temperature=0, eos_id=expected[4])
-    assert new == expected[:expected.index(expected[4]) + 1]
+def test_generation_stops_after_eos(assets):
+    model, tok = longllama.load(assets["init"]), Tokenizer(assets["tokenizer"])
+    document = synthetic_text(2, lines=2)
+    expected = greedy_by_hand(model, tok.encode(document), 8)
+    tok.eos_id = expected[4]  # the fifth token plays EOS
+    result = generate.answer(model, tok, generate.read(model, tok, document), None, generate.Sampling(8, 0))
+    assert result.tokens == [expected[:expected.index(expected[4]) + 1]]
 
 
-def test_sampling_is_reproducible_with_a_seed_and_respects_top_k_and_top_p():
-    model = tiny_model()
-    prompt = tokens(1, 10)[0].tolist()
-    first, _ = generate.generate(model, prompt, 12, temperature=1.0, seed=3)
-    again, _ = generate.generate(model, prompt, 12, temperature=1.0, seed=3)
-    assert first == again
-    greedy = greedy_by_hand(model, prompt, 12)
-    assert generate.generate(model, prompt, 12, temperature=1.0, top_k=1, seed=5)[0] == greedy
-    assert generate.generate(model, prompt, 12, temperature=1.0, top_p=1e-6, seed=5)[0] == greedy
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k_and_top_p(assets):
+    model, tok = longllama.load(assets["init"]), Tokenizer(assets["tokenizer"])
+    documents = generate.read(model, tok, synthetic_text(3, lines=2))
+    questions = ["def alpha", "return"]
+    first = generate.generate(model, tok, documents, questions, 12, temperature=1.0, seed=3)
+    assert first == generate.generate(model, tok, documents, questions, 12, temperature=1.0, seed=3)
+    greedy = generate.generate(model, tok, documents, questions, 12, temperature=0)
+    assert first != greedy
+    assert generate.generate(model, tok, documents, questions, 12, temperature=1.0, top_k=1, seed=5) == greedy
+    assert generate.generate(model, tok, documents, questions, 12, temperature=1.0, top_p=1e-6, seed=5) == greedy
 
 
 def test_sample_draws_only_from_the_allowed_set():
@@ -90,12 +98,14 @@ def test_cli_streams_the_greedy_continuation_of_a_long_prompt_and_prints_stats(c
     tok = Tokenizer(checkpoint / "tokenizer.model")
     prompt = tok.encode(prompt_file.read_text())
     model = longllama.load(checkpoint)
-    expected = greedy_by_hand(model, prompt, 12)
-    expected = expected[:expected.index(tok.eos_id)] if tok.eos_id in expected else expected
+    sampled = greedy_by_hand(model, prompt, 12)
+    expected = sampled[:sampled.index(tok.eos_id) + 1] if tok.eos_id in sampled else sampled  # EOS ends an answer
     assert result.stdout == tok.decode(prompt + expected)[len(tok.decode(prompt)):] + "\n"
-    stats = result.stderr.strip().splitlines()[-1]
-    assert f"prompt {len(prompt)} tokens" in stats and f"memory {len(prompt) - 16}" in stats
-    assert "prefill" in stats and "decode" in stats and "peak" in stats
+    document_stats, answer_stats = result.stderr.strip().splitlines()[-2:]
+    assert f"document {len(prompt)} tokens | memory {len(prompt) - 16} entries" in document_stats
+    assert " MiB | read in " in document_stats and "tok/s" in document_stats
+    assert answer_stats.startswith(f"answer {len(expected)} tokens | first token ")
+    assert "tok/s" in answer_stats and "peak" in answer_stats
 
 
 def test_cli_reads_the_prompt_from_stdin(checkpoint):
@@ -103,7 +113,7 @@ def test_cli_reads_the_prompt_from_stdin(checkpoint):
                      stdin="héllo wörld 🙂")
     assert result.returncode == 0, result.stderr
     tok = Tokenizer(checkpoint / "tokenizer.model")
-    assert f"prompt {len(tok.encode('héllo wörld 🙂'))} tokens" in result.stderr
+    assert f"document {len(tok.encode('héllo wörld 🙂'))} tokens" in result.stderr
 
 
 def expect_error(capsys, argv, message):
@@ -173,18 +183,24 @@ def test_the_readme_python_example_runs_as_written_and_each_answer_equals_a_fres
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
-    # the same questions, each after its own fresh read of the document (no copy, no autograd to forget)
+    # the same questions, each after its own fresh read of the document, greedy by hand with the model API
     model, tok = longllama.load(checkpoint), Tokenizer(checkpoint / "tokenizer.model")
-    expected = []
-    for question in ["\nQ: Who wrote it?\nA:", "\nQ: When was it written?\nA:"]:
+
+    def fresh_answer(question, stop=None):
         _, cache = model(torch.tensor([tok.encode(document.read_text())]), use_cache=True)
-        ids, answer = torch.tensor([tok.encode(question, bos=False)]), []
-        for _ in range(20):
+        question_ids = tok.encode(question, bos=False)
+        ids, answer = torch.tensor([question_ids]), []
+        while len(answer) < 20 and tok.eos_id not in answer:
             logits, cache = model(ids, cache=cache, use_cache=True)
             ids = logits[:, -1].argmax(-1, keepdim=True)
             answer.append(ids.item())
-        expected.append(f"{question.strip()} {tok.decode(answer)}")
-    assert result.stdout == "".join(line + "\n" for line in expected)
+        text = tok.decode(question_ids + answer)[len(tok.decode(question_ids)):]
+        return text.split(stop)[0] if stop else text
+
+    questions = ["\nQ: Who wrote it?\nA:", "\nQ: When was it written?\nA:"]
+    expected = [question.strip() + " " + fresh_answer(question, stop="\n").strip() + "\n" for question in questions]
+    expected.append(fresh_answer("\nQ: What is it about?\nA:") + "\n")  # streamed, with no stop string
+    assert result.stdout == "".join(expected)
 
 
 def test_inference_records_no_autograd_graph_and_its_cache_copies():

@@ -40,7 +40,7 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_a_prompt_has_the_requested_length_and_the_passkey_at_its_depth(tokenizer, length, depth):
     builder = passkey.PromptBuilder(tokenizer)
-    prompt, answer = builder.build(length, depth, 31415)
+    prompt, answer = builder.build(length, depth, 31415)[1:]
     assert abs(len(prompt) - length) <= builder.filler_tokens
     text = tokenizer.decode(prompt)
     assert text.startswith(passkey.TASK) and text.endswith(passkey.QUESTION)
@@ -51,7 +51,8 @@ def test_a_prompt_has_the_requested_length_and_the_passkey_at_its_depth(tokenize
 
 
 def test_the_prompt_and_its_answer_decode_to_the_question_followed_by_the_passkey(tokenizer):
-    prompt, answer = passkey.PromptBuilder(tokenizer).build(300, 0.3, 7)
+    text, prompt, answer = passkey.PromptBuilder(tokenizer).build(300, 0.3, 7)
+    assert tokenizer.encode(text) == prompt
     assert tokenizer.decode(prompt + answer).endswith(f"\n{passkey.QUESTION} 7")
     assert tokenizer.decode(prompt).endswith(passkey.QUESTION)
 
