@@ -7,13 +7,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import context_scaling
 import longllama
 import passkey
 import train
 from conftest import ROOT, shared_tokenizer
+from test_generate import checkpoint  # noqa: F401 (a tiny random checkpoint, window 32)
 from test_train import assets, small_run  # noqa: F401 (assets: test_train's tiny corpus and checkpoint)
 from tokenizer import Tokenizer
 
@@ -21,19 +21,6 @@ from tokenizer import Tokenizer
 @pytest.fixture(scope="module", params=["open_llama_v1.model", "open_llama_v2.model"])
 def tokenizer(request):
     return Tokenizer(shared_tokenizer(request.param))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny random checkpoint (window 32) with the OpenLLaMA v2 tokenizer."""
-    out = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    config = longllama.LongLlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                       num_attention_heads=4, max_position_embeddings=32, mem_layers=[1],
-                                       last_context_length=16)
-    longllama.save(longllama.LongLlama(config), out)
-    (out / "tokenizer.model").write_bytes(shared_tokenizer("open_llama_v2.model").read_bytes())
-    return out
 
 
 @pytest.mark.parametrize("length", [200, 1000, 5000])
