@@ -10,6 +10,7 @@ import math
 import shutil
 
 import gguf
+import jinja2
 import pytest
 import sentencepiece as spm
 import tokenizers
@@ -262,6 +263,21 @@ def test_llama3_checkpoint_with_tokenizer_json_converts_generates_and_fot_trains
     assert longllama.load(tmp_path / "fot").config.mem_layers == [1]
     assert (tmp_path / "fot" / "tokenizer_config.json").read_bytes() == (tmp_path / "hf" / "tokenizer_config.json").read_bytes()
     assert_encodes_like_tokenizers(tmp_path / "fot", source)
+
+
+def test_a_converted_llama3_checkpoint_is_prompted_through_its_chat_template_as_jinja_renders_it(tmp_path, capsys):
+    source = write_llama3(tmp_path / "hf")[0]
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    document, question = "def greet(name):\n    return name", "What does greet return?"
+    rendered = jinja2.Template(CHAT_TEMPLATE).render(messages=[{"role": "user", "content": f"{document}\n\n{question}"}])
+    tok = checkpoint_tokenizer(tmp_path / "ours")
+    chat = generate.prompt_format("chat", tmp_path / "ours", tok)
+    # the document is encoded apart from what follows it (it is read once): equal where no token spans the two
+    assert chat.document_ids(tok, document) + chat.question_ids(tok, question) == source.encode(rendered).ids
+    capsys.readouterr()
+    generate.main(["--ckpt", str(tmp_path / "ours"), "--prompt", document, "--template", "chat", "--question", question,
+                   "--max-new-tokens", "4", "--temperature", "0", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("Q: What does greet return?\nA: ")
 
 
 def test_llama3_checkpoint_exports_to_gguf_with_its_bpe_vocabulary(tmp_path):
