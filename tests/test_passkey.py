@@ -15,7 +15,7 @@ import train
 from conftest import ROOT, shared_tokenizer
 from test_generate import checkpoint  # noqa: F401 (a tiny random checkpoint, window 32)
 from test_train import assets, small_run  # noqa: F401 (assets: test_train's tiny corpus and checkpoint)
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, checkpoint_tokenizer
 
 
 @pytest.fixture(scope="module", params=["open_llama_v1.model", "open_llama_v2.model"])
@@ -42,6 +42,15 @@ def test_the_prompt_and_its_answer_decode_to_the_question_followed_by_the_passke
     assert tokenizer.encode(text) == prompt
     assert tokenizer.decode(prompt + answer).endswith(f"\n{passkey.QUESTION} 7")
     assert tokenizer.decode(prompt).endswith(passkey.QUESTION)
+
+
+def test_a_byte_level_bpe_tokenizer_gets_the_passkey_as_its_answer(tmp_path):
+    from test_formats import train_bpe  # a small Llama-3-like tokenizer.json
+    train_bpe(tmp_path / "bpe")
+    tok = checkpoint_tokenizer(tmp_path / "bpe")
+    text, prompt, answer = passkey.PromptBuilder(tok).build(400, 0.5, 40321)
+    assert tok.encode(text) == prompt and tok.decode(answer).strip() == "40321"
+    assert tok.decode(prompt + answer).endswith(f"{passkey.QUESTION} 40321")
 
 
 @pytest.mark.parametrize("window", [64, 128, 512])
