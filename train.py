@@ -825,7 +825,9 @@ def main(argv=None):
     bar.close()
     if step == 0:  # --max-steps 0: still leave a checkpoint
         checkpoint()
-    if master:
+    if master and first_loss is None and s.resume:
+        print(f"done: the run in {out} had already reached step {step} of {s.max_steps}")
+    elif master:
         elapsed = time.time() - started
         summary = [f"done: {step} steps", f"{tokens_seen / 1e6:.2f}M tokens",
                    f"loss {first_loss if first_loss is not None else float('nan'):.3f} -> {loss:.3f}"]

@@ -346,6 +346,16 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(assets, tmp_path):
     assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
 
 
+def test_resuming_a_finished_run_trains_nothing_and_says_so(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(small_run(assets, out, "--max-steps", "2"))
+    weights = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    train.main(["--resume", "--out", str(out)])
+    assert capsys.readouterr().out.strip().endswith(f"the run in {out} had already reached step 2 of 2")
+    assert (out / "model.safetensors").read_bytes() == weights and len(losses(out)) == 2
+
+
 def test_resume_refuses_to_change_the_data_or_batch(assets, tmp_path):
     out = tmp_path / "run"
     train.main(small_run(assets, out, "--max-steps", "1"))
