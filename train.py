@@ -22,7 +22,8 @@ Data (--data): JSONL files of {"text": ...} or {"prompt": ..., "completion": ...
 loss), plain text files (one document each), or directories of them. Documents are shuffled (seeded) anew every
 epoch, each rank reads its own share, and the pipeline state is a few numbers per slot, so --resume sees exactly
 the batches an uninterrupted run would. Documents whose stable name hash falls in the --holdout percent are the
-eval set, unless --eval-data is given.
+eval set, unless --eval-data is given. --passkey-docs N adds N synthetic passkey documents (passkey.py: the answer a
+training row or more after the passkey, so that cross-batch attention is what learns it), generated when read.
 Without --data the corpus is the Python standard library this interpreter runs on (sysconfig "stdlib"): every
 .py file except test suites (test/, tests/, idle_test/, test_*.py), site-packages, and trees that are
 applications, bundles or generated tables rather than library code (idlelib, turtledemo, lib2to3, ensurepip,
