@@ -141,3 +141,14 @@ def test_the_experiment_plots_draw_from_a_small_results_file(tmp_path):
     context_scaling.main(["--out", str(tmp_path), "--only-draw"])
     for name in ["passkey.png", "perplexity.png", "heatmap_fot.png"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
+    results = json.loads((ROOT / "docs" / "context_scaling_cpu" / "results.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for name, setup in results["setups"].items():
+        passkey_cells = " / ".join(f"{a:.0%}" for a in setup["passkey"]["accuracy"].values())
+        perplexities = " / ".join(f"{p:.2f}" for p in setup["perplexity"].values())
+        change = setup["perplexity"]["16"] / setup["perplexity"]["0"] - 1
+        row = f"| {context_scaling.LABELS[name]} | {passkey_cells} | {perplexities} | {change:+.1%} |"
+        assert row in readme, row
