@@ -152,3 +152,8 @@ def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
         change = setup["perplexity"]["16"] / setup["perplexity"]["0"] - 1
         row = f"| {context_scaling.LABELS[name]} | {passkey_cells} | {perplexities} | {change:+.1%} |"
         assert row in readme, row
+
+
+def test_the_readme_states_the_longer_run_as_its_results_file_holds_it():
+    report = json.loads((ROOT / "docs" / "context_scaling_cpu" / "passkey_fot_long.json").read_text())
+    assert passkey.table(report) in (ROOT / "README.md").read_text()
