@@ -142,9 +142,8 @@ def run_trials(model, builder: PromptBuilder, lengths, depths, trials: int, seed
                                     prompt_tokens=len(prompt.ids), passkey=passkey,
                                     answer=builder.tokenizer.decode(got).strip(), correct=got == prompt.answer,
                                     seconds=round(time.perf_counter() - start, 3)))
-            done = [r for r in results if r["length"] == length]
             log(f"{length} tokens, depth {'uniform' if depth is None else depth}: "
-                f"{sum(r['correct'] for r in done[-trials:])} of {trials} correct")
+                f"{sum(r['correct'] for r in results[-trials:])} of {trials} correct")
     return results
 
 
