@@ -1,6 +1,6 @@
 """Long-context speed of LongLLaMA inference: prefill (reading a prompt into memory) and decode, on random weights.
 
-    python bench.py --small                                          # CPU, about a minute: fused vs plain attention
+    python bench.py --small                          # CPU, about a minute: fused vs plain attention, compiled decode
     python bench.py --preset 3b --prefill 32768,131072 --decode-memory 16384,131072       # one GPU, bfloat16
     python bench.py --preset tiny --prefill 32768 --kernel fused,plain --repeats 1
 
@@ -10,7 +10,8 @@ does with a prompt (memory layers read all but the last `last_context_length` to
 window; only the last token's logits are computed); decode is one greedy token at a time with a given number of
 entries in memory. Each figure is also given as a fraction of this device's bound, measured here: prefill's dense
 and attention FLOPs over the matmul rate, decode's bytes read per token (weights, local caches, memory) over the
-copy bandwidth. `--small` also reads 32k and then 64k tokens with the `tiny` shape, each in a fresh process, to
+copy bandwidth. `--compile` also times decode through torch.compile (LongLlama.compile_decode), after its
+compilation, which is not timed. `--small` also reads 32k and then 64k tokens with the `tiny` shape, each in a fresh process, to
 show that peak memory grows with the memory's keys and values only, not with an attention workspace.
 The table goes to stdout, then one JSON line with every figure.
 """
@@ -156,7 +157,8 @@ print(json.dumps(dict(peak=int(status["VmHWM"].split()[0]) * 1024,
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--small", action="store_true", help="the CPU comparison: small shape, fused vs plain, peak memory")
+    p.add_argument("--small", action="store_true",
+                   help="the CPU comparison: small shape, fused vs plain, compiled decode, peak memory")
     p.add_argument("--preset", default="3b", choices=list(longllama.PRESETS), help="model shape (random weights)")
     p.add_argument("--prefill", default="32768", help="prompt lengths to time, comma-separated ('' for none)")
     p.add_argument("--decode-memory", default="16384", help="memory sizes to time decode at ('' for none)")
@@ -164,10 +166,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--device", default=None, help="default: cuda when present")
+    p.add_argument("--compile", action="store_true", help="also time decode through torch.compile (fused kernels)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     if args.small:
         args.prefill, args.decode_memory, args.kernel, args.device = "4096", "4096", "fused,plain", "cpu"
+        args.compile, args.repeats = True, max(args.repeats, 5)
     try:
         args.prefill = [int(n) for n in args.prefill.split(",") if n]
         args.decode_memory = [int(n) for n in args.decode_memory.split(",") if n]
@@ -190,7 +194,7 @@ def main(argv=None):
     print(f"{name}, {dtype}: matmul {flops / 1e12:.2f} TFLOP/s, copy {bandwidth / 1e9:.1f} GB/s; "
           f"{'small' if args.small else args.preset} shape, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
           f"parameters, memory layers {model.config.mem_layers}, memory in {model.config.mem_dtype}")
-    print(f"{'kernel':<7} {'work':<28} {'time':>10} {'rate':>14} {'of bound':>9} {'peak':>10}")
+    print(f"{'kernel':<8} {'work':<28} {'time':>10} {'rate':>14} {'of bound':>9} {'peak':>10}")
     rows = []
     for kernel in args.kernel:
         model.attention_kernel = kernel
@@ -202,20 +206,22 @@ def main(argv=None):
                              tokens_per_s=tokens / seconds, of_bound=prefill_flops(model.config, tokens) / seconds / flops,
                              peak_gib=peak_gib(device)))
         for entries in args.decode_memory:
-            seconds, read = measure_decode(model, entries, device, args.repeats)
-            rows.append(dict(kernel=kernel, work="decode", memory=entries, seconds=seconds, tokens_per_s=1 / seconds,
-                             of_bound=read / seconds / bandwidth, peak_gib=peak_gib(device)))
+            rows.append(decode_row(model, kernel, entries, device, args.repeats, bandwidth))
+    if args.compile and args.decode_memory:
+        model.attention_kernel = "fused"
+        model.compile_decode()
+        rows += [decode_row(model, "compiled", entries, device, args.repeats, bandwidth) for entries in args.decode_memory]
     for row in rows:
         work = (f"prefill {row['tokens']} tokens" if row["work"] == "prefill" else
                 f"decode, {row['memory']} in memory")
         time_text = f"{row['seconds']:.3f} s" if row["work"] == "prefill" else f"{row['seconds'] * 1e3:.2f} ms/tok"
-        print(f"{row['kernel']:<7} {work:<28} {time_text:>10} {row['tokens_per_s']:>10.1f} tok/s {row['of_bound']:>8.1%} "
+        print(f"{row['kernel']:<8} {work:<28} {time_text:>10} {row['tokens_per_s']:>10.1f} tok/s {row['of_bound']:>8.1%} "
               f"{row['peak_gib']:>7.2f} GiB")
     summary = dict(device=name, dtype=str(dtype), shape="small" if args.small else args.preset,
                    matmul_tflops=flops / 1e12, copy_gbps=bandwidth / 1e9, rows=rows)
-    if "plain" in args.kernel and "fused" in args.kernel:
+    if "plain" in args.kernel and len({row["kernel"] for row in rows}) > 1:
         summary["speedup"] = speedups(rows)
-        print("fused / plain: " + ", ".join(f"{work} {ratio:.2f}x" for work, ratio in summary["speedup"].items()))
+        print("speed against plain: " + ", ".join(f"{work} {ratio:.2f}x" for work, ratio in summary["speedup"].items()))
     if args.small:
         first, second = peak_of_reading(32768), peak_of_reading(65536)
         growth, allowed = second["peak"] - first["peak"], 1.3 * (second["memory"] - first["memory"]) + 50e6
@@ -232,13 +238,20 @@ def peak_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # RSS high-water mark of the whole run
 
 
+def decode_row(model, kernel: str, entries: int, device, repeats: int, bandwidth: float) -> dict:
+    seconds, read = measure_decode(model, entries, device, repeats)
+    return dict(kernel=kernel, work="decode", memory=entries, seconds=seconds, tokens_per_s=1 / seconds,
+                of_bound=read / seconds / bandwidth, peak_gib=peak_gib(device))
+
+
 def speedups(rows) -> dict:
-    """fused / plain speed for each piece of work measured with both."""
+    """Speed against the plain kernel of every other way each piece of work was measured: "decode 4096, compiled"."""
     by_work = {}
     for row in rows:
         key = f"prefill {row['tokens']}" if row["work"] == "prefill" else f"decode {row['memory']}"
         by_work.setdefault(key, {})[row["kernel"]] = row["seconds"]
-    return {work: s["plain"] / s["fused"] for work, s in by_work.items() if len(s) == 2}
+    return {f"{work}, {kernel}": s["plain"] / seconds for work, s in by_work.items() if "plain" in s
+            for kernel, seconds in s.items() if kernel != "plain"}
 
 
 if __name__ == "__main__":

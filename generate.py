@@ -520,6 +520,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: the first tokens wait for compilation (seconds; needs a "
+                        "C++ compiler on CPU), the rest come faster (README, Performance)")
     args = p.parse_args(argv)
     # comparisons with NaN are false, so NaN fails every rule; sizes the checkpoint bounds are checked by its config
     longllama.check_values(vars(args), [
@@ -623,6 +626,8 @@ def run(args):
     if args.save_memory:
         check_writable(args.save_memory)  # before reading, which can take minutes
     model, tokenizer = load_checkpoint(args.ckpt, args.tokenizer, device, dtype, **config_overrides(args))
+    if args.compile:
+        model.compile_decode()
     template = prompt_format(args.template, args.ckpt, tokenizer)
     fingerprint = memory_fingerprint(model, tokenizer, template) if args.save_memory or args.load_memory else None
 

@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -271,12 +272,11 @@ class LocalCache:
     keys: torch.Tensor  # [B, Hkv, W, D]
     values: torch.Tensor
 
-    def write(self, start: int, keys, values):
-        """Store keys/values [B, Hkv, T, D] at slots start.. and return every key/value of the window so far."""
-        end = start + keys.shape[2]
-        self.keys[:, :, start:end] = keys
-        self.values[:, :, start:end] = values
-        return self.keys[:, :, :end], self.values[:, :, :end]
+    def write(self, slots, keys, values, seen: int):
+        """Store keys/values [B, Hkv, T, D] at `slots` [T] and return those of the first `seen` slots."""
+        self.keys.index_copy_(2, slots, keys)
+        self.values.index_copy_(2, slots, values)
+        return self.keys[:, :, :seen], self.values[:, :, :seen]
 
 
 @dataclass
@@ -370,38 +370,50 @@ class Cache:
 # Attention
 
 
-def plain_attention(q, sources, padding: bool = True):
-    """One softmax over several (keys, values, visible) sources, written out: the reference formula.
-    (`padding` is unused: the masks say everything; it is there to share fused_attention's signature.)
+class Source(NamedTuple):
+    """Keys and values that queries attend to, with which of them each query sees."""
 
-    q: [B, G, R, T, D] (G key/value heads, R query heads sharing each); per source keys, values: [B, G, S, D] and
-    visible: [B, 1, 1, T or 1, S] bool (1: the same keys for every query, as for memory). Returns [B, G, R, T, D].
+    keys: torch.Tensor  # [B, G, S, D]
+    values: torch.Tensor
+    visible: torch.Tensor  # [B, 1, 1, T, S] bool, or [B, 1, 1, 1, S]: the same keys for every query (memory)
+    # True: `visible` says nothing a kernel needs told: every key (memory, or a single query at the end of the
+    # window) or causal ending at the last key, with no padding; False: apply `visible` as given
+    implied: bool = False
+    # True: attend by the formula, not a kernel call. In a compiled decode step one query's attention to the W
+    # local slots costs less so (the compiler fuses it into a few loops); memory, which can be long, keeps the kernel
+    written_out: bool = False
+
+
+def plain_attention(q, sources):
+    """One softmax over several Sources, written out: the reference formula.
+
+    q: [B, G, R, T, D] (G key/value heads, R query heads sharing each). Returns [B, G, R, T, D].
     The softmax runs in float32; masked logits get the lowest float so that a query with nothing visible
     (padding) yields a finite, ignored output. It holds [T, S] logits per head: fused_attention does not.
     """
     scale = math.sqrt(q.shape[-1])
     logits = []
-    for keys, _, visible in sources:
+    for keys, _, visible, *_ in sources:
         scores = torch.einsum("bgrtd,bgsd->bgrts", q, keys.to(q.dtype)).div_(scale)  # [B, G, R, T, S]
         logits.append(scores.masked_fill_(~visible, torch.finfo(scores.dtype).min))
     probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     out = 0
-    for p, (_, values, _) in zip(probs.split([s.shape[-1] for s in logits], dim=-1), sources):
-        out = out + torch.einsum("bgrts,bgsd->bgrtd", p, values.to(q.dtype))
+    for p, source in zip(probs.split([s.shape[-1] for s in logits], dim=-1), sources):
+        out = out + torch.einsum("bgrts,bgsd->bgrtd", p, source.values.to(q.dtype))
     return out
 
 
-def fused_attention(q, sources, padding: bool = True):
+def fused_attention(q, sources):
     """`plain_attention` through fused kernels: one call per source, merged by log-sum-exp.
 
     No [T, S] logits are ever held, so the workspace is bounded by the window, not by the memory. A source
     whose mask is the same for every query (memory) is attended by the R query heads of a key/value head
-    stacked as R*T queries, so memory is read in place, never repeated or copied. Without padding (padding=False)
-    the masks are pure causal masks, which the kernels apply themselves.
+    stacked as R*T queries, so memory is read in place, never repeated or copied. Masks that a source says are
+    `implied` are left to the kernels (causal) or dropped.
     """
     batch_size, kv_heads, rep, length, head_dim = q.shape
     out = lse = None
-    for keys, values, visible in sources:
+    for keys, values, visible, implied, written_out in sources:
         shared = visible.shape[-2] == 1  # one mask row for every query: no causal mask
         visible = visible[:, :, 0]  # [B, 1, T or 1, S]
         if shared:
@@ -410,11 +422,12 @@ def fused_attention(q, sources, padding: bool = True):
             q_source = q.reshape(batch_size, kv_heads * rep, length, head_dim)  # [B, H, T, D]
             if rep > 1:  # grouped-query attention: repeat the key/value heads of the window (small)
                 keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        # without padding, masks are causal and end at the last key (bottom-right): none for memory or a single
-        # query (it sees every key), the kernel's own for a whole window
-        causal = not padding and not shared and 1 < length == keys.shape[2]
-        mask_free = not padding and (shared or causal or length == 1)
-        source_out, source_lse = attention_and_lse(q_source, keys, values, None if mask_free else visible, causal)
+        # implied masks are causal and end at the last key (bottom-right): none for memory or a single query (it
+        # sees every key), the kernel's own for a whole window
+        causal = implied and not shared and 1 < length == keys.shape[2]
+        mask_free = implied and (shared or causal or length == 1)
+        source_out, source_lse = attention_and_lse(q_source, keys, values, None if mask_free else visible, causal,
+                                                   written_out)
         source_out = source_out.view(batch_size, kv_heads, rep, length, head_dim)
         source_lse = source_lse.view(batch_size, kv_heads, rep, length)
         if out is None:
@@ -435,16 +448,23 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     return out_a.float() * weight_a + out_b.float() * weight_b, total
 
 
-def attention_and_lse(q, keys, values, visible=None, causal: bool = False):
-    """softmax(q k^T / sqrt(D), masked) v and its log-sum-exp per query, by a fused kernel.
+def attention_and_lse(q, keys, values, visible=None, causal: bool = False, written_out: bool = False):
+    """softmax(q k^T / sqrt(D), masked) v and its log-sum-exp per query, by a fused kernel (or, written_out, as
+    the formula: for a few keys inside a compiled graph).
 
     q: [B, X, Q, D]; keys, values: [B, X, S, D]; visible: None or bool broadcastable to [B, X, Q, S]. Returns
     out [B, X, Q, D] (q.dtype) and lse [B, X, Q] (float32, -inf for a query that sees no key).
     """
     scale = 1 / math.sqrt(q.shape[-1])
-    bias = None if visible is None else torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(
-        ~visible, float("-inf"))
-    if q.is_cuda:
+    bias = None if visible is None or written_out else torch.zeros(visible.shape, dtype=q.dtype,
+                                                                   device=q.device).masked_fill_(~visible, float("-inf"))
+    if written_out:
+        scores = (q @ keys.transpose(-1, -2)).float() * scale  # [B, X, Q, S]
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        lse = scores.logsumexp(-1)
+        out = (scores - lse.unsqueeze(-1)).exp().to(q.dtype) @ values
+    elif q.is_cuda:
         out, lse = _cuda_attention_and_lse(q, keys, values, bias, causal, scale)
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -482,7 +502,7 @@ def _cuda_attention_and_lse(q, keys, values, bias, causal: bool, scale: float):
 ATTENTION_KERNELS = {"fused": fused_attention, "plain": plain_attention}
 
 
-def grouped_attention(q, sources, grouping=None, kernel: str = "fused", padding: bool = True):
+def grouped_attention(q, sources, grouping=None, kernel: str = "fused"):
     """Memory-layer attention for q [B, H, T, D], optionally over at most `grouping` = (heads, queries) at a time.
 
     Grouping only bounds the workspace; outputs are the same. With grouped-query attention a group holds whole
@@ -491,10 +511,10 @@ def grouped_attention(q, sources, grouping=None, kernel: str = "fused", padding:
     """
     attend = ATTENTION_KERNELS[kernel]
     batch_size, heads, length, head_dim = q.shape
-    kv_heads = sources[0][0].shape[1]
+    kv_heads = sources[0].keys.shape[1]
     q = q.view(batch_size, kv_heads, heads // kv_heads, length, head_dim)  # [B, G, R, T, D]
     if grouping is None:
-        return attend(q, sources, padding).reshape(batch_size, heads, length, head_dim)
+        return attend(q, sources).reshape(batch_size, heads, length, head_dim)
     group_heads = max(1, grouping[0] // (heads // kv_heads))
     group_queries = grouping[1]
     out = torch.empty_like(q)
@@ -502,7 +522,7 @@ def grouped_attention(q, sources, grouping=None, kernel: str = "fused", padding:
         for t in range(0, length, group_queries):
             heads_, queries = slice(g, g + group_heads), slice(t, t + group_queries)
             part = [_part_of_source(source, heads_, queries, length) for source in sources]
-            out[:, heads_, :, queries] = attend(q[:, heads_, :, queries], part, padding)
+            out[:, heads_, :, queries] = attend(q[:, heads_, :, queries], part)
     return out.reshape(batch_size, heads, length, head_dim)
 
 
@@ -513,16 +533,17 @@ def _part_of_source(source, heads: slice, queries: slice, length: int):
     query are cut off: no query of the part sees them, and the part's causal mask then ends at its last key
     as a whole window's does, so the kernels can apply it themselves.
     """
-    keys, values, visible = source
+    keys, values, visible = source[:3]
     if visible.shape[-2] == 1:
-        return keys[:, heads], values[:, heads], visible
+        return source._replace(keys=keys[:, heads], values=values[:, heads])
     seen = keys.shape[2] - length + min(queries.stop, length)  # keys up to the part's last query
-    return keys[:, heads, :seen], values[:, heads, :seen], visible[..., queries, :seen]
+    return source._replace(keys=keys[:, heads, :seen], values=values[:, heads, :seen],
+                           visible=visible[..., queries, :seen])
 
 
 def causal_visible(start: int, length: int, key_valid):
-    """[B, 1, 1, T, start+T] bool: query i (at slot start+i) sees real keys at slots <= start+i."""
-    slots = torch.arange(start + length, device=key_valid.device)
+    """[B, 1, 1, T, S] bool: query i (at slot start+i) sees the real keys (key_valid [B, S]) at slots <= start+i."""
+    slots = torch.arange(key_valid.shape[1], device=key_valid.device)
     causal = slots[None, :] <= (start + torch.arange(length, device=key_valid.device))[:, None]  # [T, S]
     return causal & key_valid[:, None, None, None, :]
 
@@ -556,14 +577,14 @@ def cross_batch_attention(q, k, k_first, v, cross_batch_range: int, stepping: bo
 
     all_valid = torch.ones(batch_size, length, dtype=torch.bool, device=q.device)
     sources = [
-        (k, v, causal_visible(0, length, all_valid)),
-        (other_keys, other_values, other_visible[:, None, None, None, :].expand(-1, 1, 1, length, -1)),
+        Source(k, v, causal_visible(0, length, all_valid)),
+        Source(other_keys, other_values, other_visible[:, None, None, None, :].expand(-1, 1, 1, length, -1)),
     ]
     return training_attention(q, sources)
 
 
 def training_attention(q, sources):
-    """Attention over (keys, values, visible) sources through PyTorch's scaled_dot_product_attention, for training.
+    """Attention over Sources through PyTorch's scaled_dot_product_attention, for training.
 
     The fused kernels never hold the [B, H, T, S] logits (nor keep them for the backward pass), which is what
     lets cross-batch attention over (d+1)*T keys train at 3B shapes. The sources' keys are concatenated,
@@ -572,9 +593,10 @@ def training_attention(q, sources):
     and the padded output columns are dropped), which the fused kernels need (head_dim 100 in LongLLaMA-3B).
     """
     heads, head_dim = q.shape[1], q.shape[-1]
-    keys = torch.cat([k for k, _, _ in sources], dim=2).repeat_interleave(heads // sources[0][0].shape[1], dim=1)
-    values = torch.cat([v for _, v, _ in sources], dim=2).repeat_interleave(heads // sources[0][0].shape[1], dim=1)
-    visible = torch.cat([m for _, _, m in sources], dim=-1)[:, :, 0]  # [B, 1, T, S]
+    rep = heads // sources[0].keys.shape[1]
+    keys = torch.cat([source.keys for source in sources], dim=2).repeat_interleave(rep, dim=1)
+    values = torch.cat([source.values for source in sources], dim=2).repeat_interleave(rep, dim=1)
+    visible = torch.cat([source.visible for source in sources], dim=-1)[:, :, 0]  # [B, 1, T, S]
     pad = -head_dim % 8 if q.is_cuda else 0
     if pad:
         q, keys, values = (F.pad(x, (0, pad)) for x in (q, keys, values))
@@ -593,15 +615,16 @@ class CrossBatch(NamedTuple):
 class Window:
     """What every layer needs to know about the tokens it is processing."""
 
-    start: int  # local slot, and rotary position, of the first token
-    cos: torch.Tensor  # [T, D] rotary tables for positions start .. start+T-1
+    slots: torch.Tensor  # [T]: local slots, and rotary positions, of the tokens
+    cos: torch.Tensor  # [T, D] rotary tables for those positions
     sin: torch.Tensor
-    visible: torch.Tensor  # [B, 1, 1, T, start+T]: local keys each query sees (causal and padding)
+    visible: torch.Tensor  # [B, 1, 1, T, S]: which of the first S local slots each query sees (causal and padding)
     valid: torch.Tensor  # [B, T]: which new tokens are real (they enter memory with this mask)
     cache: Optional[Cache] = None
     keep_local: bool = False  # True: keys stay in the local cache; False: memory layers load the window into memory
     cross_batch: Optional[CrossBatch] = None  # training: memory layers use cross-batch attention
     padding: bool = True  # False: no key in the cache or the window is padding, so every mask is causal
+    all_slots: bool = False  # True: S is all W local slots, not just those up to the last token (compiled decode)
     kernel: str = "fused"  # "fused" or "plain" attention (see ATTENTION_KERNELS)
 
 
@@ -634,19 +657,21 @@ class Attention(nn.Module):
         elif self.is_memory_layer:
             out = cross_batch_attention(q, k, k_first, v, *window.cross_batch)
         else:
-            out = training_attention(q, [(k, v, window.visible)])
+            out = training_attention(q, [Source(k, v, window.visible)])
         return self.wo(out.transpose(1, 2).reshape(batch_size, length, self.heads * self.head_dim))
 
     def _attend_local_and_memory(self, q, k, k_first, v, window: Window):
         cache = window.cache
         if window.keep_local:
-            k, v = cache.local[self.layer_index].write(window.start, k, v)
-        sources = [(k, v, window.visible)]
+            k, v = cache.local[self.layer_index].write(window.slots, k, v, seen=window.visible.shape[-1])
+        sources = [Source(k, v, window.visible, implied=not (window.padding or window.all_slots),
+                          written_out=window.all_slots)]
         memory = cache.memory.get(self.layer_index)
         if memory is not None and memory.length:
             mem_keys, mem_values, mem_valid = memory.view()
-            sources.append((mem_keys, mem_values, mem_valid[:, None, None, None, :]))  # no causal mask: [B,1,1,1,M]
-        out = grouped_attention(q, sources, self.grouping, window.kernel, window.padding)
+            mem_visible = mem_valid[:, None, None, None, :]  # the same for every query, no causal mask: [B,1,1,1,M]
+            sources.append(Source(mem_keys, mem_values, mem_visible, implied=not window.padding))
+        out = grouped_attention(q, sources, self.grouping, window.kernel)
         if memory is not None and not window.keep_local:
             memory.append(k_first, v, window.valid)  # the window was read alone: now it joins memory
         return out
@@ -705,6 +730,7 @@ class LongLlama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False  # training: recompute each block in the backward pass
+        self.compiled_layers = None  # _layers through torch.compile, for decode steps (see compile_decode)
         self.reset_rope()
         self.apply(self._init_weights)
 
@@ -714,6 +740,19 @@ class LongLlama(nn.Module):
                                self.config.rope_scaling, device=self.embed.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def compile_decode(self) -> "LongLlama":
+        """Run every later decode step (one new token per row, continuing a cache that keeps a local window)
+        through torch.compile, as gpt-fast does: the layers become one compiled graph instead of hundreds of
+        small calls, a large part of a small model's decode time. The step attends to all W local slots under
+        its mask, so its shapes are the same at every token; memory grows only at evictions, and its first changes
+        cost a recompilation or two (after that its size is symbolic). Compiling takes seconds to a minute
+        and needs a C++ compiler on CPU: worth it for long answers, or many questions about one document."""
+        cxx = os.environ.get("CXX", "g++")
+        if self.embed.weight.device.type == "cpu" and not (shutil.which(cxx) or shutil.which("clang++")):
+            raise ValueError(f"compiling the decode step on CPU needs a C++ compiler: {cxx} is not on PATH (set CXX)")
+        self.compiled_layers = torch.compile(self._layers)
+        return self
 
     @staticmethod
     def _init_weights(module):
@@ -764,8 +803,10 @@ class LongLlama(nn.Module):
                           tensors[f"memory.{i}.valid"].to(param.device))
         if local_length is not None:
             self._prepare_local(cache, local_length)
+            slots = torch.arange(local_length, device=param.device)
             for i, local in enumerate(cache.local):
-                local.write(0, tensors[f"local.{i}.keys"].to(param), tensors[f"local.{i}.values"].to(param))
+                local.write(slots, tensors[f"local.{i}.keys"].to(param), tensors[f"local.{i}.values"].to(param),
+                            local_length)
             cache.local_valid[:, :local_length] = tensors["local.valid"].to(param.device)
             cache.local_length = local_length
         cache.position, cache.padding = position, padding
@@ -837,21 +878,30 @@ class LongLlama(nn.Module):
     def _window(self, tokens, valid, cache: Cache, keep_local: bool):
         """Run at most W tokens through every layer; returns the final hidden states [B, T, hidden]."""
         length = tokens.shape[1]
+        all_slots = False
         if keep_local:
             self._prepare_local(cache, length)
             start = cache.local_length
             cache.local_valid[:, start:start + length] = valid
-            key_valid = cache.local_valid[:, :start + length]
             cache.local_length += length
+            # a compiled decode step sees all W slots, masked, so that its shapes are the same at every token
+            all_slots = length == 1 and self.compiled_layers is not None
+            key_valid = cache.local_valid if all_slots else cache.local_valid[:, :start + length]
         else:
             start, key_valid = 0, valid
-        window = Window(start, self.rope_cos[start:start + length], self.rope_sin[start:start + length],
-                        causal_visible(start, length, key_valid), valid, cache, keep_local,
-                        padding=cache.padding, kernel=self.attention_kernel)
+        slots = torch.arange(start, start + length, device=tokens.device)
+        window = Window(slots, self.rope_cos[slots], self.rope_sin[slots], causal_visible(start, length, key_valid),
+                        valid, cache, keep_local, padding=cache.padding, all_slots=all_slots,
+                        kernel=self.attention_kernel)
+        hidden = (self.compiled_layers if all_slots else self._layers)(tokens, window)
+        cache.position += length
+        return hidden
+
+    def _layers(self, tokens, window: Window):
+        """The embedding, every block and the final norm: ids [B, T] -> hidden states [B, T, hidden]."""
         x = self.embed(tokens)
         for block in self.layers:
             x = block(x, window)
-        cache.position += length
         return self.norm(x)
 
     def _prepare_local(self, cache: Cache, length: int):
@@ -883,8 +933,8 @@ class LongLlama(nn.Module):
         if length > self.config.max_position_embeddings:
             raise ValueError(f"training sequences must fit the window: {length} > {self.config.max_position_embeddings}")
         valid = torch.ones(batch_size, length, dtype=torch.bool, device=input_ids.device)
-        window = Window(0, self.rope_cos[:length], self.rope_sin[:length], causal_visible(0, length, valid), valid,
-                        cross_batch=cross_batch)
+        window = Window(torch.arange(length, device=input_ids.device), self.rope_cos[:length], self.rope_sin[:length],
+                        causal_visible(0, length, valid), valid, cross_batch=cross_batch)
         x = self.embed(input_ids)
         for block in self.layers:
             if self.activation_checkpointing and self.training:

@@ -246,6 +246,14 @@ def test_generate_refuses_a_bad_flag(assets, capsys, flags, message):
     assert message in line
 
 
+def test_generate_compile_without_a_cxx_compiler_is_one_error_line(assets, capsys, monkeypatch):
+    monkeypatch.setattr(longllama.shutil, "which", lambda name: None)  # nothing on PATH
+    monkeypatch.setenv("CXX", "g++")
+    line = exits_with_one_error_line(capsys, generate.main, ["--ckpt", assets["init"], "--prompt", "def f",
+                                                             "--device", "cpu", "--compile"])
+    assert line == "error: compiling the decode step on CPU needs a C++ compiler: g++ is not on PATH (set CXX)"
+
+
 @pytest.mark.parametrize("data,message", [
     (b"def f():\x00\x01\x02", "not UTF-8 text: binary data (a NUL byte) at byte 8"),
     (b"caf\xe9 au lait", "not UTF-8 text: invalid continuation byte at byte 3"),

@@ -1,6 +1,7 @@
 """longllama.py inference against the naive float64 reference in tests/reference.py, with both attention kernels."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -71,21 +72,26 @@ def naive_attention(q, local_k, local_v, local_visible, mem_k, mem_v, mem_valid)
 
 @pytest.mark.parametrize("heads,kv_heads,grouping", [(4, 4, None), (4, 4, (1, 1)), (4, 4, (3, 5)), (6, 2, (2, 4)),
                                                      (6, 3, None), (6, 1, (4, 7))])
-@pytest.mark.parametrize("padding", [True, False], ids=["padded", "causal"])
-def test_grouped_attention_matches_naive_attention(heads, kv_heads, grouping, padding, kernel):
+@pytest.mark.parametrize("masks", ["padded", "causal", "all slots"])
+def test_grouped_attention_matches_naive_attention(heads, kv_heads, grouping, masks, kernel):
+    """Masks as reading makes them: with padding (applied as given), causal (left to the kernels), and over all
+    local slots, some after the last query, as a compiled decode step has them (its local attention written out)."""
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
     b, t, start, m, d = 2, 9, 5, 13, 8
+    slots = start + t + (4 if masks == "all slots" else 0)
     q = torch.randn(b, heads, t, d, generator=g)
-    local_k, local_v = torch.randn(2, b, kv_heads, start + t, d, generator=g)
+    local_k, local_v = torch.randn(2, b, kv_heads, slots, d, generator=g)
     mem_k, mem_v = torch.randn(2, b, kv_heads, m, d, generator=g)
-    key_valid = torch.rand(b, start + t, generator=g) > 0.2 if padding else torch.ones(b, start + t, dtype=torch.bool)
-    key_valid[:, -1] = True
+    padding = masks == "padded"
+    key_valid = torch.rand(b, slots, generator=g) > 0.2 if padding else torch.ones(b, slots, dtype=torch.bool)
+    key_valid[:, start + t - 1] = True
     mem_valid = torch.rand(b, m, generator=g) > 0.3 if padding else torch.ones(b, m, dtype=torch.bool)
     visible = longllama.causal_visible(start, t, key_valid)
-    sources = [(local_k, local_v, visible), (mem_k, mem_v, mem_valid[:, None, None, None, :])]
-    out = longllama.grouped_attention(q, sources, grouping, kernel, padding)
+    sources = [longllama.Source(local_k, local_v, visible, implied=masks == "causal", written_out=masks == "all slots"),
+               longllama.Source(mem_k, mem_v, mem_valid[:, None, None, None, :], implied=not padding)]
+    out = longllama.grouped_attention(q, sources, grouping, kernel)
 
-    causal = torch.arange(start + t)[None, :] <= torch.arange(start, start + t)[:, None]
+    causal = torch.arange(slots)[None, :] <= torch.arange(start, start + t)[:, None]
     expected = naive_attention(q, local_k, local_v, causal & key_valid[:, None, :], mem_k, mem_v, mem_valid)
     assert_close(out, expected, atol=1e-5)
 
@@ -115,6 +121,36 @@ def test_prompt_then_step_by_step_decoding_through_many_evictions_matches_refere
     calls += [(tokens(2, 1, seed=100 + i), True, None) for i in range(3 * WINDOW)]
     cache = run_both(model, calls)
     assert 0 < cache.local_length <= WINDOW
+
+
+needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
+                               reason="torch.compile on CPU needs a C++ compiler")
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", ["left-padded", "grouped"])
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # never quietly fall back to running eagerly
+def test_compiled_decode_steps_match_reference_through_evictions(case, kernel):
+    """compile_decode's step (all W local slots under a mask, local attention written out inside the graph) against
+    the float64 reference, through evictions: with padding (masks everywhere) and with grouped-query heads and
+    mem_attention_grouping (no padding: the memory kernel runs mask-free)."""
+    if kernel == "plain":
+        pytest.skip("one compiled kernel is enough: compilation is the slow part")
+    if case == "left-padded":
+        model = tiny_model(mem_layers=[0, 2])
+        ids, mask = tokens(2, 2 * WINDOW + 3), torch.ones(2, 2 * WINDOW + 3)
+        mask[1, :WINDOW + 2] = 0
+    else:
+        model = tiny_model(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, mem_layers=[1],
+                           mem_attention_grouping=(2, 1))
+        ids, mask = tokens(2, 2 * WINDOW + 3), None
+    model.compile_decode()
+    compiled, steps = model.compiled_layers, []
+    model.compiled_layers = lambda tokens, window: steps.append(window) or compiled(tokens, window)
+    calls = [(ids, True, mask)] + [(tokens(2, 1, seed=500 + i), True, None) for i in range(2 * WINDOW + 4)]
+    cache = run_both(model, calls)
+    assert len(steps) == 2 * WINDOW + 4 and all(window.all_slots for window in steps)
+    assert cache.memory_size > 3 * WINDOW  # the steps evicted the local window into memory twice
 
 
 def test_continuation_calls_of_several_tokens_and_a_long_follow_up_match_reference():
