@@ -1,7 +1,8 @@
 """FoT's context-scaling experiment, end to end: train three models, then measure how far their memory reaches.
 
-    python context_scaling.py --size cpu --out runs/scaling     # 2 CPU cores, see README for the wall time
-    python context_scaling.py --size gpu --out runs/scaling     # one GPU: a larger model, longer training
+    python context_scaling.py --size cpu --out runs/scaling          # 2 CPU cores, see README for the wall time
+    python context_scaling.py --size cpu-long --out runs/long        # the same models trained 11x longer
+    python context_scaling.py --size gpu --out runs/scaling          # one GPU: a larger model, longer training
 
 Three models are trained with the same steps, data and seed, differing only in cross-batch attention:
 - `fot`: d = 3 with packing 4: a row's memory layer sees the three rows before it: its document's earlier rows
@@ -13,12 +14,14 @@ The data is the embedded Python standard library corpus plus synthetic passkey d
 --passkey-docs`), in which the answer sits at least one training row after the passkey.
 
 Then, for each model: passkey retrieval at prompt lengths far beyond the training rows (passkey.py), and the
-held-out perplexity of standard-library code with 0 .. 16 earlier windows in memory (train.py's eval). Every
-command runs as its own process and is printed first, so any step can be rerun alone. The results go to
-OUT/results.json, and OUT/passkey.png, OUT/perplexity.png and OUT/heatmap_fot.png draw them.
+held-out perplexity of standard-library code with 0 .. 16 earlier windows in memory (train.py's eval, run here).
+Training and passkey trials run as their own processes, each command printed first, so any step can be rerun
+alone; a size may train in stages, each from the last one's checkpoint. The results go to OUT/results.json, and
+OUT/passkey.png, OUT/perplexity.png and OUT/heatmap_fot.png draw them.
 """
 
 import argparse
+import contextlib
 import json
 import shlex
 import subprocess
@@ -26,28 +29,35 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import generate
 import longllama
 import passkey
-from tokenizer import tokenizer_file
+import train as training
+from tokenizer import open_tokenizer, tokenizer_file
 
 SETUPS = {"fot": 3, "d1": 1, "d0": 0}  # name: cross-batch range d
 
 # Lower than train.py's default: at 3e-3 these models never learn to copy, which retrieval needs first.
 LEARNING_RATE = ["--lr", "1e-3", "--min-lr", "1e-4"]
-# Shared training flags per size: rows as long as the model's window, which is how it reads at inference. The
-# curriculum of distances lives in each passkey document (passkey.py).
+TINY_ROWS = ["--preset", "tiny", "--seq-len", "256", "--batch-size", "8", "--packing", "4"]
+# Training flags per size and stage (a later stage starts from the last one's weights, with a new optimizer and
+# schedule): rows as long as the model's window, which is how it reads at inference. The curriculum of distances
+# lives in each passkey document (passkey.py).
 SIZES = {
-    "cpu": dict(train=["--preset", "tiny", "--seq-len", "256", "--batch-size", "8", "--packing", "4", *LEARNING_RATE,
-                       "--max-steps", "1500", "--eval-every", "1500", "--passkey-docs", "3000",
-                       "--eval-spans", "8"],
-                lengths="1k,4k,16k,64k", depths="0.1,0.5,0.9", trials=4),
-    "gpu": dict(train=["--preset", "small", "--seq-len", "1024", "--batch-size", "16", "--packing", "4", *LEARNING_RATE,
-                       "--max-steps", "6000", "--eval-every", "6000", "--passkey-docs", "20000",
-                       "--eval-spans", "32"],
-                lengths="1k,4k,16k,64k,256k", depths="0,0.25,0.5,0.75,1", trials=10),
+    "cpu": dict(stages=[[*TINY_ROWS, *LEARNING_RATE, "--max-steps", "1500", "--passkey-docs", "3000"]],
+                lengths="1k,4k,16k,64k", depths="0.1,0.5,0.9", trials=4, eval_spans=8),
+    # copying from memory appears after about 10,000 steps (README); a constant rate after the cosine gets there
+    "cpu-long": dict(stages=[[*TINY_ROWS, *LEARNING_RATE, "--max-steps", "8000", "--passkey-docs", "20000"],
+                             ["--seq-len", "256", "--batch-size", "8", "--packing", "4", "--lr", "1e-3", "--min-lr",
+                              "1e-3", "--warmup-steps", "50", "--max-steps", "9000", "--passkey-docs", "20000"]],
+                     lengths="1k,4k,16k,64k", depths="0.1,0.5,0.9", trials=4, eval_spans=8),
+    "gpu": dict(stages=[["--preset", "small", "--seq-len", "1024", "--batch-size", "16", "--packing", "4",
+                         *LEARNING_RATE, "--max-steps", "6000", "--passkey-docs", "20000"]],
+                lengths="1k,4k,16k,64k,256k", depths="0,0.25,0.5,0.75,1", trials=10, eval_spans=32),
 }
-EVAL_MEMORY = "0,1,2,4,8,16"
+EVAL_MEMORY = [0, 1, 2, 4, 8, 16]
 
 
 def run(command: list[str]):
@@ -56,20 +66,43 @@ def run(command: list[str]):
         raise ValueError("the step above failed: rerun this command to go on from the last finished step")
 
 
+def stage_dirs(out: Path, name: str, size: dict) -> list[Path]:
+    """Where each training stage of a setup writes: the last one is OUT/NAME, the model that is evaluated."""
+    count = len(size["stages"])
+    return [out / name if i == count - 1 else out / f"{name}_stage{i + 1}" for i in range(count)]
+
+
 def train(out: Path, name: str, d: int, size: dict):
-    """One model. The first trains the tokenizer and the others reuse it, so that all read the same tokens; a run
-    that has a checkpoint is resumed (a finished one does nothing), so the experiment goes on where it stopped."""
-    first = next(iter(SETUPS))
-    tokenizer = [] if name == first else ["--tokenizer", str(tokenizer_file(out / first))]
-    resume = ["--resume"] if (out / name / "train_state.json").is_file() else []
-    run([sys.executable, "train.py", *size["train"], "--cross-batch-range", str(d), "--eval-memory", EVAL_MEMORY,
-         "--out", str(out / name), *tokenizer, *resume])
+    """One model, stage by stage. The first setup trains the tokenizer and the others reuse it, so that all read
+    the same tokens; a later stage starts from the stage before. A finished stage is skipped and an unfinished one
+    resumed, so the experiment goes on where it stopped."""
+    first = stage_dirs(out, next(iter(SETUPS)), size)[0]
+    previous = None
+    for flags, run_dir in zip(size["stages"], stage_dirs(out, name, size)):
+        if previous is not None:
+            start = ["--init", str(previous)]
+        else:
+            start = [] if run_dir == first else ["--tokenizer", str(tokenizer_file(first))]
+        previous, state = run_dir, run_dir / "train_state.json"
+        steps = int(flags[flags.index("--max-steps") + 1])
+        if state.is_file() and json.loads(state.read_text()).get("step", 0) >= steps:
+            print(f"# {run_dir}: trained ({steps} steps)", flush=True)
+            continue
+        resume = ["--resume"] if state.is_file() else []
+        run([sys.executable, "train.py", *flags, "--cross-batch-range", str(d), "--eval-every", "0",
+             "--out", str(run_dir), *start, *resume])
 
 
-def final_perplexity(run_dir: Path) -> dict:
-    """The last eval line of a run's log: {windows in memory: perplexity}."""
-    evals = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if "eval_ppl" in line]
-    return evals[-1]["eval_ppl"]
+def memory_perplexity(run_dir: Path, spans: int) -> dict:
+    """Held-out perplexity of standard-library code with 0 .. 16 earlier windows in memory: train.py's eval, on
+    the documents its --holdout keeps out of training, {windows in memory: perplexity}."""
+    print(f"# perplexity vs memory: {run_dir}", flush=True)
+    model = longllama.load(run_dir)
+    tokenizer = open_tokenizer(tokenizer_file(run_dir))
+    held_out = [doc for doc in training.stdlib_documents() if training.is_held_out(doc, training.Settings().holdout)]
+    window = model.config.max_position_embeddings
+    eval_spans = training.eval_spans(held_out, tokenizer, window, EVAL_MEMORY, spans)
+    return training.evaluate(model, eval_spans, window, EVAL_MEMORY, 8, torch.device("cpu"), contextlib.nullcontext())
 
 
 def evaluate_passkey(out: Path, name: str, size: dict):
@@ -143,10 +176,10 @@ def experiment(args):
         evaluate_passkey(out, name, size)
     config = longllama.LongLlamaConfig.from_json(out / next(iter(SETUPS)) / "config.json")
     results = dict(size=args.size, window=config.max_position_embeddings,
-                   train_tokens=int(size["train"][size["train"].index("--seq-len") + 1]),
+                   train_tokens=int(size["stages"][0][size["stages"][0].index("--seq-len") + 1]),
                    setups={name: dict(cross_batch_range=d,
                                       passkey=json.loads((out / f"passkey_{name}.json").read_text()),
-                                      perplexity=final_perplexity(out / name))
+                                      perplexity=memory_perplexity(out / name, size["eval_spans"]))
                            for name, d in SETUPS.items()})
     for setup in results["setups"].values():
         del setup["passkey"]["results"]  # every trial stays in passkey_NAME.json

@@ -11,7 +11,8 @@ Where FoT lives in this file:
 - `LocalCache` / `Cache`: the current window of every layer, and eviction of the whole window into memory.
 - `Attention.forward`: one softmax over the local window and the memory (`grouped_attention`), computed by fused
   kernels merged by their log-sum-exp (`fused_attention`) or written out (`plain_attention`).
-- `LongLlama.forward`: cutting a long input into windows of W tokens (`last_context_length`).
+- `LongLlama.forward`: cutting a long input into windows of W tokens (`last_context_length`);
+  `compile_decode` runs one-token steps through torch.compile with shapes that never change.
 - `cross_batch_attention`: FoT training, where memory layers also see other documents' keys (`training_attention`).
 """
 
