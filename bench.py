@@ -187,6 +187,14 @@ def main(argv=None):
     args = parse_args(argv)
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.compile:
+        try:
+            longllama.check_can_compile(device)
+        except ValueError as e:
+            if not args.small:
+                raise
+            print(f"note: no compiled row: {e}")  # --small's other figures need no compiler
+            args.compile = False
     shape = SMALL if args.small else longllama.PRESETS[args.preset]
     model = build_model(shape, device, dtype)
     flops, bandwidth = matmul_flops_per_second(device, dtype), copy_bytes_per_second(device)

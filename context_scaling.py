@@ -97,12 +97,16 @@ def memory_perplexity(run_dir: Path, spans: int) -> dict:
     """Held-out perplexity of standard-library code with 0 .. 16 earlier windows in memory: train.py's eval, on
     the documents its --holdout keeps out of training, {windows in memory: perplexity}."""
     print(f"# perplexity vs memory: {run_dir}", flush=True)
-    model = longllama.load(run_dir)
+    device = longllama.resolve_device()
+    model = longllama.load(run_dir, device=device)
     tokenizer = open_tokenizer(tokenizer_file(run_dir))
-    held_out = [doc for doc in training.stdlib_documents() if training.is_held_out(doc, training.Settings().holdout)]
+    settings = json.loads((run_dir / "train_state.json").read_text()).get("settings", {})
+    holdout = settings.get("holdout", training.Settings().holdout)
+    held_out = [doc for doc in training.stdlib_documents() if training.is_held_out(doc, holdout)]
     window = model.config.max_position_embeddings
     eval_spans = training.eval_spans(held_out, tokenizer, window, EVAL_MEMORY, spans)
-    return training.evaluate(model, eval_spans, window, EVAL_MEMORY, 8, torch.device("cpu"), contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return training.evaluate(model, eval_spans, window, EVAL_MEMORY, 8, device, autocast)
 
 
 def evaluate_passkey(out: Path, name: str, size: dict):

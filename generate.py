@@ -521,8 +521,8 @@ def parse_args(argv=None):
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: the first tokens wait for compilation (seconds; needs a "
-                        "C++ compiler on CPU), the rest come faster (README, Performance)")
+                   help="decode through torch.compile: the second token of an answer waits for compilation "
+                        "(seconds; needs a C++ compiler on CPU), the rest come faster (README, Performance)")
     args = p.parse_args(argv)
     # comparisons with NaN are false, so NaN fails every rule; sizes the checkpoint bounds are checked by its config
     longllama.check_values(vars(args), [
@@ -623,6 +623,8 @@ def run(args):
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     prompts = None if args.load_memory else read_prompts(args)
+    if args.compile:
+        longllama.check_can_compile(device)
     if args.save_memory:
         check_writable(args.save_memory)  # before reading, which can take minutes
     model, tokenizer = load_checkpoint(args.ckpt, args.tokenizer, device, dtype, **config_overrides(args))
@@ -693,6 +695,8 @@ def as_command(job):
             sys.exit(130)
         except torch.OutOfMemoryError:
             fail("out of memory while generating: try --dtype bfloat16 or a shorter prompt")
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            fail(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run without --compile")
         except (ValueError, OSError) as e:
             fail(str(e))
 

@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -410,7 +409,8 @@ def fused_attention(q, sources):
     No [T, S] logits are ever held, so the workspace is bounded by the window, not by the memory. A source
     whose mask is the same for every query (memory) is attended by the R query heads of a key/value head
     stacked as R*T queries, so memory is read in place, never repeated or copied. Masks that a source says are
-    `implied` are left to the kernels (causal) or dropped.
+    `implied` are left to the kernels (causal) or dropped; a `written_out` source is attended by the formula, with
+    its mask.
     """
     batch_size, kv_heads, rep, length, head_dim = q.shape
     out = lse = None
@@ -425,8 +425,8 @@ def fused_attention(q, sources):
                 keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
         # implied masks are causal and end at the last key (bottom-right): none for memory or a single query (it
         # sees every key), the kernel's own for a whole window
-        causal = implied and not shared and 1 < length == keys.shape[2]
-        mask_free = implied and (shared or causal or length == 1)
+        causal = implied and not shared and not written_out and 1 < length == keys.shape[2]
+        mask_free = implied and not written_out and (shared or causal or length == 1)
         source_out, source_lse = attention_and_lse(q_source, keys, values, None if mask_free else visible, causal,
                                                    written_out)
         source_out = source_out.view(batch_size, kv_heads, rep, length, head_dim)
@@ -459,12 +459,12 @@ def attention_and_lse(q, keys, values, visible=None, causal: bool = False, writt
     scale = 1 / math.sqrt(q.shape[-1])
     bias = None if visible is None or written_out else torch.zeros(visible.shape, dtype=q.dtype,
                                                                    device=q.device).masked_fill_(~visible, float("-inf"))
-    if written_out:
-        scores = (q @ keys.transpose(-1, -2)).float() * scale  # [B, X, Q, S]
+    if written_out:  # in float32, as the kernels compute
+        scores = (q.float() @ keys.float().transpose(-1, -2)) * scale  # [B, X, Q, S]
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
         lse = scores.logsumexp(-1)
-        out = (scores - lse.unsqueeze(-1)).exp().to(q.dtype) @ values
+        out = ((scores - lse.unsqueeze(-1)).exp() @ values.float()).to(q.dtype)
     elif q.is_cuda:
         out, lse = _cuda_attention_and_lse(q, keys, values, bias, causal, scale)
     else:
@@ -731,7 +731,7 @@ class LongLlama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False  # training: recompute each block in the backward pass
-        self.compiled_layers = None  # _layers through torch.compile, for decode steps (see compile_decode)
+        self.compiled_layers = None  # LongLlama._layers through torch.compile, for decode steps (compile_decode)
         self.reset_rope()
         self.apply(self._init_weights)
 
@@ -748,11 +748,10 @@ class LongLlama(nn.Module):
         small calls, a large part of a small model's decode time. The step attends to all W local slots under
         its mask, so its shapes are the same at every token; memory grows only at evictions, and its first changes
         cost a recompilation or two (after that its size is symbolic). Compiling takes seconds to a minute
-        and needs a C++ compiler on CPU: worth it for long answers, or many questions about one document."""
-        cxx = os.environ.get("CXX", "g++")
-        if self.embed.weight.device.type == "cpu" and not (shutil.which(cxx) or shutil.which("clang++")):
-            raise ValueError(f"compiling the decode step on CPU needs a C++ compiler: {cxx} is not on PATH (set CXX)")
-        self.compiled_layers = torch.compile(self._layers)
+        and needs a C++ compiler on CPU: worth it for long answers, or many questions about one document.
+        (The compiled function takes the model as an argument, so a copy of the model runs its own weights.)"""
+        check_can_compile(self.embed.weight.device)
+        self.compiled_layers = torch.compile(LongLlama._layers)
         return self
 
     @staticmethod
@@ -894,7 +893,7 @@ class LongLlama(nn.Module):
         window = Window(slots, self.rope_cos[slots], self.rope_sin[slots], causal_visible(start, length, key_valid),
                         valid, cache, keep_local, padding=cache.padding, all_slots=all_slots,
                         kernel=self.attention_kernel)
-        hidden = (self.compiled_layers if all_slots else self._layers)(tokens, window)
+        hidden = self.compiled_layers(self, tokens, window) if all_slots else self._layers(tokens, window)
         cache.position += length
         return hidden
 
@@ -1007,6 +1006,19 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPUs")
     return device
+
+
+def check_can_compile(device: torch.device):
+    """torch.compile's code for a CPU is C++, built by the compiler inductor looks for ($CXX, else g++): refuse in
+    one line, before any work, where it is missing."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise ValueError(f"compiling on CPU needs a C++ compiler: {os.environ.get('CXX', 'g++')} does not run "
+                         "(install g++ or set CXX)") from None
 
 
 def available_bytes(device: torch.device) -> int:

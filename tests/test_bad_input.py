@@ -247,11 +247,15 @@ def test_generate_refuses_a_bad_flag(assets, capsys, flags, message):
 
 
 def test_generate_compile_without_a_cxx_compiler_is_one_error_line(assets, capsys, monkeypatch):
-    monkeypatch.setattr(longllama.shutil, "which", lambda name: None)  # nothing on PATH
-    monkeypatch.setenv("CXX", "g++")
-    line = exits_with_one_error_line(capsys, generate.main, ["--ckpt", assets["init"], "--prompt", "def f",
-                                                             "--device", "cpu", "--compile"])
-    assert line == "error: compiling the decode step on CPU needs a C++ compiler: g++ is not on PATH (set CXX)"
+    from torch._inductor import config, cpp_builder
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with config.patch({"cpp.cxx": (None, "no-such-compiler")}):  # what inductor read $CXX into when imported
+        cpp_builder.cpp_compiler_search.cache_clear()  # inductor remembers the compiler it found
+        line = exits_with_one_error_line(capsys, generate.main, ["--ckpt", assets["init"], "--prompt", "def f",
+                                                                 "--device", "cpu", "--compile"])
+    cpp_builder.cpp_compiler_search.cache_clear()
+    assert line == ("error: compiling on CPU needs a C++ compiler: no-such-compiler does not run (install g++ or "
+                    "set CXX)")
 
 
 @pytest.mark.parametrize("data,message", [

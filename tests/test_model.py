@@ -1,7 +1,6 @@
 """longllama.py inference against the naive float64 reference in tests/reference.py, with both attention kernels."""
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -123,19 +122,25 @@ def test_prompt_then_step_by_step_decoding_through_many_evictions_matches_refere
     assert 0 < cache.local_length <= WINDOW
 
 
-needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
-                               reason="torch.compile on CPU needs a C++ compiler")
+def can_compile() -> bool:
+    try:
+        longllama.check_can_compile(torch.device("cpu"))
+        return True
+    except ValueError:
+        return False
 
 
-@needs_cxx
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not can_compile(), reason="torch.compile on CPU needs a C++ compiler"))], ids=["eager", "compiled"])
 @pytest.mark.parametrize("case", ["left-padded", "grouped"])
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # never quietly fall back to running eagerly
-def test_compiled_decode_steps_match_reference_through_evictions(case, kernel):
-    """compile_decode's step (all W local slots under a mask, local attention written out inside the graph) against
-    the float64 reference, through evictions: with padding (masks everywhere) and with grouped-query heads and
-    mem_attention_grouping (no padding: the memory kernel runs mask-free)."""
+def test_decode_steps_over_all_local_slots_match_reference_through_evictions(case, compiled, kernel):
+    """compile_decode's step (all W local slots under a mask, local attention written out) against the float64
+    reference, through evictions: with padding (masks everywhere) and with grouped-query heads and
+    mem_attention_grouping (no padding: the memory kernel runs mask-free). Eagerly too, so that the step's
+    attention is checked where no compiler is."""
     if kernel == "plain":
-        pytest.skip("one compiled kernel is enough: compilation is the slow part")
+        pytest.skip("the step's written-out local attention belongs to the fused path")
     torch._dynamo.reset()  # compilations of _layers so far (other models) do not count towards the limit
     if case == "left-padded":
         model = tiny_model(mem_layers=[0, 2])
@@ -145,9 +150,9 @@ def test_compiled_decode_steps_match_reference_through_evictions(case, kernel):
         model = tiny_model(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, mem_layers=[1],
                            mem_attention_grouping=(2, 1))
         ids, mask = tokens(2, 2 * WINDOW + 3), None
-    model.compile_decode()
-    compiled, steps = model.compiled_layers, []
-    model.compiled_layers = lambda tokens, window: steps.append(window) or compiled(tokens, window)
+    step_function = model.compile_decode().compiled_layers if compiled else longllama.LongLlama._layers
+    steps = []
+    model.compiled_layers = lambda *args: steps.append(args[-1]) or step_function(*args)
     calls = [(ids, True, mask)] + [(tokens(2, 1, seed=500 + i), True, None) for i in range(2 * WINDOW + 4)]
     cache = run_both(model, calls)
     assert len(steps) == 2 * WINDOW + 4 and all(window.all_slots for window in steps)

@@ -143,6 +143,28 @@ def test_the_experiment_plots_draw_from_a_small_results_file(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_experiment_trains_in_stages_skipping_finished_ones(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(context_scaling, "run", commands.append)
+    size = context_scaling.SIZES["cpu-long"]
+    first = tmp_path / "fot_stage1"
+    first.mkdir()
+    (first / "tokenizer.model").write_bytes(b"")
+    (first / "train_state.json").write_text(json.dumps({"step": 8000}))
+    context_scaling.train(tmp_path, "fot", 3, size)
+    (command,) = commands  # stage 1 is finished: only stage 2 runs, from stage 1's weights, into OUT/fot
+    assert command[command.index("--init") + 1] == str(first) and command[command.index("--out") + 1] == str(
+        tmp_path / "fot") and "--resume" not in command and command[command.index("--cross-batch-range") + 1] == "3"
+
+    commands.clear()
+    (tmp_path / "d0").mkdir()
+    (tmp_path / "d0" / "train_state.json").write_text(json.dumps({"step": 100}))  # stopped part way
+    context_scaling.train(tmp_path, "d0", 0, size)
+    stage1, stage2 = commands  # the other setups read the first one's tokenizer; an unfinished stage resumes
+    assert stage1[stage1.index("--tokenizer") + 1] == str(first / "tokenizer.model") and "--resume" not in stage1
+    assert stage2[stage2.index("--init") + 1] == str(tmp_path / "d0_stage1") and "--resume" in stage2
+
+
 def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
     results = json.loads((ROOT / "docs" / "context_scaling_cpu" / "results.json").read_text())
     readme = (ROOT / "README.md").read_text()
