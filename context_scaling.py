@@ -118,9 +118,10 @@ def plot_lines(series: dict, path, xlabel: str, ylabel: str, title: str, log_x: 
     """One line per setup: series = {label: {x: y}}."""
     plt = passkey.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in series.items():
+    # markers and dashes differ, so that setups with equal figures (all at 0%) still show as separate lines
+    for (label, points), marker, style, size in zip(series.items(), "os^D", ["-", "--", ":", "-."], [7, 6, 5, 4]):
         xs = [float(x) for x in points]
-        ax.plot(xs, list(points.values()), marker="o", label=label)
+        ax.plot(xs, list(points.values()), marker=marker, linestyle=style, markersize=size, label=label)
     if log_x:  # powers of two, 0 included (symlog is linear below 1)
         ax.set_xscale("symlog" if min(xs) == 0 else "log", base=2)
         ax.set_xticks(xs, [f"{int(x):,}" for x in xs])

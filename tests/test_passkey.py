@@ -165,8 +165,9 @@ def test_the_experiment_trains_in_stages_skipping_finished_ones(tmp_path, monkey
     assert stage2[stage2.index("--init") + 1] == str(tmp_path / "d0_stage1") and "--resume" in stage2
 
 
-def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
-    results = json.loads((ROOT / "docs" / "context_scaling_cpu" / "results.json").read_text())
+@pytest.mark.parametrize("run", ["context_scaling_cpu", "context_scaling_cpu_long"])
+def test_the_readme_states_each_cpu_run_as_its_results_file_holds_it(run):
+    results = json.loads((ROOT / "docs" / run / "results.json").read_text())
     readme = (ROOT / "README.md").read_text()
     for name, setup in results["setups"].items():
         passkey_cells = " / ".join(f"{a:.0%}" for a in setup["passkey"]["accuracy"].values())
@@ -176,6 +177,6 @@ def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
         assert row in readme, row
 
 
-def test_the_readme_states_the_longer_run_as_its_results_file_holds_it():
-    report = json.loads((ROOT / "docs" / "context_scaling_cpu" / "passkey_fot_long.json").read_text())
+def test_the_readme_states_the_fot_models_depths_as_its_trials_file_holds_them():
+    report = json.loads((ROOT / "docs" / "context_scaling_cpu_long" / "passkey_fot.json").read_text())
     assert passkey.table(report) in (ROOT / "README.md").read_text()
