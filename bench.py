@@ -11,8 +11,8 @@ window; only the last token's logits are computed); decode is one greedy token a
 entries in memory. Each figure is also given as a fraction of this device's bound, measured here: prefill's dense
 and attention FLOPs over the matmul rate, decode's bytes read per token (weights, local caches, memory) over the
 copy bandwidth. `--compile` also times decode through torch.compile (LongLlama.compile_decode), after its
-compilation, which is not timed. `--small` also reads 32k and then 64k tokens with the `tiny` shape, each in a fresh process, to
-show that peak memory grows with the memory's keys and values only, not with an attention workspace.
+compilation, which is not timed. `--small` also reads 32k and then 64k tokens with the `tiny` shape, each in a fresh
+process, to show that peak memory grows with the memory's keys and values only, not with an attention workspace.
 The table goes to stdout, then one JSON line with every figure.
 """
 
