@@ -21,15 +21,12 @@ OUT/passkey.png, OUT/perplexity.png and OUT/heatmap_fot.png draw them.
 """
 
 import argparse
-import contextlib
 import json
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 import generate
 import longllama
@@ -41,7 +38,8 @@ SETUPS = {"fot": 3, "d1": 1, "d0": 0}  # name: cross-batch range d
 
 # Lower than train.py's default: at 3e-3 these models never learn to copy, which retrieval needs first.
 LEARNING_RATE = ["--lr", "1e-3", "--min-lr", "1e-4"]
-TINY_ROWS = ["--preset", "tiny", "--seq-len", "256", "--batch-size", "8", "--packing", "4"]
+ROWS = ["--seq-len", "256", "--batch-size", "8", "--packing", "4"]  # the tiny preset's window, 2,048 tokens a step
+TINY_ROWS = ["--preset", "tiny", *ROWS]
 # Training flags per size and stage (a later stage starts from the last one's weights, with a new optimizer and
 # schedule): rows as long as the model's window, which is how it reads at inference. The curriculum of distances
 # lives in each passkey document (passkey.py).
@@ -50,8 +48,8 @@ SIZES = {
                 lengths="1k,4k,16k,64k", depths="0.1,0.5,0.9", trials=4, eval_spans=8),
     # copying from memory appears after about 10,000 steps (README); a constant rate after the cosine gets there
     "cpu-long": dict(stages=[[*TINY_ROWS, *LEARNING_RATE, "--max-steps", "8000", "--passkey-docs", "20000"],
-                             ["--seq-len", "256", "--batch-size", "8", "--packing", "4", "--lr", "1e-3", "--min-lr",
-                              "1e-3", "--warmup-steps", "50", "--max-steps", "9000", "--passkey-docs", "20000"]],
+                             [*ROWS, "--lr", "1e-3", "--min-lr", "1e-3", "--warmup-steps", "50", "--max-steps",
+                              "9000", "--passkey-docs", "20000"]],
                      lengths="1k,4k,16k,64k", depths="0.1,0.5,0.9", trials=4, eval_spans=8),
     "gpu": dict(stages=[["--preset", "small", "--seq-len", "1024", "--batch-size", "16", "--packing", "4",
                          *LEARNING_RATE, "--max-steps", "6000", "--passkey-docs", "20000"]],
@@ -102,11 +100,10 @@ def memory_perplexity(run_dir: Path, spans: int) -> dict:
     tokenizer = open_tokenizer(tokenizer_file(run_dir))
     settings = json.loads((run_dir / "train_state.json").read_text()).get("settings", {})
     holdout = settings.get("holdout", training.Settings().holdout)
-    held_out = [doc for doc in training.stdlib_documents() if training.is_held_out(doc, holdout)]
+    _, held_out = training.split_held_out(training.stdlib_documents(), holdout)
     window = model.config.max_position_embeddings
     eval_spans = training.eval_spans(held_out, tokenizer, window, EVAL_MEMORY, spans)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    return training.evaluate(model, eval_spans, window, EVAL_MEMORY, 8, device, autocast)
+    return training.evaluate(model, eval_spans, window, EVAL_MEMORY, 8, device, training.autocast_for(device))
 
 
 def evaluate_passkey(out: Path, name: str, size: dict):

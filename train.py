@@ -314,6 +314,18 @@ def is_held_out(doc: Document, percent: float) -> bool:
     return int(hashlib.sha1(doc.name.encode()).hexdigest(), 16) % 10000 < percent * 100
 
 
+def split_held_out(documents, percent: float) -> tuple[list, list]:
+    """(training documents, held-out documents), by is_held_out."""
+    held_out = [is_held_out(doc, percent) for doc in documents]
+    return ([doc for doc, out in zip(documents, held_out) if not out],
+            [doc for doc, out in zip(documents, held_out) if out])
+
+
+def autocast_for(device):
+    """bfloat16 autocast on GPU (weights stay float32); nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def tokenize(doc: Document, tokenizer) -> tuple[list, list]:
     """BOS + tokens + EOS and the loss mask of each token as a target (0 for a prompt); ([], []) when empty."""
     prompt, text = read_document(doc)
@@ -655,9 +667,7 @@ def main(argv=None):
     if s.eval_data:
         train_documents, eval_documents = documents, scan_paths(s.eval_data)
     else:
-        held_out = [is_held_out(doc, s.holdout) for doc in documents]
-        train_documents = [doc for doc, out_ in zip(documents, held_out) if not out_]
-        eval_documents = [doc for doc, out_ in zip(documents, held_out) if out_]
+        train_documents, eval_documents = split_held_out(documents, s.holdout)
         if not train_documents:
             warn("every document is held out: training on all, no eval")
             train_documents, eval_documents = documents, []
@@ -734,7 +744,7 @@ def main(argv=None):
         step, tokens_seen = state["step"], state["tokens"]
     if s.compile:
         model = torch.compile(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
 
     spans = eval_spans(eval_documents, tokenizer, window, memory_sizes, s.eval_spans) if s.eval_every else None
     if s.eval_every and len(spans) == 0:
