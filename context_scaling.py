@@ -1,27 +1,35 @@
-"""FoT's context-scaling experiment, end to end: train three models, then measure how far their memory reaches.
+"""FoT's two claims, end to end: memory reaches far beyond the training context, and cross-batch training keeps
+retrieval working as unrelated material fills the memory (the distraction issue).
 
-    python context_scaling.py --size cpu --out runs/scaling          # 2 CPU cores, see README for the wall time
-    python context_scaling.py --size cpu-long --out runs/long        # the same models trained 11x longer
+    python context_scaling.py --size cpu --out runs/scaling          # 2 CPU cores, under an hour (see README)
     python context_scaling.py --size gpu --out runs/scaling          # one GPU: a larger model, longer training
 
-Three models are trained with the same steps, data and seed, differing only in cross-batch attention:
-- `fot`: d = 3 with packing 4: a row's memory layer sees the three rows before it: its document's earlier rows
-  (the positives) and, for the first rows of a pack, the rows of the pack before, another document read beside
-  it (the negatives);
+The recipe follows LongLLaMA's own path. One base model is trained first, without memory (d = 0), on the embedded
+Python standard library corpus plus synthetic passkey documents in which every answer sits within half a window
+of its passkey: it learns to copy by content inside its local window. Then each setup continues from that same
+base with FoT's continued pretraining, on passkey documents whose answers sit one to three training rows after
+the passkey (`train.py --passkey-layout`), differing only in cross-batch attention:
+- `fot7`, `fot3`: d = 7 and d = 3 with packing 4: a row's memory layer sees the d rows before it: its own
+  document's earlier rows (the positives) and rows of other documents (the negatives);
 - `d1`: d = 1: only the row just before;
 - `d0`: d = 0: no cross-batch attention, so memory layers never see memory while training.
-The data is the embedded Python standard library corpus plus synthetic passkey documents (`train.py
---passkey-docs`), in which the answer sits at least one training row after the passkey.
 
-Then, for each model: passkey retrieval at prompt lengths far beyond the training rows (passkey.py), and the
-held-out perplexity of standard-library code with 0 .. 16 earlier windows in memory (train.py's eval, run here).
-Training and passkey trials run as their own processes, each command printed first, so any step can be rerun
-alone; a size may train in stages, each from the last one's checkpoint. The results go to OUT/results.json, and
-OUT/passkey.png, OUT/perplexity.png and OUT/heatmap_fot.png draw them.
+Then, for each model:
+- passkey retrieval at prompt lengths far beyond the 256-token training rows (passkey.py), in LongLLaMA's filler
+  and in held-out standard-library code;
+- the distraction experiment: a passkey prompt read into memory after 0 .. 256k tokens of decoys (other keys said
+  as the pass key is, under similar names), accuracy and the memory layer's attention on the passkey's document
+  (passkey.py --task decoys);
+- held-out perplexity of standard-library code with 0 .. 16 earlier windows in memory (train.py's eval).
+Training and trials run as their own processes, each command printed first, so any step can be rerun alone; a
+finished step is skipped and an unfinished training run resumed. On CPU two processes run side by side with one
+thread each, which gets more out of two cores than one process with two. Results go to OUT/results.json, plots
+to OUT/*.png.
 """
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -34,61 +42,102 @@ import passkey
 import train as training
 from tokenizer import open_tokenizer, tokenizer_file
 
-SETUPS = {"fot": 3, "d1": 1, "d0": 0}  # name: cross-batch range d
+SETUPS = {"fot7": 7, "fot3": 3, "d1": 1, "d0": 0}  # name: cross-batch range d of the FoT stage
+LABELS = {"fot7": "FoT (d = 7)", "fot3": "FoT (d = 3)", "d1": "d = 1", "d0": "d = 0 (no cross-batch)"}
+FOT = [name for name, d in SETUPS.items() if d > 1]
 
-# Lower than train.py's default: at 3e-3 these models never learn to copy, which retrieval needs first.
-LEARNING_RATE = ["--lr", "1e-3", "--min-lr", "1e-4"]
-ROWS = ["--seq-len", "256", "--batch-size", "8", "--packing", "4"]  # the tiny preset's window, 2,048 tokens a step
-TINY_ROWS = ["--preset", "tiny", *ROWS]
-# Training flags per size and stage (a later stage starts from the last one's weights, with a new optimizer and
-# schedule): rows as long as the model's window, which is how it reads at inference. The curriculum of distances
-# lives in each passkey document (passkey.py).
+ROWS = ["--seq-len", "256", "--batch-size", "16", "--packing", "4"]  # the tiny preset's window, 4,096 tokens a step
+GPU_ROWS = ["--seq-len", "1024", "--batch-size", "16", "--packing", "4"]
 SIZES = {
-    "cpu": dict(stages=[[*TINY_ROWS, *LEARNING_RATE, "--max-steps", "1500", "--passkey-docs", "3000"]],
-                lengths="1k,4k,16k,64k", depths="0.1,0.5,0.9", trials=4, eval_spans=8),
-    # copying from memory appears after about 10,000 steps (README); a constant rate after the cosine gets there
-    "cpu-long": dict(stages=[[*TINY_ROWS, *LEARNING_RATE, "--max-steps", "8000", "--passkey-docs", "20000"],
-                             [*ROWS, "--lr", "1e-3", "--min-lr", "1e-3", "--warmup-steps", "50", "--max-steps",
-                              "9000", "--passkey-docs", "20000"]],
-                     lengths="1k,4k,16k,64k", depths="0.1,0.5,0.9", trials=4, eval_spans=8),
-    "gpu": dict(stages=[["--preset", "small", "--seq-len", "1024", "--batch-size", "16", "--packing", "4",
-                         *LEARNING_RATE, "--max-steps", "6000", "--passkey-docs", "20000"]],
-                lengths="1k,4k,16k,64k,256k", depths="0,0.25,0.5,0.75,1", trials=10, eval_spans=32),
+    "cpu": dict(
+        # the memory layer is layer 1, where the base's copying circuit forms (README: the recipe)
+        base=["--preset", "tiny", "--vocab-size", "1024", "--mem-layers", "1", *ROWS, "--passkey-docs", "6000",
+              "--passkey-layout", "near", "--lr", "2e-3", "--min-lr", "1e-4", "--warmup-steps", "100",
+              "--lr-decay-steps", "3000", "--max-steps", "1500"],
+        fot=[*ROWS, "--passkey-docs", "6000", "--passkey-layout", "far,decoy,near", "--lr", "1e-3", "--min-lr",
+             "1e-4", "--warmup-steps", "50", "--max-steps", "1500"],
+        lengths=dict(fot="1k,4k,16k,64k,256k", other="1k,4k,16k,64k", code="1k,4k,16k,64k"),
+        depths="0.1,0.37,0.63,0.9", trials=5, decoys="0,4k,16k,64k,256k", decoy_trials=20, eval_spans=8,
+        side_by_side=2),
+    "gpu": dict(
+        base=["--preset", "small", *GPU_ROWS, "--passkey-docs", "20000", "--passkey-layout", "near", "--lr", "1e-3",
+              "--min-lr", "1e-4", "--max-steps", "4000"],
+        fot=[*GPU_ROWS, "--passkey-docs", "20000", "--passkey-layout", "far,decoy,near", "--lr", "5e-4", "--min-lr",
+             "5e-5", "--max-steps", "3000"],
+        lengths=dict(fot="1k,4k,16k,64k,256k", other="1k,4k,16k,64k,256k", code="1k,4k,16k,64k,256k"),
+        depths="0,0.25,0.5,0.75,1", trials=10, decoys="0,16k,64k,256k,1m", decoy_trials=50, eval_spans=32,
+        side_by_side=1),
 }
 EVAL_MEMORY = [0, 1, 2, 4, 8, 16]
 
 
-def run(command: list[str]):
-    print("$ " + shlex.join(command), flush=True)
-    if subprocess.run(command).returncode:
-        raise ValueError("the step above failed: rerun this command to go on from the last finished step")
-
-
-def stage_dirs(out: Path, name: str, size: dict) -> list[Path]:
-    """Where each training stage of a setup writes: the last one is OUT/NAME, the model that is evaluated."""
-    count = len(size["stages"])
-    return [out / name if i == count - 1 else out / f"{name}_stage{i + 1}" for i in range(count)]
-
-
-def train(out: Path, name: str, d: int, size: dict):
-    """One model, stage by stage. The first setup trains the tokenizer and the others reuse it, so that all read
-    the same tokens; a later stage starts from the stage before. A finished stage is skipped and an unfinished one
-    resumed, so the experiment goes on where it stopped."""
-    first = stage_dirs(out, next(iter(SETUPS)), size)[0]
-    previous = None
-    for flags, run_dir in zip(size["stages"], stage_dirs(out, name, size)):
-        if previous is not None:
-            start = ["--init", str(previous)]
-        else:
-            start = [] if run_dir == first else ["--tokenizer", str(tokenizer_file(first))]
-        previous, state = run_dir, run_dir / "train_state.json"
-        steps = int(flags[flags.index("--max-steps") + 1])
-        if state.is_file() and json.loads(state.read_text()).get("step", 0) >= steps:
-            print(f"# {run_dir}: trained ({steps} steps)", flush=True)
+def run(commands: list, side_by_side: int = 1):
+    """Run commands, up to `side_by_side` at a time (one thread each when more than one), each printed as it
+    starts. Stops at the first failure, once the others running have finished."""
+    env = dict(os.environ, OMP_NUM_THREADS="1") if side_by_side > 1 else None
+    waiting, running, failed = list(commands), [], False
+    while (waiting and not failed) or running:
+        while waiting and not failed and len(running) < side_by_side:
+            command = waiting.pop(0)
+            print("$ " + shlex.join(command), flush=True)
+            running.append(subprocess.Popen(command, env=env))
+        finished = next((p for p in running if p.poll() is not None), None)
+        if finished is None:
+            time.sleep(1)
             continue
-        resume = ["--resume"] if state.is_file() else []
-        run([sys.executable, "train.py", *flags, "--cross-batch-range", str(d), "--eval-every", "0",
-             "--out", str(run_dir), *start, *resume])
+        running.remove(finished)
+        failed = failed or finished.returncode != 0
+    if failed:
+        raise ValueError("a step above failed: rerun the experiment to go on from the last finished step")
+
+
+def trained(run_dir: Path, flags: list) -> bool:
+    state = run_dir / "train_state.json"
+    steps = int(flags[flags.index("--max-steps") + 1])
+    return state.is_file() and json.loads(state.read_text()).get("step", 0) >= steps
+
+
+def train_command(run_dir: Path, flags: list, start: list) -> list:
+    """train.py for one run; an unfinished run is resumed."""
+    resume = ["--resume"] if (run_dir / "train_state.json").is_file() else []
+    return [sys.executable, "train.py", *flags, "--eval-every", "0", "--out", str(run_dir), *(resume or start)]
+
+
+def train_all(out: Path, size: dict):
+    """The shared base, then every setup's FoT stage from it. A finished run is skipped."""
+    base = out / "base"
+    if not trained(base, size["base"]):
+        run([train_command(base, [*size["base"], "--cross-batch-range", "0"], [])])
+    fot_runs = [train_command(out / name, [*size["fot"], "--cross-batch-range", str(d)], ["--init", str(base)])
+                for name, d in SETUPS.items() if not trained(out / name, size["fot"])]
+    run(fot_runs, size["side_by_side"])
+
+
+def held_out_code(out: Path) -> Path:
+    """The held-out standard-library documents as one file: a haystack no model was trained on."""
+    path = out / "haystack_held_out.py"
+    if not path.is_file():
+        _, held_out = training.split_held_out(training.stdlib_documents(), training.Settings().holdout)
+        text = "\n".join(training.read_document(doc)[1] for doc in held_out)
+        longllama.write_atomically({path: lambda tmp: tmp.write_text(text)})
+    return path
+
+
+def trial_commands(out: Path, size: dict) -> list:
+    """passkey.py runs whose results file is missing: passkey in the filler, passkey in held-out code, decoys."""
+    commands = []
+    for name in SETUPS:
+        ckpt = ["--ckpt", str(out / name)]
+        passkey_flags = ["--depths", size["depths"], "--trials", str(size["trials"])]
+        runs = {f"passkey_{name}.json": [*ckpt, "--lengths", size["lengths"]["fot" if name in FOT else "other"],
+                                         *passkey_flags],
+                f"passkey_code_{name}.json": [*ckpt, "--lengths", size["lengths"]["code"], *passkey_flags,
+                                              "--haystack", str(held_out_code(out))],
+                f"decoys_{name}.json": [*ckpt, "--task", "decoys", "--lengths", size["decoys"], "--trials",
+                                        str(size["decoy_trials"])]}
+        commands += [[sys.executable, "passkey.py", *flags, "--out", str(out / file)]
+                     for file, flags in runs.items() if not (out / file).is_file()]
+    return commands
 
 
 def memory_perplexity(run_dir: Path, spans: int) -> dict:
@@ -106,23 +155,34 @@ def memory_perplexity(run_dir: Path, spans: int) -> dict:
     return training.evaluate(model, eval_spans, window, EVAL_MEMORY, 8, device, training.autocast_for(device))
 
 
-def evaluate_passkey(out: Path, name: str, size: dict):
-    run([sys.executable, "passkey.py", "--ckpt", str(out / name), "--lengths", size["lengths"], "--depths",
-         size["depths"], "--trials", str(size["trials"]), "--out", str(out / f"passkey_{name}.json")])
+def summary(path: Path) -> dict:
+    """A passkey.py report without its trials (they stay in the file)."""
+    report = json.loads(path.read_text())
+    return {key: value for key, value in report.items() if key != "results"}
 
 
-def plot_lines(series: dict, path, xlabel: str, ylabel: str, title: str, log_x: bool = True, percent: bool = False):
-    """One line per setup: series = {label: {x: y}}."""
+def plot_lines(series: dict, path, xlabel: str, ylabel: str, title: str, percent: bool = False, intervals=None):
+    """One line per setup: series = {label: {x: y}}, intervals = {label: {x: [low, high]}} as error bars."""
     plt = passkey.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     # markers and dashes differ, so that setups with equal figures (all at 0%) still show as separate lines
-    for (label, points), marker, style, size in zip(series.items(), "os^D", ["-", "--", ":", "-."], [7, 6, 5, 4]):
-        xs = [float(x) for x in points]
-        ax.plot(xs, list(points.values()), marker=marker, linestyle=style, markersize=size, label=label)
-    if log_x:  # powers of two, 0 included (symlog is linear below 1)
-        ax.set_xscale("symlog" if min(xs) == 0 else "log", base=2)
-        ax.set_xticks(xs, [f"{int(x):,}" for x in xs])
-        ax.minorticks_off()
+    for (label, points), marker, style, size in zip(series.items(), "os^Dv", ["-", "--", ":", "-.", "-"],
+                                                    [7, 6, 5, 4, 4]):
+        xs, ys = [float(x) for x in points], list(points.values())
+        if intervals:
+            low_high = [intervals[label][x] for x in points]
+            errors = [[y - low for y, (low, _) in zip(ys, low_high)], [high - y for y, (_, high) in zip(ys, low_high)]]
+            ax.errorbar(xs, ys, yerr=errors, marker=marker, linestyle=style, markersize=size, capsize=3,
+                        label=label)
+        else:
+            ax.plot(xs, ys, marker=marker, linestyle=style, markersize=size, label=label)
+    xs = sorted({float(x) for points in series.values() for x in points})  # every setup's, some have fewer
+    if min(xs) == 0:  # 0 on a log axis: symlog, linear up to the smallest other value
+        ax.set_xscale("symlog", base=2, linthresh=min(x for x in xs if x > 0))
+    else:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [size_label(int(x)) for x in xs])
+    ax.minorticks_off()
     if percent:
         ax.yaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
         ax.set_ylim(-0.03, 1.03)
@@ -134,27 +194,72 @@ def plot_lines(series: dict, path, xlabel: str, ylabel: str, title: str, log_x: 
     passkey.save_figure(fig, path)
 
 
-LABELS = {"fot": "FoT (d = 3)", "d1": "d = 1", "d0": "d = 0 (no cross-batch)"}
-
-
 def draw(results: dict, out: Path):
     """The experiment's plots from its results.json content."""
-    plot_lines({LABELS.get(n, n): r["passkey"]["accuracy"] for n, r in results["setups"].items()},
-               out / "passkey.png", "prompt length (tokens)", "passkey accuracy",
-               f"Passkey retrieval, trained on rows of {results['train_tokens']} tokens", percent=True)
-    plot_lines({LABELS.get(n, n): r["perplexity"] for n, r in results["setups"].items()},
-               out / "perplexity.png", f"earlier windows of {results['window']} tokens in memory",
-               "held-out perplexity", "Perplexity of standard-library code vs memory")
-    first = next(iter(results["setups"]))
-    passkey.plot_heatmap(results["setups"][first]["passkey"], out / f"heatmap_{first}.png",
-                         f"passkey retrieval: {LABELS.get(first, first)}")
+    setups = results["setups"]
+    label = lambda name: LABELS.get(name, name)
+    for key, file, haystack in [("passkey", "passkey.png", "LongLLaMA's filler"),
+                                ("passkey_code", "passkey_code.png", "held-out standard-library code")]:
+        plot_lines({label(n): s[key]["accuracy"] for n, s in setups.items()}, out / file, "prompt length (tokens)",
+                   "passkey accuracy", f"Passkey in {haystack}, trained on rows of {results['train_tokens']} tokens",
+                   percent=True, intervals={label(n): s[key]["interval"] for n, s in setups.items()})
+    plot_lines({label(n): s["decoys"]["accuracy"] for n, s in setups.items()}, out / "distraction.png",
+               "tokens of decoy documents in memory", "passkey accuracy",
+               "The passkey among decoys (the distraction issue)", percent=True,
+               intervals={label(n): s["decoys"]["interval"] for n, s in setups.items()})
+    plot_lines({label(n): s["decoys"]["relevant_attention"] for n, s in setups.items()}, out / "attention.png",
+               "tokens of decoy documents in memory", "attention on the passkey's document",
+               "Memory-layer attention on the relevant document", percent=True)
+    plot_lines({label(n): s["perplexity"] for n, s in setups.items()}, out / "perplexity.png",
+               f"earlier windows of {results['window']} tokens in memory", "held-out perplexity",
+               "Perplexity of standard-library code vs memory")
+    first = next(iter(setups))
+    passkey.plot_heatmap(setups[first]["passkey"], out / f"heatmap_{first}.png", f"passkey retrieval: {label(first)}")
+
+
+def tables(results: dict) -> str:
+    """The README's tables of an experiment: passkey accuracy in the filler and in held-out code, accuracy and
+    attention among decoys, perplexity against memory; '-' where a setup was not measured."""
+    setups, label = results["setups"], lambda name: LABELS.get(name, name)
+
+    def accuracy_table(key: str, header: str) -> list:
+        columns = sorted({int(n) for s in setups.values() for n in s[key]["accuracy"]})
+        lines = [f"| setup | {' | '.join(f'{header} {size_label(n)}' for n in columns)} |",
+                 "| --- |" + " ---: |" * len(columns)]
+        for name, setup in setups.items():
+            cells = [passkey.with_interval(setup[key]["accuracy"][str(n)], setup[key]["interval"][str(n)])
+                     if str(n) in setup[key]["accuracy"] else "-" for n in columns]
+            lines.append(f"| {label(name)} | {' | '.join(cells)} |")
+        return lines + [""]
+
+    lines = accuracy_table("passkey", "passkey,") + accuracy_table("passkey_code", "in code,")
+    lines += accuracy_table("decoys", "decoys:")
+    sizes = list(next(iter(setups.values()))["decoys"]["relevant_attention"])
+    lines += [f"| setup | {' | '.join(f'attention, {size_label(int(n))}' for n in sizes)} |",
+              "| --- |" + " ---: |" * len(sizes)]
+    for name, setup in setups.items():
+        shares = [f"{setup['decoys']['relevant_attention'][n]:.1%}" for n in sizes]
+        lines.append(f"| {label(name)} | {' | '.join(shares)} |")
+    lines.append("")
+    memory = list(next(iter(setups.values()))["perplexity"])
+    lines += [f"| setup | perplexity with {' / '.join(memory)} windows in memory | {memory[-1]} vs 0 |",
+              "| --- | --- | ---: |"]
+    for name, setup in setups.items():
+        ppl = setup["perplexity"]
+        lines.append(f"| {label(name)} | {' / '.join(f'{p:.2f}' for p in ppl.values())} | "
+                     f"{ppl[memory[-1]] / ppl['0'] - 1:+.1%} |")
+    return "\n".join(lines)
+
+
+def size_label(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens >= 1024 else str(tokens)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.error = generate.fail
     p.add_argument("--size", choices=list(SIZES), default="cpu")
-    p.add_argument("--out", default="runs/scaling", help="directory for the three runs, results.json and plots")
+    p.add_argument("--out", default="runs/scaling", help="directory for the runs, results.json and plots")
     p.add_argument("--only-draw", action="store_true", help="redraw the plots from OUT/results.json")
     return p.parse_args(argv)
 
@@ -170,25 +275,27 @@ def experiment(args):
         if not results.is_file():
             raise ValueError(f"no {results} to draw: run the experiment first")
         draw(json.loads(results.read_text()), out)
+        print(tables(json.loads(results.read_text())))
         return
     started = time.time()
-    for name, d in SETUPS.items():
-        train(out, name, d, size)
-    for name in SETUPS:
-        evaluate_passkey(out, name, size)
-    config = longllama.LongLlamaConfig.from_json(out / next(iter(SETUPS)) / "config.json")
+    out.mkdir(parents=True, exist_ok=True)
+    train_all(out, size)
+    trained_at = time.time()
+    run(trial_commands(out, size), size["side_by_side"])
+    config = longllama.LongLlamaConfig.from_json(out / "base" / "config.json")
     results = dict(size=args.size, window=config.max_position_embeddings,
-                   train_tokens=int(size["stages"][0][size["stages"][0].index("--seq-len") + 1]),
-                   setups={name: dict(cross_batch_range=d,
-                                      passkey=json.loads((out / f"passkey_{name}.json").read_text()),
+                   train_tokens=int(size["base"][size["base"].index("--seq-len") + 1]),
+                   setups={name: dict(cross_batch_range=d, passkey=summary(out / f"passkey_{name}.json"),
+                                      passkey_code=summary(out / f"passkey_code_{name}.json"),
+                                      decoys=summary(out / f"decoys_{name}.json"),
                                       perplexity=memory_perplexity(out / name, size["eval_spans"]))
                            for name, d in SETUPS.items()})
-    for setup in results["setups"].values():
-        del setup["passkey"]["results"]  # every trial stays in passkey_NAME.json
-    results["wall_seconds"] = round(time.time() - started)
+    results["seconds"] = dict(training=round(trained_at - started), total=round(time.time() - started))
     longllama.write_atomically({out / "results.json": lambda tmp: tmp.write_text(json.dumps(results, indent=1))})
     draw(results, out)
-    print(f"done in {results['wall_seconds']} s: {out / 'results.json'}")
+    print(tables(results))
+    print(f"done in {results['seconds']['total']} s ({results['seconds']['training']} s of training): "
+          f"{out / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -626,6 +626,7 @@ class Window:
     cross_batch: Optional[CrossBatch] = None  # training: memory layers use cross-batch attention
     padding: bool = True  # False: no key in the cache or the window is padding, so every mask is causal
     all_slots: bool = False  # True: S is all W local slots, not just those up to the last token (compiled decode)
+    memory_only: bool = False  # True: only the memory the window leaves behind is wanted, not its outputs
     kernel: str = "fused"  # "fused" or "plain" attention (see ATTENTION_KERNELS)
 
 
@@ -640,13 +641,19 @@ class Attention(nn.Module):
         self.rotary = not self.is_memory_layer or config.mem_positionals
         self.grouping = config.mem_attention_grouping if self.is_memory_layer else None
 
-    def forward(self, x, window: Window):
+    def _project(self, x):
+        """Queries [B, H, T, D], keys and values [B, Hkv, T, D], before any rotation."""
         batch_size, length, _ = x.shape
         q, k, v = self.wqkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                       self.kv_heads * self.head_dim], dim=-1)
         q = q.view(batch_size, length, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(batch_size, length, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(batch_size, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x, window: Window):
+        batch_size, length, _ = x.shape
+        q, k, v = self._project(x)
         # Rotating to position 0 is the identity, so the unrotated keys are the keys memory stores: wherever a
         # key was read, queries see it at the same relative distance, and memory never has to be re-rotated.
         k_first = k
@@ -676,6 +683,11 @@ class Attention(nn.Module):
         if memory is not None and not window.keep_local:
             memory.append(k_first, v, window.valid)  # the window was read alone: now it joins memory
         return out
+
+    def load_memory(self, x, window: Window):
+        """Only what a window read into memory leaves behind in this memory layer: its keys and values."""
+        _, k_first, v = self._project(x)
+        window.cache.memory[self.layer_index].append(k_first, v, window.valid)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -862,7 +874,11 @@ class LongLlama(nn.Module):
         for start, end in tqdm(spans, desc="reading", unit="window", leave=False) if progress else spans:
             # a later call in a conversation already has a local window: everything goes through it
             keep_local = cache.local is not None or (use_cache and start == to_memory)
-            hidden = self._window(input_ids[:, start:end], valid[:, start:end], cache, keep_local)
+            # when only the last logits are wanted, a window read into memory matters only by that memory
+            memory_only = last_logits_only and end < length and not keep_local
+            hidden = self._window(input_ids[:, start:end], valid[:, start:end], cache, keep_local, memory_only)
+            if memory_only:
+                continue
             if not last_logits_only:
                 logits.append(self.lm_head(hidden))
             elif end == length:
@@ -875,8 +891,9 @@ class LongLlama(nn.Module):
         for memory in cache.memory.values():
             memory.reserve(memory.length + entries, like)
 
-    def _window(self, tokens, valid, cache: Cache, keep_local: bool):
-        """Run at most W tokens through every layer; returns the final hidden states [B, T, hidden]."""
+    def _window(self, tokens, valid, cache: Cache, keep_local: bool, memory_only: bool = False):
+        """Run at most W tokens through every layer; returns the final hidden states [B, T, hidden] (None when
+        memory_only: see _layers)."""
         length = tokens.shape[1]
         all_slots = False
         if keep_local:
@@ -892,17 +909,29 @@ class LongLlama(nn.Module):
         slots = torch.arange(start, start + length, device=tokens.device)
         window = Window(slots, self.rope_cos[slots], self.rope_sin[slots], causal_visible(start, length, key_valid),
                         valid, cache, keep_local, padding=cache.padding, all_slots=all_slots,
-                        kernel=self.attention_kernel)
+                        memory_only=memory_only, kernel=self.attention_kernel)
         hidden = self.compiled_layers(self, tokens, window) if all_slots else self._layers(tokens, window)
         cache.position += length
         return hidden
 
     def _layers(self, tokens, window: Window):
-        """The embedding, every block and the final norm: ids [B, T] -> hidden states [B, T, hidden]."""
+        """The embedding, every block and the final norm: ids [B, T] -> hidden states [B, T, hidden].
+
+        window.memory_only: the window goes to memory and nothing else of it is wanted. Memory keys and values
+        come from a memory layer's input, and a window read into memory keeps nothing in other layers, so the
+        blocks after the last memory layer, and that layer's own attention, change nothing that lasts: they are
+        skipped, and None is returned. With one memory layer, reading then costs no memory attention at all."""
         x = self.embed(tokens)
-        for block in self.layers:
-            x = block(x, window)
-        return self.norm(x)
+        if not window.memory_only:
+            for block in self.layers:
+                x = block(x, window)
+            return self.norm(x)
+        if self.config.mem_layers:
+            last = max(self.config.mem_layers)
+            for block in self.layers[:last]:
+                x = block(x, window)
+            self.layers[last].attention.load_memory(self.layers[last].attention_norm(x), window)
+        return None
 
     def _prepare_local(self, cache: Cache, length: int):
         """Make room for `length` new tokens in the local window, evicting the whole window when it would overflow."""

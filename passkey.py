@@ -1,21 +1,26 @@
-"""Passkey retrieval: can a model find one number hidden in a long text? FoT's headline test.
+"""Passkey retrieval: can a model find one number hidden in a long text? FoT's headline test, and its distraction
+experiment.
 
-    python passkey.py --ckpt out --lengths 1k,4k,16k,64k --depths 0.1,0.5,0.9 --trials 4 --out runs/passkey.json
+    python passkey.py --ckpt models/fot7 --lengths 1k,4k,16k,64k --depths 0.1,0.5,0.9 --trials 5 --out runs/pk.json
+    python passkey.py --ckpt models/fot7 --lengths 4k,64k --trials 20 --haystack some_code.py
+    python passkey.py --ckpt models/fot7 --task decoys --lengths 0,4k,64k,256k --trials 20
     python passkey.py --ckpt ckpt/long_llama_3b_v1_1 --lengths 32k,100k,256k --trials 20 --out 3b.json
 
-The prompt is the one LongLLaMA's evaluation uses (after Landmark Attention): a task line, filler sentences, the
-passkey line at a chosen depth, more filler, and the question. The model reads the prompt as generate.py does
-(everything but the last `last_context_length` tokens into memory, window by window), then decodes greedily as
-many tokens as the answer has; an answer is correct when its tokens are exactly the passkey's. Only memory can
-carry the passkey once the prompt is longer than the local window, so accuracy against prompt length shows how
-far the memory layers reach.
+The prompt is the one LongLLaMA's evaluation uses (after Landmark Attention): a task line, filler sentences (or a
+file's lines, --haystack), the passkey line at a chosen depth, more filler, and the question. The model reads the
+prompt as generate.py does (everything but the last `last_context_length` tokens into memory, window by window),
+then decodes greedily as many tokens as the answer has; an answer is correct when its tokens are exactly the
+passkey's. Only memory can carry the passkey once the prompt is longer than the local window, so accuracy against
+prompt length shows how far the memory layers reach.
 
-The training documents of `train.py --passkey-docs N` are made of the same sentences (`training_document`),
-with the last answer at least one training window after the passkey was last said, so that only cross-batch
-attention can teach it.
+--task decoys shows FoT's distraction issue: the passkey prompt goes into memory after a growing number of decoys,
+keys said exactly as the pass key is under similar names ("The door key is N."). A memory whose keys do not stay
+distinguishable retrieves a decoy's number; `relevant_attention` measures the share of the memory layer's
+attention that stays on the passkey's own document.
 
-The results go to stdout (a table), a JSON file (every trial) and, with --plot, a PNG heatmap of accuracy per
-prompt length x depth.
+The training documents of `train.py --passkey-docs N` are made of the same sentences (`training_document`). The
+results go to stdout (a table, with Wilson 95% intervals), a JSON file (every trial) and, with --plot, a PNG
+heatmap of accuracy per prompt length x depth.
 """
 
 import argparse
@@ -32,48 +37,102 @@ import torch
 import generate
 import longllama
 from generate import fail
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, utf8_text
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
 MAX_PASSKEY = 50000
-TRAINING_QUESTIONS = 4  # per training document
-TRAINING_GAP_WINDOWS = 3  # longest filler gap before a question, in training windows
+LAYOUTS = ("far", "near", "decoy")  # training documents (training_document)
+TRAINING_QUESTIONS = 4  # per "far" or "decoy" training document
+TRAINING_GAP_WINDOWS = 3  # longest haystack gap before a question of a "far" training document, in training windows
+
+# Decoys: keys said exactly as the pass key is, under names that share its words. Only the name tells a decoy
+# line from the passkey line, so retrieving the passkey among many decoys needs keys that stay distinguishable.
+DECOYS = ("pass code", "door key", "pass word", "car key", "key code", "gate key", "pass card", "house key",
+          "bus pass", "safe code", "lock code", "room key", "key card", "pass phrase", "desk key", "box code")
 
 
 def passkey_line(passkey: int) -> str:
     return f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
 
 
-def filler(blocks: int) -> str:
-    return " ".join([FILLER] * blocks)
+def decoy_line(decoy: str, number: int) -> str:
+    return passkey_line(number).replace("pass key", decoy)
 
 
-def prompt_text(fillers_before: int, fillers_after: int, passkey: int) -> str:
-    """The prompt as LongLLaMA's evaluation lays it out: task, filler, passkey line, filler, question, one per line."""
-    return "\n".join([TASK, filler(fillers_before), passkey_line(passkey), filler(fillers_after), QUESTION])
+class Haystack:
+    """The text a passkey hides in: units (LongLLaMA's filler block, or the lines of a file) taken in turn, from
+    any unit on and round again, as many as a length in tokens needs. A unit's cost in tokens is measured the
+    first time it is used."""
+
+    def __init__(self, tokenizer, units: list[str], separator: str, name: str):
+        if not units:
+            raise ValueError(f"haystack {name} has no text")
+        self.tokenizer, self.units, self.separator, self.name = tokenizer, units, separator, name
+        self._costs = {}
+
+    @classmethod
+    def filler(cls, tokenizer) -> "Haystack":
+        return cls(tokenizer, [FILLER], " ", "filler")
+
+    @classmethod
+    def from_text(cls, tokenizer, text: str, name: str) -> "Haystack":
+        """A haystack of the text's non-blank lines (numbers in it stay: they are distractors the filler lacks)."""
+        return cls(tokenizer, [line for line in text.splitlines() if line.strip()], "\n", name)
+
+    def cost(self, unit: int) -> int:
+        """Tokens the unit adds after another one (as it does inside a prompt, where tokens may merge across the
+        separator)."""
+        if unit not in self._costs:
+            text, encode = self.units[unit], lambda s: len(self.tokenizer.encode(s, bos=False))
+            self._costs[unit] = encode(text + self.separator + text) - encode(text)
+        return self._costs[unit]
+
+    def take(self, tokens: int, start: int = 0) -> list[int]:
+        """Unit indices from `start` on whose costs add up to the nearest total to `tokens`."""
+        taken, total = [], 0
+        while True:
+            unit = (start + len(taken)) % len(self.units)
+            if total + self.cost(unit) / 2 > tokens:
+                return taken
+            taken.append(unit)
+            total += self.cost(unit)
+
+    def text(self, units: list[int]) -> str:
+        return self.separator.join(self.units[i] for i in units)
+
+    def piece(self, rng: random.Random, tokens: int) -> str:
+        """About `tokens` tokens of haystack from a random place (training documents)."""
+        return self.text(self.take(tokens, rng.randrange(len(self.units))))
+
+
+def prompt_text(before: str, after: str, passkey: int) -> str:
+    """The prompt as LongLLaMA's evaluation lays it out: task, haystack, passkey line, haystack, question, one per
+    line."""
+    return "\n".join([TASK, before, passkey_line(passkey), after, QUESTION])
 
 
 class PromptBuilder:
-    """Prompts of a given length in tokens, with the passkey at a given depth (0: first, 1: last), for a tokenizer.
+    """Prompts of a given length in tokens, with the passkey at a given depth (0: first, 1: last), for a tokenizer
+    and a haystack (default: LongLLaMA's filler).
 
-    A filler block's cost in tokens is measured once; the number of blocks is then chosen so the prompt comes
-    within one block of the requested length (the exact count is in every result)."""
+    The prompt takes as many haystack units as come nearest the requested length, and the passkey goes between
+    the units nearest its depth (the exact count of tokens is in every result)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer, haystack: Optional[Haystack] = None):
         self.tokenizer = tokenizer
-        self.fixed_tokens = len(tokenizer.encode(prompt_text(0, 0, MAX_PASSKEY)))
-        self.filler_tokens = (len(tokenizer.encode(prompt_text(0, 64, MAX_PASSKEY))) - self.fixed_tokens) / 64
+        self.haystack = haystack or Haystack.filler(tokenizer)
+        self.fixed_tokens = len(tokenizer.encode(prompt_text("", "", MAX_PASSKEY)))
 
-    def fillers(self, length: int) -> int:
-        return max(round((length - self.fixed_tokens) / self.filler_tokens), 0)
-
-    def build(self, length: int, depth: float, passkey: int) -> "Prompt":
-        blocks = self.fillers(length)
-        before = round(depth * blocks)
-        text = prompt_text(before, blocks - before, passkey)
+    def build(self, length: int, depth: float, passkey: int, start: int = 0) -> "Prompt":
+        """The prompt whose haystack starts at unit `start` (a file haystack: a different text for each trial)."""
+        units = self.haystack.take(length - self.fixed_tokens, start)
+        costs = [0] + [self.haystack.cost(u) for u in units]
+        cumulative = [sum(costs[:i + 1]) for i in range(len(costs))]
+        split = min(range(len(cumulative)), key=lambda i: abs(cumulative[i] - depth * cumulative[-1]))
+        text = prompt_text(self.haystack.text(units[:split]), self.haystack.text(units[split:]), passkey)
         ids = self.tokenizer.encode(text)
         full = self.tokenizer.encode(f"{text} {passkey}")
         if full[:len(ids)] != ids:  # tokenizers that merge across the boundary would make the answer ambiguous
@@ -87,22 +146,44 @@ class Prompt(NamedTuple):
     answer: list  # the passkey's tokens as they follow the question
 
 
-def training_document(rng: random.Random, window: int, filler_tokens: float) -> str:
-    """A passkey document for training: the passkey line, then TRAINING_QUESTIONS question-answer lines, each
-    after a filler gap of 0 to TRAINING_GAP_WINDOWS windows of tokens, the last at least one window long.
+def training_document(rng: random.Random, window: int, haystacks: list, layout: str = "far") -> str:
+    """A passkey document for training, its haystack drawn from `haystacks`, in one of three layouts:
 
-    Short gaps teach the copy itself inside the local window; gaps of a window or more put the passkey's last
-    mention in an earlier training row, where only cross-batch attention reaches it: a curriculum of distances in
-    every document. filler_tokens is what one filler block costs in the training tokenizer (PromptBuilder).
+    - "near": 3-8 passkeys, each asked for once or twice after at most half a window of haystack: the copy itself,
+      learned inside the local window (a base model's lesson, no memory needed);
+    - "far": one passkey, then TRAINING_QUESTIONS questions, each after a gap of 0 to TRAINING_GAP_WINDOWS windows
+      of haystack, the last at least one window long. Short gaps keep the copy practised inside the local window;
+      gaps of a window or more put the passkey's last mention in an earlier training row, where only cross-batch
+      attention reaches it: a curriculum of distances in every document;
+    - "decoy": as "far", with 2-6 decoy lines (DECOYS: other keys said the same way) around the passkey line, so
+      that the copy must tell the pass key from keys that look like it.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"a training document's layout is one of {', '.join(LAYOUTS)}, got {layout!r}")
+    haystack = rng.choice(haystacks)
+    lines = [TASK]
+    if layout == "near":
+        for _ in range(rng.randint(3, 8)):
+            passkey = rng.randint(1, MAX_PASSKEY)
+            lines += [haystack.piece(rng, rng.randint(0, window // 4)), passkey_line(passkey)]
+            for _ in range(rng.randint(1, 2)):
+                lines += [haystack.piece(rng, rng.randint(0, window // 2)), f"{QUESTION} {passkey}."]
+        return "\n".join(lines)
     passkey = rng.randint(1, MAX_PASSKEY)
-    blocks_per_window = window / filler_tokens
-    longest = math.floor(TRAINING_GAP_WINDOWS * blocks_per_window)
-    lines = [TASK, filler(rng.randint(0, math.floor(blocks_per_window))), passkey_line(passkey)]
+    said = [passkey_line(passkey)]
+    if layout == "decoy":
+        said += decoy_lines(rng, rng.randint(2, 6))
+        rng.shuffle(said)
+    for line in said:
+        lines += [haystack.piece(rng, rng.randint(0, window // len(said))), line]
     for i in range(TRAINING_QUESTIONS):
-        shortest = math.ceil(blocks_per_window) if i == TRAINING_QUESTIONS - 1 else 0
-        lines += [filler(rng.randint(shortest, max(shortest, longest))), f"{QUESTION} {passkey}."]
+        shortest = window if i == TRAINING_QUESTIONS - 1 else 0
+        lines += [haystack.piece(rng, rng.randint(shortest, TRAINING_GAP_WINDOWS * window)), f"{QUESTION} {passkey}."]
     return "\n".join(lines)
+
+
+def decoy_lines(rng: random.Random, count: int) -> list[str]:
+    return [decoy_line(decoy, rng.randint(1, MAX_PASSKEY)) for decoy in rng.sample(DECOYS, count)]
 
 
 def answer(model, tokenizer, prompt: str, length: int) -> list[int]:
@@ -112,15 +193,124 @@ def answer(model, tokenizer, prompt: str, length: int) -> list[int]:
     return generate.answer(model, tokenizer, documents, sampling=greedy).tokens[0]
 
 
-def parse_length(text: str) -> int:
-    """'4096', '4k' (4096) or '1m' (1048576) tokens."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoys in memory: FoT's distraction issue
+
+
+DECOYS_PER_WINDOW = 6  # decoy lines in each window of a distractor document
+
+
+def decoy_document(rng: random.Random, window: int, haystack: Haystack) -> str:
+    """About one window of haystack with DECOYS_PER_WINDOW decoy lines in it, and no pass key."""
+    gap = window // (DECOYS_PER_WINDOW + 1)
+    return "\n".join(line for decoy in decoy_lines(rng, DECOYS_PER_WINDOW) for line in (haystack.piece(rng, gap), decoy))
+
+
+def decoy_trials(model, tokenizer, memory_sizes, trials: int, seed: int, log=print) -> list[dict]:
+    """The passkey among decoys, FoT's distraction experiment in this project's text.
+
+    For each trial: a passkey prompt of one window (task line, filler, the passkey line at a random depth) is read
+    into memory after `size` tokens of decoy documents (filler and lines that say other keys exactly as the pass
+    key is said, under names that share its words), then the question is read into the local window and answered
+    greedily. The decoys are read once, growing from one size to the next, and every trial starts from a copy of
+    their cache, as generate.py's questions do. Besides the answer, each trial records `relevant_attention`: the
+    share of the memory layers' attention (mean over heads and memory layers) that the question's last token puts
+    on its own document's entries, among everything it sees.
+    """
+    window = model.config.max_position_embeddings
+    builder = PromptBuilder(tokenizer)
+    rng = random.Random(f"{seed} decoys")
+    question = tokenizer.encode("\n" + QUESTION, bos=False)
+    cases = []
+    for _ in range(trials):
+        passkey = rng.randint(1, MAX_PASSKEY)
+        prompt = builder.build(window + len(question), rng.random(), passkey)
+        document = tokenizer.encode(prompt.text[:-len(QUESTION) - 1], bos=False)  # the prompt without its question
+        cases.append((document, prompt.answer, passkey))
+    distractors = distractor_stream(random.Random(f"{seed} distractors"), tokenizer, window, builder.haystack,
+                                    max(memory_sizes))
+    results, cache, read = [], None, 0
+    device = model.embed.weight.device
+    for size in sorted(memory_sizes):
+        if size > read:  # the distractors grow: read the next ones into the same memory
+            _, cache = model(torch.tensor([distractors[read:size]], device=device), cache=cache, last_logits_only=True)
+            read = size
+        for document, answer, passkey in cases:
+            start = time.perf_counter()
+            got, share = lookup(model, cache, document, question, len(answer))
+            results.append(dict(length=size, depth=0.0, column="all", passkey=passkey,
+                                answer=tokenizer.decode(got).strip(), correct=got == answer,
+                                relevant_attention=share, seconds=round(time.perf_counter() - start, 3)))
+        log(f"{size} tokens of decoys: {sum(r['correct'] for r in results[-trials:])} of {trials} correct, "
+            f"{sum(r['relevant_attention'] for r in results[-trials:]) / trials:.1%} of attention on the document")
+    return results
+
+
+def distractor_stream(rng: random.Random, tokenizer, window: int, haystack: Haystack, tokens: int) -> list:
+    """`tokens` token ids of decoy documents, BOS first (none for 0)."""
+    ids = [tokenizer.bos_id]
+    while len(ids) < tokens:
+        ids += tokenizer.encode("\n" + decoy_document(rng, window, haystack), bos=False)
+    return ids[:tokens]
+
+
+def lookup(model, distractors, document: list, question: list, length: int) -> tuple[list, float]:
+    """Read the document into memory (after a copy of the distractors' cache) and the question into the local
+    window; returns the greedy answer of `length` tokens and the question's attention share on the document."""
+    cache = distractors.copy() if distractors is not None else None
+    first_entry = cache.memory_size if cache is not None else 0
+    inputs = {}  # memory layer: the input of its attention while the question is read
+    hooks = [model.layers[i].attention.register_forward_pre_hook(
+        lambda module, args, i=i: inputs.__setitem__(i, args[0])) for i in model.config.mem_layers]
+    try:
+        ids = torch.tensor([document + question], device=model.embed.weight.device)
+        logits, cache = model(ids, cache=cache, use_cache=True, last_context_length=len(question),
+                              last_logits_only=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    share = sum(relevant_share(model, i, inputs[i][:, -1:], cache, first_entry, len(question))
+                for i in model.config.mem_layers) / len(model.config.mem_layers)
+    tokens = [int(logits[0, -1].argmax())]
+    while len(tokens) < length:
+        logits, cache = generate.decode_one_token(model, tokens[-1:], cache)
+        tokens.append(int(logits[0].argmax()))
+    return tokens, share
+
+
+@torch.no_grad()
+def attention_weights(model, layer: int, x, cache, local_length: int):
+    """The softmax weights [1, H, S + M] of memory layer `layer`'s query of x [1, 1, hidden], the last of
+    local_length local tokens, over the local window (S = local_length) and then the whole memory (M entries): the
+    plain formula of memory-layer attention, with its weights kept."""
+    attention = model.layers[layer].attention
+    q, _, _ = attention._project(x)  # [1, H, 1, D]
+    if attention.rotary:
+        slot = slice(local_length - 1, local_length)
+        q = longllama.apply_rope(q, model.rope_cos[slot], model.rope_sin[slot])
+    mem_keys, _, mem_valid = cache.memory[layer].view()
+    keys = torch.cat([cache.local[layer].keys[:, :, :local_length], mem_keys], dim=2).float()  # [1, Hkv, S+M, D]
+    keys = keys.repeat_interleave(attention.heads // attention.kv_heads, dim=1)  # [1, H, S+M, D]
+    scores = (q.float() @ keys.transpose(-1, -2)).squeeze(2) / math.sqrt(attention.head_dim)  # [1, H, S+M]
+    visible = torch.cat([cache.local_valid[:, :local_length], mem_valid], dim=1)[:, None]  # [1, 1, S+M]
+    return scores.masked_fill(~visible, -math.inf).softmax(-1)
+
+
+def relevant_share(model, layer: int, x, cache, first_entry: int, local_length: int) -> float:
+    """The share of attention_weights, mean over heads, on the memory entries from first_entry on."""
+    weights = attention_weights(model, layer, x, cache, local_length)
+    return float(weights[..., local_length + first_entry:].sum(-1).mean())
+
+
+def parse_length(text: str, minimum: int = 1) -> int:
+    """'4096', '4k' (4096) or '1m' (1048576) tokens, at least `minimum`."""
     scale = {"k": 2**10, "m": 2**20}.get(text[-1:].lower(), 1)
     try:
         value = int(text[:-1] if scale > 1 else text) * scale
     except ValueError:
         raise ValueError(f"a prompt length is a number of tokens like 4096, 4k or 1m, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"a prompt length must be positive, got {text!r}")
+    if value < minimum:
+        raise ValueError(f"a length in tokens must be at least {minimum}, got {text!r}")
     return value
 
 
@@ -135,7 +325,8 @@ def run_trials(model, builder: PromptBuilder, lengths, depths, trials: int, seed
             for _ in range(trials):
                 at = rng.random() if depth is None else depth
                 passkey = rng.randint(1, MAX_PASSKEY)
-                prompt = builder.build(length, at, passkey)
+                first_unit = rng.randrange(len(builder.haystack.units))  # the filler has one unit: always 0
+                prompt = builder.build(length, at, passkey, first_unit)
                 start = time.perf_counter()
                 got = answer(model, builder.tokenizer, prompt.text, len(prompt.answer))
                 results.append(dict(length=length, depth=at, column=depth_column(at, depths),
@@ -160,12 +351,29 @@ def accuracy(results) -> Optional[float]:
     return sum(r["correct"] for r in results) / len(results) if results else None
 
 
+def wilson_interval(correct: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a share correct / trials (95% for z = 1.96): unlike the normal
+    approximation it stays inside [0, 1] and is honest at 0 or all correct, where small samples usually are."""
+    share = correct / trials
+    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials))
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
 def summarize(results) -> dict:
-    """{"accuracy": {length: over all depths}, "by_depth": {length: {column: accuracy or None}}}, lengths as
-    strings (JSON keys), columns from the shallowest depth to the deepest."""
+    """{"accuracy": {length: over all depths}, "interval": {length: Wilson 95% [low, high]}, "trials":
+    {length: count}, "by_depth": {length: {column: accuracy or None}}}, lengths as strings (JSON keys), columns
+    from the shallowest depth to the deepest."""
     lengths = sorted({r["length"] for r in results})
     columns = list(dict.fromkeys(r["column"] for r in sorted(results, key=lambda r: r["depth"])))
-    return dict(accuracy={str(n): accuracy([r for r in results if r["length"] == n]) for n in lengths},
+    cells = {n: [r["correct"] for r in results if r["length"] == n] for n in lengths}
+    summary = {}
+    if all("relevant_attention" in r for r in results):  # decoys
+        summary["relevant_attention"] = {str(n): sum(r["relevant_attention"] for r in results if r["length"] == n)
+                                         / len(cells[n]) for n in lengths}
+    return dict(**summary, accuracy={str(n): accuracy([r for r in results if r["length"] == n]) for n in lengths},
+                interval={str(n): list(wilson_interval(sum(c), len(c))) for n, c in cells.items()},
+                trials={str(n): len(c) for n, c in cells.items()},
                 by_depth={str(n): {c: accuracy([r for r in results if r["length"] == n and r["column"] == c])
                                    for c in columns} for n in lengths})
 
@@ -174,13 +382,29 @@ def percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+def with_interval(value: float, interval) -> str:
+    """'95% (84-99%)': a share and its 95% interval."""
+    return f"{value:.0%} ({interval[0] * 100:.0f}-{interval[1]:.0%})"
+
+
 def table(summary: dict) -> str:
     columns = list(next(iter(summary["by_depth"].values())))
-    lines = ["| prompt tokens | " + " | ".join(f"depth {c}" for c in columns) + " | all |",
-             "| ---: |" + " ---: |" * (len(columns) + 1)]
+    lines = ["| prompt tokens | " + " | ".join(f"depth {c}" for c in columns) + " | all (95% interval) | trials |",
+             "| ---: |" + " ---: |" * (len(columns) + 2)]
     for length, by_depth in summary["by_depth"].items():
-        cells = [percent(by_depth[c]) for c in columns] + [percent(summary["accuracy"][length])]
+        cells = [percent(by_depth[c]) for c in columns]
+        cells += [with_interval(summary["accuracy"][length], summary["interval"][length]),
+                  str(summary["trials"][length])]
         lines.append(f"| {int(length):,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def decoy_table(summary: dict) -> str:
+    lines = ["| decoys in memory (tokens) | accuracy (95% interval) | attention on the document | trials |",
+             "| ---: | ---: | ---: | ---: |"]
+    for size, share in summary["relevant_attention"].items():
+        lines.append(f"| {int(size):,} | {with_interval(summary['accuracy'][size], summary['interval'][size])} | "
+                     f"{share:.1%} | {summary['trials'][size]} |")
     return "\n".join(lines)
 
 
@@ -225,10 +449,17 @@ def parse_args(argv=None):
     p.error = fail
     p.add_argument("--ckpt", required=True, help="checkpoint directory, as generate.py takes it")
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the checkpoint's")
-    p.add_argument("--lengths", default="1k,4k,16k,64k", help="prompt lengths in tokens, e.g. 1k,4k,16k,64k")
+    p.add_argument("--task", choices=["passkey", "decoys"], default="passkey",
+                   help="passkey: one passkey in a haystack; decoys: a one-window passkey prompt read into memory "
+                        "after --lengths tokens of decoy documents (the distraction experiment)")
+    p.add_argument("--lengths", default="1k,4k,16k,64k",
+                   help="prompt lengths in tokens, e.g. 1k,4k,16k,64k (decoys: tokens of decoys, 0 allowed)")
     p.add_argument("--depths", default=None,
                    help="passkey depths in [0, 1] (0: right after the task line, 1: just before the question); "
                         "default: uniform, reported by quarter")
+    p.add_argument("--haystack", default=None,
+                   help="a UTF-8 text file whose lines (taken in turn, from a different line for each trial) hide "
+                        "the passkey (default: LongLLaMA's filler sentences)")
     p.add_argument("--trials", type=int, default=5, help="prompts per length and depth")
     p.add_argument("--seed", type=int, default=0, help="passkeys and depths")
     p.add_argument("--out", default=None, help="JSON file of every trial and the summary")
@@ -237,7 +468,8 @@ def parse_args(argv=None):
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     args = p.parse_args(argv)
-    args.lengths = [parse_length(n) for n in args.lengths.split(",")]
+    minimum = 0 if args.task == "decoys" else 1
+    args.lengths = [parse_length(n, minimum) for n in args.lengths.split(",")]
     if args.depths is not None:
         try:
             args.depths = [float(d) for d in args.depths.split(",")]
@@ -250,6 +482,16 @@ def parse_args(argv=None):
     return args
 
 
+def read_haystack(path, tokenizer) -> Haystack:
+    try:
+        text = utf8_text(Path(path).read_bytes())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--haystack {path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
+    if not text.strip():
+        raise ValueError(f"--haystack {path}: the file has no text")
+    return Haystack.from_text(tokenizer, text, Path(path).name)
+
+
 def run(args):
     for path in filter(None, [args.out, args.plot]):  # refused now, not after hours of trials
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -260,11 +502,17 @@ def run(args):
     model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype)
     generate.check_memory(model, [max(args.lengths)])  # refused now, not when the longest prompt comes
     log = lambda line: print(line, file=sys.stderr)
-    results = run_trials(model, PromptBuilder(tokenizer), args.lengths, args.depths, args.trials, args.seed, log)
+    if args.task == "decoys":
+        results = decoy_trials(model, tokenizer, args.lengths, args.trials, args.seed, log)
+    else:
+        haystack = read_haystack(args.haystack, tokenizer) if args.haystack else None
+        results = run_trials(model, PromptBuilder(tokenizer, haystack), args.lengths, args.depths, args.trials,
+                             args.seed, log)
     summary = summarize(results)
-    print(table(summary))
+    print(decoy_table(summary) if args.task == "decoys" else table(summary))
     if args.out:
-        report = dict(checkpoint=str(args.ckpt), seed=args.seed, trials=args.trials, **summary, results=results)
+        report = dict(checkpoint=str(args.ckpt), task=args.task, haystack=args.haystack or "filler", seed=args.seed,
+                      trials_per_cell=args.trials, **summary, results=results)
         longllama.write_atomically({Path(args.out): lambda tmp: tmp.write_text(json.dumps(report, indent=1))})
     if args.plot:
         plot_heatmap(summary, args.plot, f"passkey retrieval: {Path(args.ckpt).name}")

@@ -81,6 +81,9 @@ class Settings:
     eval_data: list = setting([], "held-out documents for eval (default: the --holdout share of the corpus)")
     holdout: float = setting(5.0, "percent of documents held out for eval, by a stable hash of their names")
     passkey_docs: int = setting(0, "synthetic passkey documents (passkey.py) added to the training documents")
+    passkey_layout: str = setting("far", "passkey documents, in turn of these comma-separated layouts: far (answers "
+                                         "a window or more away: memory), near (several passkeys, each answered "
+                                         "within half a window), decoy (far, among keys said the same way)")
     tokenizer: str = setting("", "tokenizer.model or tokenizer.json (default: the --init checkpoint's, else one trained into OUT)")
     vocab_size: int = setting(4096, "vocabulary of a tokenizer trained here")
     # model
@@ -139,6 +142,8 @@ SETTING_RULES = [
     (["tokenizer", "init", "mem_layers", "device", "out", "eval_memory"], lambda v: isinstance(v, str), "a string"),
     (["data", "eval_data"], lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
     (["preset"], lambda v: v in longllama.PRESETS, f"one of {', '.join(longllama.PRESETS)}"),
+    (["passkey_layout"], lambda v: isinstance(v, str) and set(v.split(",")) <= set(passkey.LAYOUTS),
+     f"comma-separated layouts among {', '.join(passkey.LAYOUTS)}"),
 ]
 
 # Settings a resumed run may change; any other would make it a different run.
@@ -200,14 +205,14 @@ class Document(NamedTuple):
     files: tuple  # the file it is read from, or the files of a stdlib package (concatenated)
     offset: int = -1  # JSONL: byte offset of its line in files[0]
     root: str = ""  # stdlib packages: each file is preceded by "# file: PATH" relative to this
-    passkey: tuple = ()  # a synthetic passkey document: (seed, training window, tokens per filler block)
+    passkey: tuple = ()  # a synthetic passkey document: (seed, training window, layout, haystacks)
 
 
 def read_document(doc: Document) -> tuple[str, str]:
     """(prompt, text): prompt is "" except for {"prompt", "completion"} records."""
     if doc.passkey:
-        seed, window, filler_tokens = doc.passkey
-        return "", passkey.training_document(random.Random(seed), window, filler_tokens)
+        seed, window, layout, haystacks = doc.passkey
+        return "", passkey.training_document(random.Random(seed), window, haystacks, layout)
     if doc.offset >= 0:
         with open(doc.files[0], "rb") as f:
             f.seek(doc.offset)
@@ -302,11 +307,24 @@ def stdlib_documents() -> list[Document]:
     return [Document(name, tuple(files), root=str(root)) for name, files in sorted(packages.items())]
 
 
-def passkey_documents(count: int, seed: int, window: int, tokenizer) -> list[Document]:
-    """Synthetic passkey documents, each generated from its own seed when read (they cost no memory or disk)."""
-    filler_tokens = passkey.PromptBuilder(tokenizer).filler_tokens  # gaps are measured in this tokenizer's tokens
-    return [Document(f"passkey {i}", (), passkey=(f"passkey {seed} {i}", window, filler_tokens))
+def passkey_documents(count: int, seed: int, window: int, tokenizer, layout: str = "far",
+                      corpus: tuple = ()) -> list[Document]:
+    """Synthetic passkey documents, each generated from its own seed when read (they cost no memory or disk).
+
+    Half of them hide the passkey in LongLLaMA's filler, half (when corpus documents are given) in lines of up to
+    HAYSTACK_DOCUMENTS of them, so that retrieval does not hang on one filler sentence."""
+    haystacks = [passkey.Haystack.filler(tokenizer)]
+    if corpus:
+        sample = random.Random(seed).sample(list(corpus), min(HAYSTACK_DOCUMENTS, len(corpus)))
+        haystacks.append(passkey.Haystack.from_text(tokenizer, "\n".join(read_document(d)[1] for d in sample),
+                                                    "corpus"))
+    layouts = layout.split(",")
+    return [Document(f"passkey {i}", (), passkey=(f"passkey {seed} {i}", window, layouts[i % len(layouts)],
+                                                  tuple(haystacks)))
             for i in range(count)]
+
+
+HAYSTACK_DOCUMENTS = 32
 
 
 def is_held_out(doc: Document, percent: float) -> bool:
@@ -596,8 +614,9 @@ def masked_cross_entropy(logits, targets, mask):
 # The run
 
 
-def main(argv=None):
-    global QUIET
+def resolve_settings(argv) -> tuple[Settings, Optional[dict], Path, list[int]]:
+    """The run's settings, checked: the command line's, or for --resume the saved run's with the changes it allows.
+    Also the saved train_state.json (None for a new run), OUT, and the eval's memory sizes."""
     s, explicit = parse_settings(argv)
     out = Path(s.out)
     check_out(out)
@@ -617,8 +636,25 @@ def main(argv=None):
     if not memory_sizes or min(memory_sizes) < 0:
         raise ValueError("--eval-memory: expected non-negative numbers of windows, e.g. 0,1,3,7")
     s.lr_decay_steps = s.lr_decay_steps or s.max_steps  # resolved once, so that a resumed run keeps the schedule
+    return s, state, out, memory_sizes
 
-    # distributed: torchrun sets RANK; each rank has its own batch slots, cross-batch stays within a rank's batch
+
+class Cluster(NamedTuple):
+    """This process's place in the run: torchrun's rank and world size (0 and 1 without torchrun), its device."""
+    distributed: bool
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(s: Settings, state: Optional[dict]) -> Cluster:
+    """torchrun sets RANK; each rank has its own batch slots, so cross-batch attention stays within a rank's batch.
+    The process group is joined later (join_process_group), once the input has been checked."""
+    global QUIET
     distributed = "RANK" in os.environ
     rank, local_rank, world_size = 0, 0, 1
     if distributed:
@@ -628,25 +664,48 @@ def main(argv=None):
     device = longllama.resolve_device(s.device)
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", local_rank)
-    master = rank == 0
-    QUIET = not master
+    QUIET = rank != 0
     if state is not None and state["world_size"] != world_size:
         raise ValueError(f"--resume: the run used {state['world_size']} processes, this one {world_size}")
+    return Cluster(distributed, rank, world_size, device)
 
-    # model config and tokenizer, checked before anything is written
+
+def join_process_group(cluster: Cluster):
+    """torchrun's process group: nccl on GPU, gloo on CPU; nothing without torchrun."""
+    if cluster.distributed:
+        dist.init_process_group("nccl" if cluster.device.type == "cuda" else "gloo")
+        if cluster.device.type == "cuda":
+            torch.cuda.set_device(cluster.device)
+
+
+class ModelPlan(NamedTuple):
+    """The model to build and its tokenizer, before either is read."""
+    config: longllama.LongLlamaConfig
+    checkpoint: Optional[Path]  # the model is loaded from here (OUT or --init), else built from config
+    overrides: dict  # what changes the checkpoint's config (--mem-layers)
+    tokenizer_path: Path
+    train_tokenizer: bool  # there is none yet: train one into tokenizer_path
+
+
+def plan_model(s: Settings, out: Path, cluster: Cluster) -> ModelPlan:
+    """The model config and tokenizer of the run, checked (window, files, memory) before anything is written."""
     mem_layers = int_list(s.mem_layers, "mem-layers") if s.mem_layers else None
     overrides = {} if mem_layers is None else dict(mem_layers=mem_layers)
     if s.resume:
-        config = longllama.LongLlamaConfig.from_json(out / "config.json")
+        checkpoint, overrides = out, {}  # the run's own config.json has its mem_layers already
         tokenizer_path = tokenizer_file(out) or out / "tokenizer.model"
     elif s.init:
-        if not (Path(s.init) / "config.json").is_file():
+        checkpoint = Path(s.init)
+        if not (checkpoint / "config.json").is_file():
             raise ValueError(f"--init {s.init}: not a checkpoint directory (no config.json)")
-        config = longllama.LongLlamaConfig.from_json(Path(s.init) / "config.json", **overrides)
-        tokenizer_path = Path(s.tokenizer) if s.tokenizer else tokenizer_file(s.init) or Path(s.init) / "tokenizer.model"
+        tokenizer_path = Path(s.tokenizer) if s.tokenizer else tokenizer_file(s.init) or checkpoint / "tokenizer.model"
+    else:
+        checkpoint = None
+        tokenizer_path = Path(s.tokenizer) if s.tokenizer else out / "tokenizer.model"
+    if checkpoint is not None:
+        config = longllama.LongLlamaConfig.from_json(checkpoint / "config.json", **overrides)
     else:
         config = longllama.LongLlamaConfig(**{**longllama.PRESETS[s.preset], **overrides})
-        tokenizer_path = Path(s.tokenizer) if s.tokenizer else out / "tokenizer.model"
     window = config.max_position_embeddings
     if s.seq_len > window:
         raise ValueError(f"--seq-len {s.seq_len} is longer than the model window {window}")
@@ -655,14 +714,17 @@ def main(argv=None):
         raise ValueError(f"tokenizer {tokenizer_path} does not exist (pass --tokenizer)")
     # refused now rather than killed later; a preset's vocabulary comes from a tokenizer not read yet: the smallest
     vocab_size = config.vocab_size if s.resume or s.init else MIN_VOCAB_SIZE
-    needed = training_bytes(replace(config, vocab_size=vocab_size), s, world_size if s.fsdp else 1)
-    available = longllama.available_bytes(device)
+    needed = training_bytes(replace(config, vocab_size=vocab_size), s, cluster.world_size if s.fsdp else 1)
+    available = longllama.available_bytes(cluster.device)
     if needed > available:
-        raise ValueError(f"this run needs at least {needed / 2**30:.1f} GiB on {device} (weights, gradients, optimizer "
-                         f"state, logits and cross-batch keys of {s.batch_size} x {s.seq_len} tokens); "
+        raise ValueError(f"this run needs at least {needed / 2**30:.1f} GiB on {cluster.device} (weights, gradients, "
+                         f"optimizer state, logits and cross-batch keys of {s.batch_size} x {s.seq_len} tokens); "
                          f"{available / 2**30:.1f} GiB are free")
+    return ModelPlan(config, checkpoint, overrides, tokenizer_path, must_train_tokenizer)
 
-    # data
+
+def find_documents(s: Settings, world_size: int) -> tuple[list, list]:
+    """(training documents, eval documents): --data or the stdlib corpus, split by --eval-data or --holdout."""
     documents = scan_paths(s.data) if s.data else stdlib_documents()
     if s.eval_data:
         train_documents, eval_documents = documents, scan_paths(s.eval_data)
@@ -673,120 +735,200 @@ def main(argv=None):
             train_documents, eval_documents = documents, []
     if len(train_documents) < world_size:
         raise ValueError(f"{len(train_documents)} training documents cannot be shared by {world_size} processes")
+    return train_documents, eval_documents
 
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    if must_train_tokenizer:
-        if master:
-            print(f"training a {s.vocab_size}-piece tokenizer on {len(train_documents)} documents -> {tokenizer_path}")
+
+def prepare_tokenizer(s: Settings, plan: ModelPlan, train_documents: list, cluster: Cluster):
+    """The run's tokenizer; when there is none yet, rank 0 trains it on the training documents first."""
+    if plan.train_tokenizer:
+        if cluster.master:
+            print(f"training a {s.vocab_size}-piece tokenizer on {len(train_documents)} documents -> "
+                  f"{plan.tokenizer_path}")
             trained = train_tokenizer((prompt + text for prompt, text in map(read_document, train_documents)),
-                                      tokenizer_path, vocab_size=s.vocab_size, seed=s.seed)
+                                      plan.tokenizer_path, vocab_size=s.vocab_size, seed=s.seed)
             if trained.vocab_size < s.vocab_size:
                 warn(f"the tokenizer has {trained.vocab_size} pieces, not the {s.vocab_size} of --vocab-size: "
                      "the corpus is too small for more")
-        if distributed:
+        if cluster.distributed:
             dist.barrier()
-    elif master and not s.resume and not s.tokenizer and not s.init:
-        print(f"using the tokenizer cached in {tokenizer_path} (delete it to train a new one)")
-    tokenizer = open_tokenizer(tokenizer_path)
-    # added after the tokenizer is trained (their filler would only crowd its sample) and never held out: they
-    # teach the use of memory, the eval measures it on real text
-    train_documents += passkey_documents(s.passkey_docs, s.seed, s.seq_len, tokenizer)
+    elif cluster.master and not s.resume and not s.tokenizer and not s.init:
+        print(f"using the tokenizer cached in {plan.tokenizer_path} (delete it to train a new one)")
+    return open_tokenizer(plan.tokenizer_path)
 
-    # model: fp32 weights; bf16 autocast on GPU
-    torch.manual_seed(s.seed)
-    if s.resume:
-        model = longllama.load(out)
-    elif s.init:
-        model = longllama.load(s.init, **overrides)
+
+def build_model(s: Settings, plan: ModelPlan, tokenizer, cluster: Cluster) -> tuple[torch.nn.Module,
+                                                                                 longllama.LongLlama]:
+    """(the model to call, the LongLlama whose parameters the optimizer holds): fp32 weights on the device (bf16
+    autocast on GPU); the first is the second wrapped for DDP, or the second itself, sharded in place by FSDP."""
+    torch.manual_seed(s.seed)  # a new model's weights are the seed's
+    if plan.checkpoint is not None:
+        model = longllama.load(plan.checkpoint, **plan.overrides)
     else:
+        config = plan.config
         config.vocab_size = tokenizer.vocab_size
         config.bos_token_id, config.eos_token_id, config.pad_token_id = (
             tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
         model = longllama.LongLlama(config)
-    config = model.config
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces, the model "
-                         f"only {config.vocab_size}")
-    model.to(device).train()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {plan.tokenizer_path} has {tokenizer.vocab_size} pieces, the model "
+                         f"only {model.config.vocab_size}")
+    model.to(cluster.device).train()
     model.activation_checkpointing = s.activation_checkpointing
-    raw_model = model  # the module whose parameters the optimizer holds; FSDP shards it in place
+    raw_model = model
     if s.fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in model.layers:  # one all-gather per block, freed after it
             fully_shard(block)
         fully_shard(model)
-    elif distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
+    elif cluster.distributed:
+        device_ids = [cluster.device.index] if cluster.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model, raw_model
+
+
+def build_optimizer(s: Settings, raw_model, device) -> torch.optim.AdamW:
+    """AdamW over the parameters the model holds (FSDP: this rank's shards); fused on GPU."""
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]  # weight decay on matrices only
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=s.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=device.type == "cuda")
-    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=device.type == "cuda")
 
-    batches = Batches(train_documents, tokenizer, s.batch_size, s.seq_len, s.packing, s.seed, rank, world_size)
-    step, tokens_seen = 0, 0
-    if state is not None:
-        path = out / "optimizer.pt"
-        try:
-            optimizer_state = torch.load(path, weights_only=True)  # builds tensors only, never runs pickled code
+
+def optimizer_state_problem(saved, raw_model, optimizer) -> Optional[str]:
+    """Why saved, a full optimizer state dict (keyed by parameter name), is not AdamW state for these parameters;
+    None when it is. set_optimizer_state_dict takes an empty or partial state without a word and AdamW starts over."""
+    if not isinstance(saved, dict):
+        return "it is not an optimizer state dict"
+    state, groups = saved.get("state"), saved.get("param_groups")
+    if not state:
+        return "it is empty: AdamW would start over"
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        return "it is not an optimizer state dict"
+    if len(groups) != len(optimizer.param_groups):
+        return f"it has {len(groups)} parameter group(s), this run's optimizer {len(optimizer.param_groups)}"
+    names = {p: name for name, p in raw_model.named_parameters()}
+    shapes = {names[p]: p.shape for group in optimizer.param_groups for p in group["params"]}  # FSDP: full shapes
+    if len(state) != len(shapes):
+        return f"it belongs to another model: it holds the state of {len(state)} parameters, this model {len(shapes)}"
+    stranger = next((name for name in state if name not in shapes), None)
+    if stranger is not None:
+        return f"it belongs to another model: this model has no parameter {stranger}"
+    for name, shape in shapes.items():
+        entry = state[name]
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(key), torch.Tensor) for key in ADAMW_STATE):
+            return f"it has no {', '.join(ADAMW_STATE)} for {name}"
+        for key in ("exp_avg", "exp_avg_sq"):
+            if entry[key].shape != shape:
+                return (f"it belongs to another model: {name}'s {key} is {list(entry[key].shape)}, "
+                        f"the parameter {list(shape)}")
+    return None
+
+
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")  # what AdamW keeps for each parameter
+
+
+def restore(out: Path, state: Optional[dict], raw_model, optimizer, batches: Batches, rank: int) -> tuple[int, int]:
+    """(step, tokens seen) of a resumed run, its optimizer state and pipeline restored; (0, 0) for a new run."""
+    if state is None:
+        return 0, 0
+    path = out / "optimizer.pt"
+    try:
+        optimizer_state = torch.load(path, weights_only=True)  # builds tensors only, never runs pickled code
+        problem = optimizer_state_problem(optimizer_state, raw_model, optimizer)
+        if problem is None:
             set_optimizer_state_dict(raw_model, optimizer, optimizer_state,
                                      options=StateDictOptions(full_state_dict=True))
-        except pickle.UnpicklingError:  # damaged, or it would run code: weights_only refuses both
-            raise ValueError(f"--resume: {path} is not a file of plain tensors") from None
-        except Exception as e:  # a damaged or foreign file fails in many ways: EOFError, KeyError, RuntimeError, ...
-            reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-            raise ValueError(f"--resume: {path} does not hold this run's optimizer state ({reason})") from None
-        batches.load_state_dict(state["pipeline"][rank])
-        step, tokens_seen = state["step"], state["tokens"]
+    except pickle.UnpicklingError:  # damaged, or it would run code: weights_only refuses both
+        raise ValueError(f"--resume: {path} is not a file of plain tensors") from None
+    except Exception as e:  # a damaged or foreign file fails in many ways: EOFError, KeyError, RuntimeError, ...
+        problem = (str(e).strip() or type(e).__name__).splitlines()[0]
+    if problem is not None:
+        raise ValueError(f"--resume: {path} does not hold this run's optimizer state ({problem})")
+    batches.load_state_dict(state["pipeline"][rank])
+    return state["step"], state["tokens"]
+
+
+def held_out_spans(s: Settings, documents: list, tokenizer, window: int, memory_sizes) -> Optional[torch.Tensor]:
+    """The eval's spans (eval_spans); None when there is no eval."""
+    if not s.eval_every:
+        return None
+    spans = eval_spans(documents, tokenizer, window, memory_sizes, s.eval_spans)
+    if len(spans) == 0:
+        warn(f"no eval: no held-out document has {(max(memory_sizes) + 1) * window + 1} tokens")
+        return None
+    return spans
+
+
+def start_log(path: Path, resume: bool, step: int):
+    """A resumed run continues the log from its checkpoint: lines an interrupted run wrote later are dropped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = path.read_text(errors="replace").splitlines() if resume and path.exists() else []
+    kept = "".join(line + "\n" for line in lines if logged_step(line) <= step)
+    longllama.write_atomically({path: lambda p: p.write_text(kept)})
+
+
+def append_log(path: Path, **entry):
+    """One line of log.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def main(argv=None):
+    s, state, out, memory_sizes = resolve_settings(argv)
+    cluster = setup_distributed(s, state)
+    plan = plan_model(s, out, cluster)
+    train_documents, eval_documents = find_documents(s, cluster.world_size)
+    join_process_group(cluster)
+    tokenizer = prepare_tokenizer(s, plan, train_documents, cluster)
+    # added after the tokenizer is trained (their filler would only crowd its sample) and never held out: they
+    # teach the use of memory, the eval measures it on real text
+    if s.passkey_docs:
+        train_documents += passkey_documents(s.passkey_docs, s.seed, s.seq_len, tokenizer, s.passkey_layout,
+                                             tuple(train_documents))
+    model, raw_model = build_model(s, plan, tokenizer, cluster)
+    config, device, master = raw_model.config, cluster.device, cluster.master
+    window = config.max_position_embeddings
+    optimizer = build_optimizer(s, raw_model, device)
+    batches = Batches(train_documents, tokenizer, s.batch_size, s.seq_len, s.packing, s.seed, cluster.rank,
+                      cluster.world_size)
+    step, tokens_seen = restore(out, state, raw_model, optimizer, batches, cluster.rank)
     if s.compile:
         model = torch.compile(model)
     autocast = autocast_for(device)
-
-    spans = eval_spans(eval_documents, tokenizer, window, memory_sizes, s.eval_spans) if s.eval_every else None
-    if s.eval_every and len(spans) == 0:
-        warn(f"no eval: no held-out document has {(max(memory_sizes) + 1) * window + 1} tokens")
-        spans = None
+    spans = held_out_spans(s, eval_documents, tokenizer, window, memory_sizes)
     log_path = out / "log.jsonl"
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        # a resumed run continues the log from its checkpoint: lines an interrupted run wrote later are dropped
-        lines = log_path.read_text(errors="replace").splitlines() if s.resume and log_path.exists() else []
-        kept = "".join(line + "\n" for line in lines if logged_step(line) <= step)
-        longllama.write_atomically({log_path: lambda p: p.write_text(kept)})
+        start_log(log_path, s.resume, step)
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{'resuming at step ' + str(step) if s.resume else 'training'}: {n_params / 1e6:.2f}M parameters, "
               f"mem_layers {config.mem_layers}, {len(train_documents)} training documents, "
-              f"batch {s.batch_size}x{s.seq_len} x{s.grad_accum} accum x{world_size} processes, "
+              f"batch {s.batch_size}x{s.seq_len} x{s.grad_accum} accum x{cluster.world_size} processes, "
               f"d={s.cross_batch_range} k={s.packing}{' stepping' if s.stepping else ''}, device {device}")
 
     def checkpoint():
+        full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(raw_model, options=full_state)  # gathered on rank 0 (a collective)
         optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=full_state)
-        pipeline = [None] * world_size
-        if distributed:
+        pipeline = [None] * cluster.world_size
+        if cluster.distributed:
             dist.all_gather_object(pipeline, batches.state_dict())
         else:
             pipeline = [batches.state_dict()]
         if master:
-            train_state = dict(step=step, tokens=tokens_seen, world_size=world_size, pipeline=pipeline,
+            train_state = dict(step=step, tokens=tokens_seen, world_size=cluster.world_size, pipeline=pipeline,
                                settings=asdict(s))
             save_checkpoint(out, config, model_state, optimizer_state, train_state, tokenizer)
 
     def run_eval():
         ppl = evaluate(raw_model, spans, window, memory_sizes, s.eval_batch_size, device, autocast)
         if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(dict(step=step, eval_ppl=ppl)) + "\n")
+            append_log(log_path, step=step, eval_ppl=ppl)
             tqdm.write(f"step {step}: held-out perplexity with " + ", ".join(f"{m}: {p:.2f}" for m, p in ppl.items())
                        + " windows in memory")
         return ppl
 
     # the loop: batch, forward, backward (accumulating), clip, step, log, eval, checkpoint
-    tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * world_size
+    tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * cluster.world_size
     bar = tqdm(total=s.max_steps, initial=step, desc="train", unit="step", disable=not master, dynamic_ncols=True)
     started, start_tokens, first_loss, loss, ppl = time.time(), tokens_seen, None, float("nan"), None
     interval_seconds, interval_tokens = 0.0, 0  # training time only: eval and checkpoints do not count
@@ -801,7 +943,7 @@ def main(argv=None):
             last = micro_step == s.grad_accum - 1
             if s.fsdp:
                 model.set_requires_gradient_sync(last)
-            sync = model.no_sync() if distributed and not s.fsdp and not last else contextlib.nullcontext()
+            sync = model.no_sync() if cluster.distributed and not s.fsdp and not last else contextlib.nullcontext()
             with sync:  # gradients are all-reduced once, at the last micro step
                 with autocast:
                     logits, _ = model(inputs, cross_batch_range=s.cross_batch_range, stepping=s.stepping,
@@ -816,7 +958,7 @@ def main(argv=None):
         step += 1
         tokens_seen += tokens_per_step
         interval_tokens += tokens_per_step
-        if distributed:
+        if cluster.distributed:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         loss = step_loss.item()
         first_loss = loss if first_loss is None else first_loss
@@ -825,9 +967,8 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
         if master and (step % s.log_every == 0 or step == s.max_steps):
-            with open(log_path, "a") as f:
-                f.write(json.dumps(dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens_per_s,
-                                        grad_norm=float(grad_norm), tokens=tokens_seen)) + "\n")
+            append_log(log_path, step=step, loss=loss, lr=lr, tokens_per_s=tokens_per_s, grad_norm=float(grad_norm),
+                       tokens=tokens_seen)
             interval_seconds, interval_tokens = 0.0, 0
         if spans is not None and (step % s.eval_every == 0 or step == s.max_steps):
             ppl = run_eval()

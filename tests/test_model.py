@@ -268,6 +268,24 @@ def test_last_logits_only_is_the_last_row_of_all_logits():
     assert_close(last, full[:, -1:].double(), atol=1e-5)
 
 
+@pytest.mark.parametrize("mem_layers", [[1], [0, 2], []])
+def test_reading_for_the_last_logits_only_skips_what_memory_does_not_need_and_changes_no_result(mem_layers):
+    """Windows read into memory stop at the last memory layer's keys and values; the last logits and every later
+    step stay those of the reference, which computes every layer of every window."""
+    model = tiny_model(mem_layers=mem_layers)
+    ids = tokens(2, 3 * WINDOW + 5)
+    mask = torch.ones_like(ids)
+    mask[1, :WINDOW + 3] = 0  # left padding over a whole window and into the next
+    reference = NaiveLongLlama(model)
+    last, cache = model(ids, use_cache=True, attention_mask=mask, last_logits_only=True)
+    assert_close(last, reference(ids, use_cache=True, attention_mask=mask)[:, -1:])
+    for seed in range(WINDOW):  # on through an eviction of the local window into memory
+        step = tokens(2, 1, seed=seed)
+        logits, cache = model(step, cache=cache, use_cache=True)
+        assert_close(logits, reference(step, use_cache=True, attention_mask=torch.ones_like(step)))
+    assert cache.memory_size == reference.memory_size
+
+
 def test_cache_copy_answers_several_questions_about_one_document():
     model = tiny_model()
     document, q1, q2 = tokens(1, 3 * WINDOW), tokens(1, 4, seed=7), tokens(1, 5, seed=8)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import context_scaling
 import longllama
@@ -28,13 +29,35 @@ def tokenizer(request):
 def test_a_prompt_has_the_requested_length_and_the_passkey_at_its_depth(tokenizer, length, depth):
     builder = passkey.PromptBuilder(tokenizer)
     prompt, answer = builder.build(length, depth, 31415)[1:]
-    assert abs(len(prompt) - length) <= builder.filler_tokens
+    assert abs(len(prompt) - length) <= builder.haystack.cost(0)
     text = tokenizer.decode(prompt)
     assert text.startswith(passkey.TASK) and text.endswith(passkey.QUESTION)
     assert tokenizer.decode(answer).strip() == "31415"
     before, after = text.split(passkey.passkey_line(31415))
     fillers = before.count(passkey.FILLER) + after.count(passkey.FILLER)
-    assert before.count(passkey.FILLER) == round(depth * fillers)
+    assert abs(before.count(passkey.FILLER) - depth * fillers) <= 0.5
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_a_file_haystack_hides_the_passkey_between_its_lines_taken_in_turn(tokenizer, depth):
+    lines = [f"line_{i} = compute({i} * 7)" for i in range(300)]
+    builder = passkey.PromptBuilder(tokenizer, passkey.Haystack.from_text(tokenizer, "\n\n".join(lines), "f"))
+    text, prompt, answer = builder.build(2000, depth, 4242, start=290)
+    assert abs(len(prompt) - 2000) <= max(map(builder.haystack.cost, range(300)))
+    assert tokenizer.encode(text) == prompt and tokenizer.decode(answer).strip() == "4242"
+    body = [line for line in text.split("\n")[1:-1] if line]  # between the task line and the question
+    key_line = body.index(passkey.passkey_line(4242))
+    hay = body[:key_line] + body[key_line + 1:]
+    assert hay == [lines[(290 + i) % 300] for i in range(len(hay))]  # from line 290 on, round again
+    assert abs(key_line - depth * len(hay)) <= 1
+
+
+def test_the_wilson_interval_is_the_published_one():
+    """Values from Wilson (1927) / Newcombe (1998), table I: 95% intervals."""
+    for (correct, trials), expected in [((81, 263), (0.2553, 0.3662)), ((15, 148), (0.0624, 0.1605)),
+                                        ((0, 20), (0.0, 0.1611)), ((20, 20), (0.8389, 1.0))]:
+        low, high = passkey.wilson_interval(correct, trials)
+        assert low == pytest.approx(expected[0], abs=1e-4) and high == pytest.approx(expected[1], abs=1e-4)
 
 
 def test_the_prompt_and_its_answer_decode_to_the_question_followed_by_the_passkey(tokenizer):
@@ -53,21 +76,76 @@ def test_a_byte_level_bpe_tokenizer_gets_the_passkey_as_its_answer(tmp_path):
     assert tok.decode(prompt + answer).endswith(f"{passkey.QUESTION} 40321")
 
 
+def said_at(text: str, key: int) -> list[int]:
+    return [i for i in range(len(text)) if text.startswith(f" {key}", i)]
+
+
 @pytest.mark.parametrize("window", [64, 128, 512])
-def test_training_gaps_span_up_to_three_windows_and_the_last_at_least_one(tokenizer, window):
+def test_far_training_gaps_span_up_to_three_windows_and_the_last_at_least_one(tokenizer, window):
     """Tokens between consecutive mentions of the passkey, counted by the tokenizer itself."""
-    filler_tokens = passkey.PromptBuilder(tokenizer).filler_tokens
+    haystacks = [passkey.Haystack.filler(tokenizer)]
     question = len(tokenizer.encode(f"\n{passkey.QUESTION}", bos=False))
     rng = random.Random(window)
     for _ in range(20):
-        text = passkey.training_document(rng, window, filler_tokens)
+        text = passkey.training_document(rng, window, haystacks, "far")
         key = int(text.split("The pass key is ")[1].split(".")[0])
-        said = [i for i in range(len(text)) if text.startswith(f" {key}", i)]
+        said = said_at(text, key)
         assert len(said) == 2 + passkey.TRAINING_QUESTIONS  # the passkey line says it twice, then the answers
         gaps = [len(tokenizer.encode(text[a:b], bos=False)) for a, b in zip(said[1:], said[2:])]
-        assert gaps[-1] >= window
+        assert gaps[-1] >= window - passkey.FILLER.count(" ")
         # a gap's tokens besides filler: the question, the number and the end of the line said before it
         assert all(gap <= passkey.TRAINING_GAP_WINDOWS * window + question + 16 for gap in gaps)
+
+
+@pytest.mark.parametrize("layout", ["near", "decoy"])
+def test_every_training_question_is_answered_with_the_pass_key_said_before_it(tokenizer, layout):
+    """Parsed back from the text: each answer is the last pass key said (near: within a window), never a decoy's."""
+    haystacks = [passkey.Haystack.filler(tokenizer)]
+    rng = random.Random(layout)
+    for _ in range(10):
+        text = passkey.training_document(rng, 128, haystacks, layout)
+        key, given_at, asked, decoys = None, None, 0, set()
+        lines = text.split("\n")
+        for number, line in enumerate(lines):
+            if line.startswith("The pass key is "):
+                key, given_at = int(line.split(" is ")[1].split(".")[0]), number
+            elif any(line.startswith(f"The {decoy} is ") for decoy in passkey.DECOYS):
+                name = line.split(" is ")[0][len("The "):]
+                decoys.add(name)
+                number_said = int(line.split(" is ")[1].split(".")[0])
+                assert line == passkey.passkey_line(number_said).replace("pass key", name)  # said as the pass key is
+            elif line.startswith(passkey.QUESTION):
+                assert line == f"{passkey.QUESTION} {key}."
+                if layout == "near":  # at most two gaps of half a window, and the question between them
+                    assert len(tokenizer.encode("\n".join(lines[given_at + 1:number]), bos=False)) <= 128 + 32
+                asked += 1
+        assert asked >= 1 and (len(decoys) >= 2) == (layout == "decoy")
+
+
+def test_a_decoy_trial_reads_its_passkey_prompt_after_a_copy_of_the_decoys_cache(checkpoint):
+    """lookup() reads the document after a copy of the decoys' cache; reading the same tokens in one call and
+    decoding greedily by hand must give the same answer."""
+    model = longllama.load(checkpoint)
+    rng = random.Random(0)
+    distractors, document, question = ([rng.randrange(3, 32000) for _ in range(n)] for n in (100, 40, 7))
+    _, cache = model(torch.tensor([distractors]), last_logits_only=True)
+    got, share = passkey.lookup(model, cache, document, question, 5)
+    logits, fresh = model(torch.tensor([distractors + document + question]), use_cache=True,
+                          last_context_length=len(question))
+    expected = [int(logits[0, -1].argmax())]
+    for _ in range(4):
+        logits, fresh = model(torch.tensor([expected[-1:]]), cache=fresh, use_cache=True)
+        expected.append(int(logits[0, -1].argmax()))
+    assert got == expected and 0 < share < 1
+    assert cache.memory_size == 100  # the decoys' cache itself is left as it was
+
+
+def test_decoy_documents_say_keys_as_the_pass_key_is_said_and_never_the_pass_key(tokenizer):
+    text = passkey.decoy_document(random.Random(3), 256, passkey.Haystack.filler(tokenizer))
+    said = [line for line in text.split("\n") if " is " in line and line.split(" is ")[1][:1].isdigit()]
+    assert len(said) == passkey.DECOYS_PER_WINDOW and "pass key" not in text
+    stream = passkey.distractor_stream(random.Random(3), tokenizer, 256, passkey.Haystack.filler(tokenizer), 1000)
+    assert len(stream) == 1000 and stream[0] == tokenizer.bos_id
 
 
 def test_lengths_parse_with_k_and_m_suffixes():
@@ -108,7 +186,9 @@ def test_uniform_depths_are_reported_by_quarter_and_a_quarter_without_trials_is_
 
 
 @pytest.mark.parametrize("flags", [["--lengths", "4q"], ["--depths", "2"], ["--depths", "a"], ["--trials", "0"],
-                                   ["--lengths", "4000m"]])  # the last: more memory than the machine has
+                                   ["--lengths", "4000m"],  # more memory than the machine has
+                                   ["--lengths", "0"], ["--haystack", "/nonexistent"], ["--haystack", "/dev/null"],
+                                   ["--task", "other"]])
 def test_bad_input_is_one_error_line(checkpoint, flags):
     result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), *flags], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
@@ -133,50 +213,117 @@ def test_a_training_run_reads_passkey_documents_beside_the_corpus(assets, tmp_pa
 
 
 def test_the_experiment_plots_draw_from_a_small_results_file(tmp_path):
-    summary = dict(accuracy={"1024": 1.0, "4096": 0.5}, by_depth={"1024": {"0.5": 1.0}, "4096": {"0.5": 0.5}})
-    results = dict(size="cpu", window=256, train_tokens=128, setups={
-        name: dict(cross_batch_range=d, passkey=summary, perplexity={"0": 30.0, "4": 29.0 - d, "16": 28.0 - d})
+    passkey_summary = dict(accuracy={"1024": 1.0, "4096": 0.5}, interval={"1024": [0.8, 1.0], "4096": [0.3, 0.7]},
+                           trials={"1024": 20, "4096": 20}, by_depth={"1024": {"0.5": 1.0}, "4096": {"0.5": 0.5}})
+    decoy_summary = dict(accuracy={"0": 1.0, "4096": 0.5}, interval={"0": [0.8, 1.0], "4096": [0.3, 0.7]},
+                          trials={"0": 20, "4096": 20}, relevant_attention={"0": 0.9, "4096": 0.2},
+                          by_depth={"0": {"all": 1.0}, "4096": {"all": 0.5}})
+    results = dict(size="cpu", window=256, train_tokens=256, setups={
+        name: dict(cross_batch_range=d, passkey=passkey_summary, passkey_code=passkey_summary, decoys=decoy_summary,
+                   perplexity={"0": 30.0, "4": 29.0 - d, "16": 28.0 - d})
         for name, d in context_scaling.SETUPS.items()})
     (tmp_path / "results.json").write_text(json.dumps(results))
     context_scaling.main(["--out", str(tmp_path), "--only-draw"])
-    for name in ["passkey.png", "perplexity.png", "heatmap_fot.png"]:
+    for name in ["passkey.png", "passkey_code.png", "distraction.png", "attention.png", "perplexity.png",
+                 f"heatmap_{next(iter(context_scaling.SETUPS))}.png"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_experiment_trains_in_stages_skipping_finished_ones(tmp_path, monkeypatch):
+def test_the_experiment_trains_the_base_once_then_every_setup_from_it_skipping_finished_runs(tmp_path, monkeypatch):
     commands = []
-    monkeypatch.setattr(context_scaling, "run", commands.append)
-    size = context_scaling.SIZES["cpu-long"]
-    first = tmp_path / "fot_stage1"
-    first.mkdir()
-    (first / "tokenizer.model").write_bytes(b"")
-    (first / "train_state.json").write_text(json.dumps({"step": 8000}))
-    context_scaling.train(tmp_path, "fot", 3, size)
-    (command,) = commands  # stage 1 is finished: only stage 2 runs, from stage 1's weights, into OUT/fot
-    assert command[command.index("--init") + 1] == str(first) and command[command.index("--out") + 1] == str(
-        tmp_path / "fot") and "--resume" not in command and command[command.index("--cross-batch-range") + 1] == "3"
+    monkeypatch.setattr(context_scaling, "run", lambda batch, side_by_side=1: commands.extend(batch))
+    size = context_scaling.SIZES["cpu"]
+    base_steps = size["base"][size["base"].index("--max-steps") + 1]
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "train_state.json").write_text(json.dumps({"step": int(base_steps)}))  # finished
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d1" / "train_state.json").write_text(json.dumps({"step": 100}))  # stopped part way
+    context_scaling.train_all(tmp_path, size)
+    assert len(commands) == len(context_scaling.SETUPS)  # the base is not trained again
+    for command, (name, d) in zip(commands, context_scaling.SETUPS.items()):
+        assert command[command.index("--out") + 1] == str(tmp_path / name)
+        assert command[command.index("--cross-batch-range") + 1] == str(d)
+        if name == "d1":  # an unfinished run resumes (its --init is in its saved settings)
+            assert "--resume" in command and "--init" not in command
+        else:
+            assert command[command.index("--init") + 1] == str(tmp_path / "base") and "--resume" not in command
 
-    commands.clear()
-    (tmp_path / "d0").mkdir()
-    (tmp_path / "d0" / "train_state.json").write_text(json.dumps({"step": 100}))  # stopped part way
-    context_scaling.train(tmp_path, "d0", 0, size)
-    stage1, stage2 = commands  # the other setups read the first one's tokenizer; an unfinished stage resumes
-    assert stage1[stage1.index("--tokenizer") + 1] == str(first / "tokenizer.model") and "--resume" not in stage1
-    assert stage2[stage2.index("--init") + 1] == str(tmp_path / "d0_stage1") and "--resume" in stage2
+
+def test_the_experiment_runs_only_the_trials_whose_results_are_missing(tmp_path):
+    (tmp_path / "decoys_fot7.json").write_text("{}")
+    commands = context_scaling.trial_commands(tmp_path, context_scaling.SIZES["cpu"])
+    outs = [c[c.index("--out") + 1] for c in commands]
+    assert str(tmp_path / "decoys_fot7.json") not in outs and len(outs) == 3 * len(context_scaling.SETUPS) - 1
+    assert all(c[c.index("--haystack") + 1] == str(tmp_path / "haystack_held_out.py")
+               for c in commands if "passkey_code_" in c[c.index("--out") + 1])
+    assert "def " in (tmp_path / "haystack_held_out.py").read_text()  # held-out standard-library code
+
+
+def test_decoy_and_haystack_commands_write_their_reports(checkpoint, tmp_path):
+    (tmp_path / "hay.txt").write_text("alpha = 1\nbeta = 2\n\ngamma = alpha + beta\n")
+    out = tmp_path / "code.json"
+    result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), "--lengths", "200", "--trials",
+                             "2", "--haystack", str(tmp_path / "hay.txt"), "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["haystack"] == str(tmp_path / "hay.txt") and len(report["results"]) == 2
+    out = tmp_path / "decoys.json"
+    result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), "--task", "decoys", "--lengths",
+                             "0,100", "--trials", "2", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["task"] == "decoys" and set(report["relevant_attention"]) == {"0", "100"}
+    assert "| 100 |" in result.stdout and "attention on the document" in result.stdout
 
 
 @pytest.mark.parametrize("run", ["context_scaling_cpu", "context_scaling_cpu_long"])
-def test_the_readme_states_each_cpu_run_as_its_results_file_holds_it(run):
+def test_the_exploration_log_states_each_earlier_run_as_its_results_file_holds_it(run):
     results = json.loads((ROOT / "docs" / run / "results.json").read_text())
-    readme = (ROOT / "README.md").read_text()
+    log = (ROOT / "docs" / "exploration.md").read_text()
+    labels = {"fot": "FoT (d = 3)", "d1": "d = 1", "d0": "d = 0 (no cross-batch)"}  # the earlier recipe's setups
     for name, setup in results["setups"].items():
         passkey_cells = " / ".join(f"{a:.0%}" for a in setup["passkey"]["accuracy"].values())
         perplexities = " / ".join(f"{p:.2f}" for p in setup["perplexity"].values())
         change = setup["perplexity"]["16"] / setup["perplexity"]["0"] - 1
-        row = f"| {context_scaling.LABELS[name]} | {passkey_cells} | {perplexities} | {change:+.1%} |"
-        assert row in readme, row
+        row = f"| {labels[name]} | {passkey_cells} | {perplexities} | {change:+.1%} |"
+        assert row in log, row
 
 
-def test_the_readme_states_the_fot_models_depths_as_its_trials_file_holds_them():
-    report = json.loads((ROOT / "docs" / "context_scaling_cpu_long" / "passkey_fot.json").read_text())
-    assert passkey.table(report) in (ROOT / "README.md").read_text()
+FOT_RUN = ROOT / "docs" / "fot_cpu"  # the README's CPU run: results.json and every trial
+MODELS = ROOT / "models"
+
+
+def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
+    results = json.loads((FOT_RUN / "results.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for line in context_scaling.tables(results).splitlines():
+        assert line in readme, line
+    for name in context_scaling.SETUPS:  # and the summary is what the trials say
+        trials = json.loads((FOT_RUN / f"passkey_{name}.json").read_text())["results"]
+        for length, accuracy in results["setups"][name]["passkey"]["accuracy"].items():
+            hits = [t["correct"] for t in trials if t["length"] == int(length)]
+            assert len(hits) >= 20 and accuracy == sum(hits) / len(hits)
+
+
+@pytest.mark.parametrize("name", list(context_scaling.SETUPS))
+def test_a_shipped_checkpoint_gives_the_answers_its_trials_file_recorded(name):
+    """The first trials of each cell up to 4k tokens, rerun on models/NAME, answer as the run recorded."""
+    report = json.loads((FOT_RUN / f"passkey_{name}.json").read_text())
+    model = longllama.load(MODELS / name)
+    builder = passkey.PromptBuilder(checkpoint_tokenizer(MODELS / name))
+    depths = [float(d) for d in dict.fromkeys(r["column"] for r in report["results"])]
+    rerun = passkey.run_trials(model, builder, [1024, 4096], depths, 1, report["seed"], log=lambda _: None)
+    recorded = {(r["length"], r["column"]): r for r in reversed(report["results"])}  # each cell's first trial
+    for trial in rerun:
+        expected = recorded[(trial["length"], trial["column"])]
+        assert (trial["passkey"], trial["answer"]) == (expected["passkey"], expected["answer"])
+
+
+def test_generate_runs_on_a_shipped_checkpoint():
+    result = subprocess.run([sys.executable, "generate.py", "--ckpt", str(MODELS / "fot7"), "--prompt",
+                             passkey.prompt_text(passkey.FILLER, passkey.FILLER, 31415), "--temperature", "0",
+                             "--max-new-tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("31415")

@@ -8,8 +8,10 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -363,6 +365,52 @@ def test_resume_refuses_to_change_the_data_or_batch(assets, tmp_path):
         train.main(["--resume", "--out", str(out), "--batch-size", "8"])
     with pytest.raises(ValueError, match="holds no run"):
         train.main(["--resume", "--out", str(tmp_path / "nothing")])
+
+
+def resume_fails(capsys, out) -> str:
+    """--resume of the run in out through train's command: status 1, one error line, and not a file of out changed
+    (no step was trained)."""
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert train.cli(["--resume", "--out", str(out), "--max-steps", "3"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: --resume: {out / 'optimizer.pt'} does not hold this run's optimizer state (")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    return err.strip()
+
+
+def one_group(state):
+    params = [name for group in state["param_groups"] for name in group["params"]]
+    return {**state, "param_groups": [{**state["param_groups"][0], "params": params}]}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda state: {"state": {}, "param_groups": state["param_groups"]}, "(it is empty"),  # AdamW would start over
+    (lambda state: {}, "(it is empty"),
+    (one_group, "(it has 1 parameter group(s), this run's optimizer 2)"),
+], ids=["no state", "nothing", "one group"])
+def test_resume_refuses_an_empty_or_regrouped_optimizer_state(assets, tmp_path, capsys, edit, message):
+    out = tmp_path / "run"
+    train.main(small_run(assets, out, "--max-steps", "1"))
+    torch.save(edit(torch.load(out / "optimizer.pt", weights_only=True)), out / "optimizer.pt")
+    assert message in resume_fails(capsys, out)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(intermediate_size=96), "layers.0.mlp.gate_up.weight's exp_avg is [192, 32], the parameter [128, 32]"),
+    (dict(num_hidden_layers=3), "it holds the state of 21 parameters, this model 15"),
+], ids=["another shape", "more layers"])
+def test_resume_refuses_the_optimizer_state_of_another_model(assets, tmp_path, capsys, change, message):
+    other = tmp_path / "other"
+    longllama.save(longllama.LongLlama(replace(longllama.load(assets["init"]).config, **change)), other)
+    out, foreign = tmp_path / "run", tmp_path / "foreign"
+    train.main(small_run(assets, out, "--max-steps", "1"))
+    train.main(small_run(assets, foreign, "--max-steps", "1", "--tokenizer", assets["tokenizer"]) +
+               ["--init", str(other)])
+    shutil.copyfile(foreign / "optimizer.pt", out / "optimizer.pt")
+    line = resume_fails(capsys, out)
+    assert "(it belongs to another model: " in line and message in line
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(assets, tmp_path, monkeypatch):
