@@ -24,6 +24,7 @@ heatmap of accuracy per prompt length x depth.
 """
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -129,8 +130,7 @@ class PromptBuilder:
     def build(self, length: int, depth: float, passkey: int, start: int = 0) -> "Prompt":
         """The prompt whose haystack starts at unit `start` (a file haystack: a different text for each trial)."""
         units = self.haystack.take(length - self.fixed_tokens, start)
-        costs = [0] + [self.haystack.cost(u) for u in units]
-        cumulative = [sum(costs[:i + 1]) for i in range(len(costs))]
+        cumulative = list(itertools.accumulate((self.haystack.cost(u) for u in units), initial=0))
         split = min(range(len(cumulative)), key=lambda i: abs(cumulative[i] - depth * cumulative[-1]))
         text = prompt_text(self.haystack.text(units[:split]), self.haystack.text(units[split:]), passkey)
         ids = self.tokenizer.encode(text)
