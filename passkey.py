@@ -237,7 +237,7 @@ def decoy_trials(model, tokenizer, memory_sizes, trials: int, seed: int, log=pri
             read = size
         for document, answer, passkey in cases:
             start = time.perf_counter()
-            got, share = lookup(model, cache, document, question, len(answer))
+            got, share = answer_after(model, cache, document, question, len(answer))
             results.append(dict(length=size, depth=0.0, column="all", passkey=passkey,
                                 answer=tokenizer.decode(got).strip(), correct=got == answer,
                                 relevant_attention=share, seconds=round(time.perf_counter() - start, 3)))
@@ -254,7 +254,7 @@ def distractor_stream(rng: random.Random, tokenizer, window: int, haystack: Hays
     return ids[:tokens]
 
 
-def lookup(model, distractors, document: list, question: list, length: int) -> tuple[list, float]:
+def answer_after(model, distractors, document: list, question: list, length: int) -> tuple[list, float]:
     """Read the document into memory (after a copy of the distractors' cache) and the question into the local
     window; returns the greedy answer of `length` tokens and the question's attention share on the document."""
     cache = distractors.copy() if distractors is not None else None

@@ -123,13 +123,13 @@ def test_every_training_question_is_answered_with_the_pass_key_said_before_it(to
 
 
 def test_a_decoy_trial_reads_its_passkey_prompt_after_a_copy_of_the_decoys_cache(checkpoint):
-    """lookup() reads the document after a copy of the decoys' cache; reading the same tokens in one call and
+    """answer_after() reads the document after a copy of the decoys' cache; reading the same tokens in one call and
     decoding greedily by hand must give the same answer."""
     model = longllama.load(checkpoint)
     rng = random.Random(0)
     distractors, document, question = ([rng.randrange(3, 32000) for _ in range(n)] for n in (100, 40, 7))
     _, cache = model(torch.tensor([distractors]), last_logits_only=True)
-    got, share = passkey.lookup(model, cache, document, question, 5)
+    got, share = passkey.answer_after(model, cache, document, question, 5)
     logits, fresh = model(torch.tensor([distractors + document + question]), use_cache=True,
                           last_context_length=len(question))
     expected = [int(logits[0, -1].argmax())]
