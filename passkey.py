@@ -364,18 +364,18 @@ def summarize(results) -> dict:
     """{"accuracy": {length: over all depths}, "interval": {length: Wilson 95% [low, high]}, "trials":
     {length: count}, "by_depth": {length: {column: accuracy or None}}}, lengths as strings (JSON keys), columns
     from the shallowest depth to the deepest."""
-    lengths = sorted({r["length"] for r in results})
+    by_length = {n: [r for r in results if r["length"] == n] for n in sorted({r["length"] for r in results})}
     columns = list(dict.fromkeys(r["column"] for r in sorted(results, key=lambda r: r["depth"])))
-    cells = {n: [r["correct"] for r in results if r["length"] == n] for n in lengths}
     summary = {}
     if all("relevant_attention" in r for r in results):  # decoys
-        summary["relevant_attention"] = {str(n): sum(r["relevant_attention"] for r in results if r["length"] == n)
-                                         / len(cells[n]) for n in lengths}
-    return dict(**summary, accuracy={str(n): accuracy([r for r in results if r["length"] == n]) for n in lengths},
-                interval={str(n): list(wilson_interval(sum(c), len(c))) for n, c in cells.items()},
-                trials={str(n): len(c) for n, c in cells.items()},
-                by_depth={str(n): {c: accuracy([r for r in results if r["length"] == n and r["column"] == c])
-                                   for c in columns} for n in lengths})
+        summary["relevant_attention"] = {str(n): sum(r["relevant_attention"] for r in cell) / len(cell)
+                                         for n, cell in by_length.items()}
+    return dict(**summary, accuracy={str(n): accuracy(cell) for n, cell in by_length.items()},
+                interval={str(n): list(wilson_interval(sum(r["correct"] for r in cell), len(cell)))
+                          for n, cell in by_length.items()},
+                trials={str(n): len(cell) for n, cell in by_length.items()},
+                by_depth={str(n): {c: accuracy([r for r in cell if r["column"] == c]) for c in columns}
+                          for n, cell in by_length.items()})
 
 
 def percent(value: Optional[float]) -> str:
@@ -482,14 +482,15 @@ def parse_args(argv=None):
     return args
 
 
-def read_haystack(path, tokenizer) -> Haystack:
+def read_haystack(path) -> str:
+    """The text of a --haystack file, read before the checkpoint is loaded so that a bad file is refused first."""
     try:
         text = utf8_text(Path(path).read_bytes())
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--haystack {path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
     if not text.strip():
         raise ValueError(f"--haystack {path}: the file has no text")
-    return Haystack.from_text(tokenizer, text, Path(path).name)
+    return text
 
 
 def run(args):
@@ -497,6 +498,7 @@ def run(args):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.plot:
         pyplot()
+    haystack_text = read_haystack(args.haystack) if args.haystack else None
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype)
@@ -505,7 +507,7 @@ def run(args):
     if args.task == "decoys":
         results = decoy_trials(model, tokenizer, args.lengths, args.trials, args.seed, log)
     else:
-        haystack = read_haystack(args.haystack, tokenizer) if args.haystack else None
+        haystack = Haystack.from_text(tokenizer, haystack_text, Path(args.haystack).name) if haystack_text else None
         results = run_trials(model, PromptBuilder(tokenizer, haystack), args.lengths, args.depths, args.trials,
                              args.seed, log)
     summary = summarize(results)

@@ -307,11 +307,15 @@ def stdlib_documents() -> list[Document]:
     return [Document(name, tuple(files), root=str(root)) for name, files in sorted(packages.items())]
 
 
+HAYSTACK_DOCUMENTS = 32  # corpus documents whose lines passkey documents may hide their passkeys in
+
+
 def passkey_documents(count: int, seed: int, window: int, tokenizer, layout: str = "far",
                       corpus: tuple = ()) -> list[Document]:
-    """Synthetic passkey documents, each generated from its own seed when read (they cost no memory or disk).
+    """Synthetic passkey documents, each generated from its own seed when read (they cost no disk), in the
+    comma-separated layouts taken in turn.
 
-    Half of them hide the passkey in LongLLaMA's filler, half (when corpus documents are given) in lines of up to
+    Each draws its haystack at random: LongLLaMA's filler or (when corpus documents are given) the lines of up to
     HAYSTACK_DOCUMENTS of them, so that retrieval does not hang on one filler sentence."""
     haystacks = [passkey.Haystack.filler(tokenizer)]
     if corpus:
@@ -322,9 +326,6 @@ def passkey_documents(count: int, seed: int, window: int, tokenizer, layout: str
     return [Document(f"passkey {i}", (), passkey=(f"passkey {seed} {i}", window, layouts[i % len(layouts)],
                                                   tuple(haystacks)))
             for i in range(count)]
-
-
-HAYSTACK_DOCUMENTS = 32
 
 
 def is_held_out(doc: Document, percent: float) -> bool:
