@@ -468,6 +468,8 @@ def parse_args(argv=None):
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     args = p.parse_args(argv)
+    if args.task == "decoys" and (args.haystack or args.depths):  # decoy prompts are one window, in the filler
+        fail("--task decoys takes neither --haystack nor --depths")
     minimum = 0 if args.task == "decoys" else 1
     args.lengths = [parse_length(n, minimum) for n in args.lengths.split(",")]
     if args.depths is not None:

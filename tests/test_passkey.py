@@ -188,7 +188,8 @@ def test_uniform_depths_are_reported_by_quarter_and_a_quarter_without_trials_is_
 @pytest.mark.parametrize("flags", [["--lengths", "4q"], ["--depths", "2"], ["--depths", "a"], ["--trials", "0"],
                                    ["--lengths", "4000m"],  # more memory than the machine has
                                    ["--lengths", "0"], ["--haystack", "/nonexistent"], ["--haystack", "/dev/null"],
-                                   ["--task", "other"]])
+                                   ["--task", "other"], ["--task", "decoys", "--depths", "0.5"],
+                                   ["--task", "decoys", "--haystack", "README.md"]])
 def test_bad_input_is_one_error_line(checkpoint, flags):
     result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), *flags], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
