@@ -26,6 +26,7 @@ import time
 
 import torch
 
+import generate
 import longllama
 
 # The CPU shape of --small: 8 layers, hidden 256, 8 heads, window 256, memory layers 2 and 5, vocab 32000.
@@ -80,23 +81,55 @@ def copy_bytes_per_second(device) -> float:
 
 
 def prefill_flops(config: longllama.LongLlamaConfig, tokens: int) -> float:
-    """Dense matmuls of every token, plus attention over the local window and, in memory layers, the memory."""
+    """Matmul FLOPs of reading `tokens` as measure_prefill does, for the last logits only: a window read into memory
+    runs only up to the last memory layer's keys and values (LongLlama._layers), the last context runs every layer.
+    Each layer run costs its dense matmuls, causal attention inside the window and, in memory layers, attention to
+    the memory entries it chooses (memory_attention_flops)."""
     h, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
-    dense = 2 * tokens * config.num_hidden_layers * (h * (2 * h + 2 * kv) + 3 * h * config.intermediate_size)
-    window = config.max_position_embeddings
-    local = 4 * tokens * (window / 2) * h * config.num_hidden_layers  # q.k and p.v, causal: half a window on average
-    memory = 4 * h * len(config.mem_layers) * sum(min(start, tokens) * min(window, tokens - start)
-                                                   for start in range(0, tokens, window))  # window i sees i windows
-    return dense + local + memory + 2 * h * config.vocab_size
+    dense = 2 * (h * (2 * h + 2 * kv) + 3 * h * config.intermediate_size)  # per token and layer
+    window, to_memory = config.max_position_embeddings, max(tokens - config.last_context_length, 0)
+    spans = [(s, min(s + window, to_memory)) for s in range(0, to_memory, window)] + [(to_memory, tokens)]
+    last_memory_layer = max(config.mem_layers, default=-1)
+    flops = 2 * h * config.vocab_size
+    for start, end in spans:
+        n, last = end - start, end == tokens
+        layers = config.num_hidden_layers if last else max(last_memory_layer, 0)
+        memory_layers = [i for i in config.mem_layers if last or i < last_memory_layer]
+        flops += n * layers * (dense + 4 * (n / 2) * h)  # q.k and p.v, causal: half the window on average
+        flops += len(memory_layers) * memory_attention_flops(config, n, memory=start)
+        if not last and config.mem_layers:
+            flops += 2 * n * h * 2 * kv  # the last memory layer's keys and values
+    return flops
+
+
+def memory_attention_flops(config: longllama.LongLlamaConfig, queries: int, memory: int) -> float:
+    """One memory layer's attention from `queries` queries to a memory of `memory` entries: all of them, or with
+    top-k blocks the blocks' scores (one dot product each) and the chosen blocks. Exact top-k scores every entry."""
+    h = config.hidden_size
+    if config.mem_topk is None or config.mem_retrieval == "exact":
+        return 4 * queries * memory * h
+    size = config.mem_block_size
+    chosen = min(memory, -(-config.mem_topk // size) * size)
+    return 4 * queries * chosen * h + 2 * queries * -(-memory // size) * h
 
 
 def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
-    """Bytes one decode step reads: every weight (of the embedding, one row), the local caches and the memories."""
+    """Bytes one decode step reads: every weight (of the embedding, one row), the local caches and the memories (all
+    of each, or with top-k blocks the block summaries and the chosen blocks)."""
+    config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not model.config.tie_word_embeddings:
+    if not config.tie_word_embeddings:
         weights -= model.embed.weight.numel() * model.embed.weight.element_size()
     local = sum(c.keys[:, :, :cache.local_length].nbytes * 2 for c in cache.local)
-    memory = sum(m.keys[:, :, :m.length].nbytes * 2 for m in cache.memory.values())
+    memory = 0
+    for m in cache.memory.values():
+        entry = m.keys[:, :, :1].nbytes * 2  # one entry's key and value, every head
+        if m.block_size:
+            blocks = -(-m.length // m.block_size)
+            chosen = min(m.length, -(-config.mem_topk // m.block_size) * m.block_size)
+            memory += m.block_sums[:, :, :blocks].nbytes + chosen * entry
+        else:
+            memory += m.length * entry
     return weights + local + memory
 
 
@@ -160,6 +193,8 @@ def parse_args(argv=None):
     p.add_argument("--small", action="store_true",
                    help="the CPU comparison: small shape, fused vs plain, compiled decode, peak memory")
     p.add_argument("--preset", default="3b", choices=list(longllama.PRESETS), help="model shape (random weights)")
+    p.add_argument("--mem-layers", default=None, metavar="I,J",
+                   help="memory layers instead of the shape's, e.g. 1,2 ('' for none)")
     p.add_argument("--prefill", default="32768", help="prompt lengths to time, comma-separated ('' for none)")
     p.add_argument("--decode-memory", default="16384", help="memory sizes to time decode at ('' for none)")
     p.add_argument("--kernel", default="fused", help="attention kernels to compare: fused, plain or fused,plain")
@@ -168,6 +203,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda when present")
     p.add_argument("--compile", action="store_true", help="also time decode through torch.compile (fused kernels)")
     p.add_argument("--repeats", type=int, default=3)
+    generate.add_topk_arguments(p)
     args = p.parse_args(argv)
     if args.small:
         args.prefill, args.decode_memory, args.kernel, args.device = "4096", "4096", "fused,plain", "cpu"
@@ -175,8 +211,10 @@ def parse_args(argv=None):
     try:
         args.prefill = [int(n) for n in args.prefill.split(",") if n]
         args.decode_memory = [int(n) for n in args.decode_memory.split(",") if n]
+        if args.mem_layers is not None:
+            args.mem_layers = [int(n) for n in args.mem_layers.split(",") if n]
     except ValueError:
-        p.error("--prefill and --decode-memory take comma-separated token counts")
+        p.error("--prefill, --decode-memory and --mem-layers take comma-separated integers")
     args.kernel = args.kernel.split(",")
     if not set(args.kernel) <= set(longllama.ATTENTION_KERNELS) or args.repeats < 1:
         p.error(f"--kernel takes {', '.join(longllama.ATTENTION_KERNELS)}; --repeats must be positive")
@@ -195,7 +233,9 @@ def main(argv=None):
                 raise
             print(f"note: no compiled row: {e}")  # --small's other figures need no compiler
             args.compile = False
-    shape = SMALL if args.small else longllama.PRESETS[args.preset]
+    shape = (SMALL if args.small else longllama.PRESETS[args.preset]) | generate.topk_overrides(args)
+    if args.mem_layers is not None:
+        shape["mem_layers"] = args.mem_layers
     model = build_model(shape, device, dtype)
     flops, bandwidth = matmul_flops_per_second(device, dtype), copy_bytes_per_second(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -452,12 +452,14 @@ def check_documents(logits, ids, mask, vocab_size: int):
 def prompt_memory_bytes(config: longllama.LongLlamaConfig, prompt_tokens: int, dtype: torch.dtype) -> int:
     """Rough peak bytes that reading a prompt adds to the weights: memory, local caches and one window's work.
 
-    Memory (keys and values of every memory layer, kept in the compute dtype) is the only part that grows with
-    the prompt: attention runs through fused kernels, so its workspace is bounded by the window.
+    Memory (keys and values of every memory layer, kept in the compute dtype, or in mem_dtype with mem_topk) is
+    the only part that grows with the prompt: attention runs through fused kernels, so its workspace is bounded by
+    the window.
     """
     last_context = min(prompt_tokens, config.last_context_length)
     kv_width = 2 * config.num_key_value_heads * config.head_dim  # key and value of one token
-    memory = len(config.mem_layers) * (prompt_tokens - last_context) * kv_width * dtype.itemsize
+    stored = getattr(torch, config.mem_dtype) if config.mem_topk else dtype
+    memory = len(config.mem_layers) * (prompt_tokens - last_context) * kv_width * stored.itemsize
     local = config.num_hidden_layers * config.max_position_embeddings * kv_width * dtype.itemsize
     window = min(prompt_tokens, config.max_position_embeddings)
     # a window's activations: residual, q/k/v/out, the MLP's gate|up and its product, float32 norms and merges
@@ -517,6 +519,7 @@ def parse_args(argv=None):
                    help="memory attention over at most H heads x Q queries at a time (bounds peak memory)")
     p.add_argument("--mem-dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="precision of memory keys/values: rounded to it, kept in the compute dtype (default: the checkpoint's)")
+    add_topk_arguments(p)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
@@ -584,7 +587,27 @@ def config_overrides(args) -> dict:
         overrides["mem_dtype"] = args.mem_dtype
     if args.last_context_length is not None:
         overrides["last_context_length"] = args.last_context_length
-    return overrides
+    return overrides | topk_overrides(args)
+
+
+def add_topk_arguments(p):
+    """--mem-topk and how it retrieves, for every command that reads into memory."""
+    p.add_argument("--mem-topk", type=int, default=None, metavar="K",
+                   help="memory-layer queries attend to K memory entries, not all of memory: reading and answering "
+                        "then cost far less than quadratic time, and memory is held in --mem-dtype (default: all)")
+    p.add_argument("--mem-retrieval", default=None, choices=longllama.MEM_RETRIEVALS,
+                   help="how --mem-topk chooses: blocks (scalable: the best blocks of --mem-block-size entries, by "
+                        "their mean keys) or exact (the K best entries of each query: as slow as all of memory)")
+    p.add_argument("--mem-block-size", type=int, default=None, metavar="N", help="entries per block (default: 64)")
+
+
+def topk_overrides(args) -> dict:
+    """The config overrides of add_topk_arguments' flags; retrieval settings without --mem-topk are refused."""
+    given = {key: value for key in ("mem_topk", "mem_retrieval", "mem_block_size")
+             if (value := getattr(args, key)) is not None}
+    if given and "mem_topk" not in given:
+        raise ValueError("--mem-retrieval and --mem-block-size choose how --mem-topk retrieves: add --mem-topk K")
+    return given
 
 
 def questions(args) -> Iterator[str]:

@@ -60,6 +60,12 @@ class LongLlamaConfig:
     mem_positionals: bool = True  # False: memory layers use no rotary embedding at all
     mem_dtype: str = "bfloat16"  # dtype memory keys and values are stored in
     mem_attention_grouping: Optional[tuple] = None  # (heads, queries) per memory-attention call, to bound peak memory
+    # None: every memory-layer query attends to all of memory (LongLLaMA). K: only to K memory entries, as the FoT
+    # paper's kNN memory did: the K best-scoring ones ("exact"), or the best blocks of mem_block_size entries
+    # ("blocks": ceil(K / mem_block_size) blocks per key/value head and call, chosen by their mean keys)
+    mem_topk: Optional[int] = None
+    mem_retrieval: str = "blocks"
+    mem_block_size: int = 64
     # tokens of a long input that stay in the local window instead of memory; None: 1024 (LongLLaMA's) capped at
     # the window, and the whole window without memory layers (where earlier tokens would be read into nothing)
     last_context_length: Optional[int] = None
@@ -102,6 +108,9 @@ class LongLlamaConfig:
             (["mem_dtype"], lambda v: v in MEM_DTYPES, f"one of {', '.join(MEM_DTYPES)}"),
             (["mem_attention_grouping"], lambda v: v is None or (is_int_list(v, 1) and len(v) == 2),
              "null or two positive integers [heads, queries]"),
+            (["mem_topk"], lambda v: v is None or (is_int(v) and v > 0), "null or a positive integer"),
+            (["mem_retrieval"], lambda v: v in MEM_RETRIEVALS, f"one of {', '.join(MEM_RETRIEVALS)}"),
+            (["mem_block_size"], lambda v: is_int(v) and v > 0, "a positive integer"),
             (["last_context_length"], lambda v: v is None or (is_int(v) and 0 <= v <= window),
              f"null or an integer in [0, max_position_embeddings={window}]"),
         ], label=lambda key: f"config: {key}")
@@ -166,6 +175,8 @@ class LongLlamaConfig:
 
 # dtypes memory keys and values may be stored in: integer or bool storage would silently corrupt them
 MEM_DTYPES = ("bfloat16", "float16", "float32", "float64")
+# how mem_topk chooses the memory entries a query attends to: see MemoryCache.select_blocks and topk_attention_and_lse
+MEM_RETRIEVALS = ("blocks", "exact")
 # No machine addresses more (x86-64 and arm64 use 48-bit virtual addresses): a config needing more is nonsense.
 ADDRESSABLE_BYTES = 2**48
 
@@ -283,46 +294,104 @@ class LocalCache:
 class MemoryCache:
     """One memory layer's (key, value) memory: keys rotated as if at position 0, with the precision of `dtype`.
 
-    Entries are rounded to `dtype` (mem_dtype) where they are written, and kept in the compute dtype, so that
-    attention reads memory in place instead of converting all of it at every call: the values are exactly those
-    of a memory stored in `dtype` and cast for use. (With float32 compute and bfloat16 memory, memory then takes
-    float32 bytes; compute in bfloat16 to halve it.) The buffers grow by doubling, so appending a window or an
-    evicted local cache is amortised O(its size), and `reserve` sizes them at once for a prompt of known length.
-    `valid` marks entries that were real tokens (not padding) when they were read.
+    Entries are rounded to `dtype` (mem_dtype) where they are written. Memory attended densely is kept in the
+    compute dtype, so that attention reads it in place instead of converting all of it at every call: the values
+    are exactly those of a memory stored in `dtype` and cast for use. Memory read sparsely (`sparse`: top-k) is held
+    in `dtype` itself, half the bytes of float32 for bfloat16, since only the few entries chosen are cast. The
+    buffers grow by doubling, so appending a window or an evicted local cache is amortised O(its size), and `reserve`
+    sizes them at once for a prompt of known length. `valid` marks entries that were real tokens (not padding) when
+    they were read. With `block_size`, memory is also summarised in blocks of that many consecutive entries: per
+    dimension, the largest and smallest of their valid keys, and how many valid keys there are, so that
+    `select_blocks` bounds what any key of a block can score without reading the block.
     """
 
     dtype: torch.dtype
+    sparse: bool = False
+    block_size: Optional[int] = None
     keys: Optional[torch.Tensor] = None  # [B, Hkv, capacity, D]
     values: Optional[torch.Tensor] = None
     valid: Optional[torch.Tensor] = None  # [B, capacity] bool
+    block_max: Optional[torch.Tensor] = None  # [B, Hkv, capacity / block_size, D] float32: per dimension, over its keys
+    block_min: Optional[torch.Tensor] = None
+    block_counts: Optional[torch.Tensor] = None  # [B, capacity / block_size] float32: its valid entries
     length: int = 0
 
     def append(self, keys, values, valid):
         """Add keys/values [B, Hkv, T, D] (keys already at position 0) and valid [B, T]: the one way into memory."""
-        end = self.length + keys.shape[2]
+        start, end = self.length, self.length + keys.shape[2]
         if self.keys is None or end > self.keys.shape[2]:
             self.reserve(max(end, 2 * self.length), like=values)
-        self.keys[:, :, self.length:end] = keys.to(self.dtype)  # rounded to mem_dtype, then stored
-        self.values[:, :, self.length:end] = values.to(self.dtype)
-        self.valid[:, self.length:end] = valid
+        keys = keys.to(self.dtype)  # rounded to mem_dtype, then stored
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values.to(self.dtype)
+        self.valid[:, start:end] = valid
+        if self.block_size:
+            blocks = torch.arange(start, end, device=keys.device) // self.block_size  # [T]: each entry's block
+            index = blocks[None, None, :, None].expand(keys.shape)  # [B, Hkv, T, D]
+            hidden = ~valid[:, None, :, None]  # padding widens no bound
+            self.block_max.scatter_reduce_(2, index, keys.float().masked_fill(hidden, float("-inf")), "amax")
+            self.block_min.scatter_reduce_(2, index, keys.float().masked_fill(hidden, float("inf")), "amin")
+            self.block_counts.index_add_(1, blocks, valid.float())
         self.length = end
 
     def reserve(self, capacity: int, like):
-        """Make room for `capacity` entries, stored like `like` [B, Hkv, *, D] (dtype and device)."""
+        """Make room for `capacity` entries, stored like `like` [B, Hkv, *, D] (its dtype unless sparse, and device)."""
         if self.keys is not None and capacity <= self.keys.shape[2]:
             return
         batch_size, kv_heads, _, head_dim = like.shape
-        old_keys, old_values, old_valid = self.view() if self.length else (None, None, None)
-        self.keys = like.new_zeros(batch_size, kv_heads, capacity, head_dim)
+        old = dict(keys=self.keys, values=self.values, valid=self.valid, block_max=self.block_max,
+                   block_min=self.block_min, block_counts=self.block_counts)
+        dtype = self.dtype if self.sparse else like.dtype
+        self.keys = like.new_zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype)
         self.values = torch.zeros_like(self.keys)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=like.device)
-        if self.length:
-            self.keys[:, :, :self.length], self.values[:, :, :self.length] = old_keys, old_values
-            self.valid[:, :self.length] = old_valid
+        if self.block_size:
+            blocks = -(-capacity // self.block_size)
+            self.block_max = like.new_full((batch_size, kv_heads, blocks, head_dim), float("-inf"), dtype=torch.float32)
+            self.block_min = torch.full_like(self.block_max, float("inf"))
+            self.block_counts = like.new_zeros(batch_size, blocks, dtype=torch.float32)
+        for name, tensor in old.items():  # what is already in memory: its entries, and the blocks they are in
+            if tensor is not None and self.length:
+                dim = 2 if tensor.dim() == 4 else 1  # entries (or blocks) are dim 2 of [B, Hkv, *, D], 1 of [B, *]
+                used = -(-self.length // self.block_size) if name.startswith("block") else self.length
+                getattr(self, name).narrow(dim, 0, used).copy_(tensor.narrow(dim, 0, used))
 
     def view(self):
         """keys, values [B, Hkv, M, D] and valid [B, M] of the M entries in memory."""
         return self.keys[:, :, :self.length], self.values[:, :, :self.length], self.valid[:, :self.length]
+
+    def select_blocks(self, q, count: int):
+        """The `count` blocks each key/value head's queries q [B, Hkv, Q, D] want most: keys, values
+        [B, Hkv, count * block_size, D] (in q's dtype) and valid [B, Hkv, count * block_size], in memory order.
+
+        A query's score for a block is the most that any key of the block can score, from the block's bounds: per
+        dimension the larger of q * max and q * min (as Quest bounds its pages). A softmax over the blocks turns
+        each query's scores into shares, so that a query that singles out one block counts as much as a query
+        that scores high everywhere, and a block's score is the largest share any query gives it: a block that one
+        query needs is chosen even when the others want other blocks. Scoring takes two dot products per query
+        and block, a block_size-th of attending to all of memory; the rest is linear in what is chosen.
+        """
+        blocks, dtype = -(-self.length // self.block_size), q.dtype
+        empty = self.block_counts[:, None, :blocks] == 0  # [B, 1, N]: blocks of padding only, never wanted
+        upper = self.block_max[:, :, :blocks].masked_fill(empty[..., None], 0).transpose(-1, -2)  # [B, Hkv, D, N]
+        lower = self.block_min[:, :, :blocks].masked_fill(empty[..., None], 0).transpose(-1, -2)
+        q = q.float() / math.sqrt(q.shape[-1])  # scaled as attention scales: the shares are its softmax's
+        best = torch.full(upper.shape[:2] + (blocks,), float("-inf"), device=q.device)  # [B, Hkv, N]
+        step = max(1, (1 << 22) // blocks)  # queries at a time: their [Q, N] scores take at most 16 MB per head
+        for first in range(0, q.shape[2], step):
+            part = q[:, :, first:first + step]
+            bound = (part.clamp(min=0) @ upper + part.clamp(max=0) @ lower).masked_fill_(empty[:, :, None], float("-inf"))
+            shares = bound - bound.logsumexp(dim=-1, keepdim=True)  # [B, Hkv, Q, N], log of each query's shares
+            best = torch.maximum(best, shares.amax(dim=2))
+        chosen = best.topk(min(count, blocks), dim=-1).indices.sort(dim=-1).values  # [B, Hkv, n]
+        entries = (chosen[..., None] * self.block_size
+                   + torch.arange(self.block_size, device=q.device)).flatten(2)  # [B, Hkv, n * block_size]
+        inside = entries < self.length  # the last block may not be full yet
+        entries = entries.clamp(max=self.length - 1)
+        index = entries[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        keys, values = self.keys.gather(2, index).to(dtype), self.values.gather(2, index).to(dtype)
+        valid = self.valid[:, None].expand(-1, entries.shape[1], -1).gather(2, entries) & inside
+        return keys, values, valid
 
 
 @dataclass
@@ -382,6 +451,8 @@ class Source(NamedTuple):
     # True: attend by the formula, not a kernel call. In a compiled decode step one query's attention to the W
     # local slots costs less so (the compiler fuses it into a few loops); memory, which can be long, keeps the kernel
     written_out: bool = False
+    # K: each query attends only to the K visible keys it scores highest (mem_topk's exact retrieval)
+    topk: Optional[int] = None
 
 
 def plain_attention(q, sources):
@@ -393,8 +464,10 @@ def plain_attention(q, sources):
     """
     scale = math.sqrt(q.shape[-1])
     logits = []
-    for keys, _, visible, *_ in sources:
+    for keys, _, visible, *_, topk in sources:
         scores = torch.einsum("bgrtd,bgsd->bgrts", q, keys.to(q.dtype)).div_(scale)  # [B, G, R, T, S]
+        if topk is not None:
+            visible = topk_visible(scores, visible, topk)
         logits.append(scores.masked_fill_(~visible, torch.finfo(scores.dtype).min))
     probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     out = 0
@@ -414,7 +487,7 @@ def fused_attention(q, sources):
     """
     batch_size, kv_heads, rep, length, head_dim = q.shape
     out = lse = None
-    for keys, values, visible, implied, written_out in sources:
+    for keys, values, visible, implied, written_out, topk in sources:
         shared = visible.shape[-2] == 1  # one mask row for every query: no causal mask
         visible = visible[:, :, 0]  # [B, 1, T or 1, S]
         if shared:
@@ -427,8 +500,11 @@ def fused_attention(q, sources):
         # sees every key), the kernel's own for a whole window
         causal = implied and not shared and not written_out and 1 < length == keys.shape[2]
         mask_free = implied and not written_out and (shared or causal or length == 1)
-        source_out, source_lse = attention_and_lse(q_source, keys, values, None if mask_free else visible, causal,
-                                                   written_out)
+        if topk is not None:
+            source_out, source_lse = topk_attention_and_lse(q_source, keys, values, visible, topk)
+        else:
+            source_out, source_lse = attention_and_lse(q_source, keys, values, None if mask_free else visible,
+                                                       causal, written_out)
         source_out = source_out.view(batch_size, kv_heads, rep, length, head_dim)
         source_lse = source_lse.view(batch_size, kv_heads, rep, length)
         if out is None:
@@ -474,6 +550,26 @@ def attention_and_lse(q, keys, values, visible=None, causal: bool = False, writt
         blind = ~visible.any(-1)
         out, lse = out.masked_fill(blind.unsqueeze(-1), 0), lse.masked_fill(blind, float("-inf"))
     return out, lse.float()
+
+
+def topk_attention_and_lse(q, keys, values, visible, topk: int):
+    """attention_and_lse over only the `topk` visible keys that score highest for each query: exact top-k, the
+    correctness baseline of mem_topk. It scores every key, so it costs as much as attending to all of them.
+
+    q: [B, X, Q, D]; keys, values: [B, X, S, D]; visible: bool broadcastable to [B, X, Q, S].
+    """
+    scores = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, X, Q, S]
+    scores = scores.masked_fill(~topk_visible(scores, visible, topk), float("-inf"))
+    lse = scores.logsumexp(-1)  # -inf for a query that sees nothing: its output is then 0
+    out = (scores - lse.clamp(min=torch.finfo(torch.float32).min).unsqueeze(-1)).exp() @ values.float()
+    return out.to(q.dtype), lse
+
+
+def topk_visible(scores, visible, topk: int):
+    """visible [.., Q, S] (broadcastable to scores), narrowed to the `topk` visible keys of highest score per query."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    chosen = scores.topk(min(topk, scores.shape[-1]), dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True) & visible
 
 
 def _cuda_attention_and_lse(q, keys, values, bias, causal: bool, scale: float):
@@ -535,8 +631,9 @@ def _part_of_source(source, heads: slice, queries: slice, length: int):
     as a whole window's does, so the kernels can apply it themselves.
     """
     keys, values, visible = source[:3]
-    if visible.shape[-2] == 1:
-        return source._replace(keys=keys[:, heads], values=values[:, heads])
+    if visible.shape[-2] == 1:  # its mask may differ by key/value head (top-k blocks)
+        return source._replace(keys=keys[:, heads], values=values[:, heads],
+                               visible=visible[:, heads] if visible.shape[1] > 1 else visible)
     seen = keys.shape[2] - length + min(queries.stop, length)  # keys up to the part's last query
     return source._replace(keys=keys[:, heads, :seen], values=values[:, heads, :seen],
                            visible=visible[..., queries, :seen])
@@ -640,6 +737,7 @@ class Attention(nn.Module):
         self.is_memory_layer = layer_index in config.mem_layers
         self.rotary = not self.is_memory_layer or config.mem_positionals
         self.grouping = config.mem_attention_grouping if self.is_memory_layer else None
+        self.topk, self.retrieval = config.mem_topk, config.mem_retrieval
 
     def _project(self, x):
         """Queries [B, H, T, D], keys and values [B, Hkv, T, D], before any rotation."""
@@ -676,13 +774,28 @@ class Attention(nn.Module):
                           written_out=window.all_slots)]
         memory = cache.memory.get(self.layer_index)
         if memory is not None and memory.length:
-            mem_keys, mem_values, mem_valid = memory.view()
-            mem_visible = mem_valid[:, None, None, None, :]  # the same for every query, no causal mask: [B,1,1,1,M]
-            sources.append(Source(mem_keys, mem_values, mem_visible, implied=not window.padding))
+            sources.append(self._memory_source(q, memory, window.padding))
         out = grouped_attention(q, sources, self.grouping, window.kernel)
         if memory is not None and not window.keep_local:
             memory.append(k_first, v, window.valid)  # the window was read alone: now it joins memory
         return out
+
+    def _memory_source(self, q, memory: MemoryCache, padding: bool) -> Source:
+        """What the queries q [B, H, T, D] see of memory: all of it, or with mem_topk = K only the K entries each
+        query scores highest ("exact"), or the ceil(K / block size) blocks its key/value head's queries score
+        highest ("blocks"). Where that choice would take every entry, memory is attended whole."""
+        if self.topk is not None and self.retrieval == "blocks":
+            count = -(-self.topk // memory.block_size)
+            if count * memory.block_size < memory.length:
+                batch_size, heads, length, head_dim = q.shape
+                stacked = q.reshape(batch_size, self.kv_heads, heads // self.kv_heads * length, head_dim)  # [B, Hkv, R*T, D]
+                keys, values, valid = memory.select_blocks(stacked, count)
+                return Source(keys, values, valid[:, :, None, None, :])  # [B, Hkv, 1, 1, S]: chosen per key/value head
+        exact_topk = self.topk if self.retrieval == "exact" and self.topk is not None and self.topk < memory.length else None
+        keys, values, valid = memory.view()
+        # the same mask for every query, no causal mask: [B, 1, 1, 1, M]
+        return Source(keys.to(q.dtype), values.to(q.dtype), valid[:, None, None, None, :], implied=not padding,
+                      topk=exact_topk)
 
     def load_memory(self, x, window: Window):
         """Only what a window read into memory leaves behind in this memory layer: its keys and values."""
@@ -772,7 +885,10 @@ class LongLlama(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def new_cache(self, batch_size: int) -> Cache:
-        memory = {i: MemoryCache(getattr(torch, self.config.mem_dtype)) for i in self.config.mem_layers}
+        config = self.config
+        sparse = config.mem_topk is not None
+        block_size = config.mem_block_size if sparse and config.mem_retrieval == "blocks" else None
+        memory = {i: MemoryCache(getattr(torch, config.mem_dtype), sparse, block_size) for i in config.mem_layers}
         return Cache(batch_size, memory)
 
     def cache_from_tensors(self, tensors: dict, batch_size: int, position: int, padding: bool) -> Cache:

@@ -467,6 +467,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    generate.add_topk_arguments(p)
     args = p.parse_args(argv)
     if args.task == "decoys" and (args.haystack or args.depths):  # decoy prompts are one window, in the filler
         fail("--task decoys takes neither --haystack nor --depths")
@@ -503,7 +504,8 @@ def run(args):
     haystack_text = read_haystack(args.haystack) if args.haystack else None
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype)
+    model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype,
+                                                **generate.topk_overrides(args))
     generate.check_memory(model, [max(args.lengths)])  # refused now, not when the longest prompt comes
     log = lambda line: print(line, file=sys.stderr)
     if args.task == "decoys":

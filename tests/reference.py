@@ -94,6 +94,9 @@ class NaiveLongLlama:
         if memory is not None:
             mem_k, mem_v, mem_mask = memory
             mem_logits = q @ mem_k.transpose(-1, -2) / math.sqrt(d) + mem_mask[:, None, None, :]
+            chosen = self.chosen_memory(q, mem_k, mem_mask)
+            if chosen is not None:
+                mem_logits = mem_logits.masked_fill(~chosen, torch.finfo(torch.float64).min)
             logits = torch.cat([logits, mem_logits], dim=-1)
             values = torch.cat([v, mem_v], dim=2)
         logits = logits.clamp(min=-1e6)
@@ -104,6 +107,51 @@ class NaiveLongLlama:
                                                     torch.cat([memory[2], update[2]], 1))
         self.memory[i] = memory
         return out.transpose(1, 2).reshape(b, t, h * d) @ p["wo"].T, new_past
+
+    def chosen_memory(self, q, mem_k, mem_mask):
+        """With mem_topk: [B, H, T, M] bool, the memory entries each query may attend to (None: all of them).
+
+        exact: the mem_topk best-scoring valid entries of each query. blocks: memory cut into blocks of
+        mem_block_size entries in reading order; a query's bound for a block is the sum over dimensions of the larger
+        of q * max and q * min of the block's valid keys (scaled as logits); each query's bounds go through a
+        log-softmax over the blocks; a block's score for a key/value head is the largest of those over every query of
+        the call in every query head of the group; the ceil(mem_topk / mem_block_size) best blocks are open to all
+        those queries.
+        """
+        c = self.c
+        k, (b, h, t, _), m = c.mem_topk, q.shape, mem_k.shape[2]
+        valid = mem_mask == 0  # [B, M]
+        if k is None:
+            return None
+        if c.mem_retrieval == "exact":
+            if k >= m:
+                return None
+            scores = (q @ mem_k.transpose(-1, -2)).masked_fill(~valid[:, None, None, :], float("-inf"))
+            best = scores.topk(k, dim=-1).indices
+            return torch.zeros(b, h, t, m, dtype=torch.bool).scatter_(-1, best, True)
+        size = c.mem_block_size
+        count = -(-k // size)
+        if count * size >= m:
+            return None
+        per_kv = h // c.num_key_value_heads
+        chosen = torch.zeros(b, h, t, m, dtype=torch.bool)
+        for row in range(b):
+            for first_head in range(0, h, per_kv):
+                heads = slice(first_head, first_head + per_kv)
+                queries = q[row, heads].reshape(-1, q.shape[-1]) / math.sqrt(q.shape[-1])  # every query of the group
+                bounds = []  # [blocks] of [queries]: the most a key of the block could score
+                for start in range(0, m, size):
+                    keys = mem_k[row, first_head, start:start + size][valid[row, start:start + size]]
+                    if len(keys) == 0:
+                        bounds.append(torch.full((len(queries),), float("-inf"), dtype=torch.float64))
+                        continue
+                    top, bottom = keys.max(dim=0).values, keys.min(dim=0).values
+                    bounds.append(torch.maximum(queries * top, queries * bottom).sum(dim=-1))
+                shares = torch.log_softmax(torch.stack(bounds, dim=1), dim=1)  # [queries, blocks]
+                best = shares.max(dim=0).values.tolist()
+                for block in sorted(range(len(best)), key=lambda i: -best[i])[:count]:
+                    chosen[row, heads, :, block * size:(block + 1) * size] = True
+        return chosen
 
     def model_call(self, ids, pad_mask, use_cache):
         """One call of the underlying model on ids [B, T] (at most a window), as the original's LongLlamaModel."""

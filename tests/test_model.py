@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import longllama
 from reference import NaiveLongLlama, rotate
@@ -132,13 +133,13 @@ def can_compile() -> bool:
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
     not can_compile(), reason="torch.compile on CPU needs a C++ compiler"))], ids=["eager", "compiled"])
-@pytest.mark.parametrize("case", ["left-padded", "grouped"])
+@pytest.mark.parametrize("case", ["left-padded", "grouped", "top-k blocks", "top-k exact"])
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # never quietly fall back to running eagerly
 def test_decode_steps_over_all_local_slots_match_reference_through_evictions(case, compiled, kernel):
     """compile_decode's step (all W local slots under a mask, local attention written out) against the float64
     reference, through evictions: with padding (masks everywhere) and with grouped-query heads and
-    mem_attention_grouping (no padding: the memory kernel runs mask-free). Eagerly too, so that the step's
-    attention is checked where no compiler is."""
+    mem_attention_grouping (no padding: the memory kernel runs mask-free), and with top-k memory (bfloat16).
+    Eagerly too, so that the step's attention is checked where no compiler is."""
     if kernel == "plain":
         pytest.skip("the step's written-out local attention belongs to the fused path")
     torch._dynamo.reset()  # compilations of _layers so far (other models) do not count towards the limit
@@ -146,15 +147,18 @@ def test_decode_steps_over_all_local_slots_match_reference_through_evictions(cas
         model = tiny_model(mem_layers=[0, 2])
         ids, mask = tokens(2, 2 * WINDOW + 3), torch.ones(2, 2 * WINDOW + 3)
         mask[1, :WINDOW + 2] = 0
-    else:
+    elif case == "grouped":
         model = tiny_model(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, mem_layers=[1],
                            mem_attention_grouping=(2, 1))
+        ids, mask = tokens(2, 2 * WINDOW + 3), None
+    else:
+        model = tiny_model(mem_layers=[0, 2], mem_dtype="bfloat16", **TOPK[case.split()[1]])
         ids, mask = tokens(2, 2 * WINDOW + 3), None
     step_function = model.compile_decode().compiled_layers if compiled else longllama.LongLlama._layers
     steps = []
     model.compiled_layers = lambda *args: steps.append(args[-1]) or step_function(*args)
     calls = [(ids, True, mask)] + [(tokens(2, 1, seed=500 + i), True, None) for i in range(2 * WINDOW + 4)]
-    cache = run_both(model, calls)
+    cache = run_both(model, calls, atol=3e-3 if case.startswith("top-k") else 2e-4)
     assert len(steps) == 2 * WINDOW + 4 and all(window.all_slots for window in steps)
     assert cache.memory_size > 3 * WINDOW  # the steps evicted the local window into memory twice
 
@@ -314,6 +318,93 @@ def test_memory_grows_in_chunks_not_per_token():
     assert len(capacities) <= 5
     assert all(new >= 1.5 * old for old, new in zip(capacities, capacities[1:]))
     assert memory.keys.shape[2] >= memory.length
+
+
+# ---------------------------------------------------------------------------------------------------- top-k memory
+
+TOPK = dict(exact=dict(mem_retrieval="exact", mem_topk=5), blocks=dict(mem_retrieval="blocks", mem_topk=6,
+                                                                       mem_block_size=4))
+
+
+@pytest.mark.parametrize("retrieval", ["exact", "blocks"])
+@pytest.mark.parametrize("case", ["left-padded", "grouped", "continued"])
+def test_topk_memory_matches_reference_choosing_the_same_entries(retrieval, case):
+    """mem_topk far below the memory's size, against the reference's own choice of entries (tests/reference.py):
+    16-bit memory (held in mem_dtype), left padding, grouped-query heads with mem_attention_grouping, two memory
+    layers, continuation calls of several tokens and decode steps through evictions of the local window. Two memory
+    layers use float16 memory: bfloat16 keys of float32 and float64 inputs, rounded to neighbouring values now and
+    then, grow apart through a second memory layer by more than any tolerance that would still catch a mistake."""
+    settings = TOPK[retrieval] | dict(mem_dtype="bfloat16" if case == "grouped" else "float16")
+    mask = None
+    if case == "left-padded":
+        model, ids = tiny_model(mem_layers=[0, 2], **settings), tokens(2, 4 * WINDOW + 3)
+        mask = torch.ones_like(ids)
+        mask[1, :WINDOW + 6] = 0  # one block of memory is all padding, the next half padding
+    elif case == "grouped":
+        model = tiny_model(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, mem_layers=[1],
+                           mem_attention_grouping=(2, 3), **settings)
+        ids = tokens(2, 4 * WINDOW + 3)
+    else:
+        model, ids = tiny_model(mem_layers=[1, 2], **settings), tokens(2, 3 * WINDOW)
+    calls = [(ids, True, mask)]
+    if case == "continued":
+        calls += [(tokens(2, n, seed=200 + n), True, None) for n in (3, 7, WINDOW, 2)]
+    calls += [(tokens(2, 1, seed=300 + i), True, None) for i in range(WINDOW + 3)]
+    cache = run_both(model, calls, atol=3e-3)  # bfloat16 memory: see test_bfloat16_memory_matches_reference_...
+    memory = cache.memory[model.config.mem_layers[0]]
+    assert memory.keys.dtype == getattr(torch, settings["mem_dtype"])  # read sparsely: held in mem_dtype
+    assert cache.memory_size > 8 * model.config.mem_topk
+
+
+@pytest.mark.parametrize("retrieval", ["exact", "blocks"])
+def test_topk_covering_all_of_memory_is_full_attention(retrieval):
+    full = tiny_model(mem_layers=[0, 2])
+    covering = tiny_model(mem_layers=[0, 2], **(TOPK[retrieval] | dict(mem_topk=10 * WINDOW)))
+    calls = [(tokens(2, 5 * WINDOW + 3), True, None)] + [(tokens(2, 1, seed=i), True, None) for i in range(WINDOW)]
+    run_both(covering, calls)
+    with torch.no_grad():
+        cache_full = cache_covering = None
+        for ids, *_ in calls:
+            a, cache_full = full(ids, cache=cache_full, use_cache=True)
+            b, cache_covering = covering(ids, cache=cache_covering, use_cache=True)
+            assert_close(b, a.double(), atol=1e-5)
+
+
+def test_choosing_every_block_or_every_key_gives_attention_to_all_of_memory():
+    """The two retrieval paths themselves, asked for everything: all of memory in order, each key once."""
+    g = torch.Generator().manual_seed(3)
+    b, kv_heads, m, d, size = 2, 2, 23, 8, 4
+    memory = longllama.MemoryCache(torch.float32, sparse=True, block_size=size)
+    keys, values = torch.randn(2, b, kv_heads, m, d, generator=g)
+    valid = torch.rand(b, m, generator=g) > 0.2
+    for first in range(0, m, 5):  # appended in pieces that do not line up with the blocks
+        memory.append(keys[:, :, first:first + 5], values[:, :, first:first + 5], valid[:, first:first + 5])
+    q = torch.randn(b, kv_heads, 7, d, generator=g)
+    chosen_keys, chosen_values, chosen_valid = memory.select_blocks(q, count=-(-m // size))
+    assert torch.equal(chosen_keys[:, :, :m], keys) and torch.equal(chosen_values[:, :, :m], values)
+    assert torch.equal(chosen_valid[:, :, :m], valid[:, None].expand(-1, kv_heads, -1))
+    assert not chosen_valid[:, :, m:].any()
+    out, lse = longllama.topk_attention_and_lse(q, keys, values, valid[:, None, None], topk=m)
+    expected, expected_lse = longllama.attention_and_lse(q, keys, values, valid[:, None, None])
+    assert_close(out, expected.double(), atol=1e-5)
+    assert_close(lse, expected_lse.double(), atol=1e-5)
+
+
+def test_block_bounds_are_the_extremes_of_valid_keys_through_growth():
+    g = torch.Generator().manual_seed(4)
+    memory = longllama.MemoryCache(torch.bfloat16, sparse=True, block_size=3)
+    keys = torch.randn(1, 2, 40, 4, generator=g)
+    valid = torch.rand(1, 40, generator=g) > 0.3
+    for first in range(0, 40, 7):  # growing by doubling several times
+        memory.append(keys[:, :, first:first + 7], keys[:, :, first:first + 7], valid[:, first:first + 7])
+    stored = keys.bfloat16().float()
+    for block in range(14):
+        inside = slice(3 * block, 3 * block + 3)
+        kept = stored[0, :, inside][:, valid[0, inside]]  # [2, n, 4]
+        assert memory.block_counts[0, block] == kept.shape[1]
+        if kept.shape[1]:
+            assert torch.equal(memory.block_max[0, :, block], kept.amax(dim=1))
+            assert torch.equal(memory.block_min[0, :, block], kept.amin(dim=1))
 
 
 # ---------------------------------------------------------------------------------------------------- errors
