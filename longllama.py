@@ -21,7 +21,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -298,7 +298,7 @@ class MemoryCache:
     compute dtype, so that attention reads it in place instead of converting all of it at every call: the values
     are exactly those of a memory stored in `dtype` and cast for use. Memory read sparsely (`sparse`: top-k) is held
     in `dtype` itself, half the bytes of float32 for bfloat16, since only the few entries chosen are cast. The
-    buffers grow by doubling, so appending a window or an evicted local cache is amortised O(its size), and `reserve`
+    buffers grow by half, so appending a window or an evicted local cache is amortised O(its size), and `reserve`
     sizes them at once for a prompt of known length. `valid` marks entries that were real tokens (not padding) when
     they were read. With `block_size`, memory is also summarised in blocks of that many consecutive entries: per
     dimension, the largest and smallest of their valid keys, and how many valid keys there are, so that
@@ -315,28 +315,61 @@ class MemoryCache:
     block_min: Optional[torch.Tensor] = None
     block_counts: Optional[torch.Tensor] = None  # [B, capacity / block_size] float32: its valid entries
     length: int = 0
+    # False: the buffers are shared (Cache.copy) or someone else's (a memory file): the next append moves to new ones
+    owned: bool = True
 
     def append(self, keys, values, valid):
         """Add keys/values [B, Hkv, T, D] (keys already at position 0) and valid [B, T]: the one way into memory."""
         start, end = self.length, self.length + keys.shape[2]
-        if self.keys is None or end > self.keys.shape[2]:
-            self.reserve(max(end, 2 * self.length), like=values)
+        room = 0 if self.keys is None else self.keys.shape[2]
+        if end > room or not self.owned:  # grown by half, so appending is amortised O(what is appended)
+            self.reserve(room if end <= room else max(end, room + room // 2), like=values)
         keys = keys.to(self.dtype)  # rounded to mem_dtype, then stored
         self.keys[:, :, start:end] = keys
         self.values[:, :, start:end] = values.to(self.dtype)
         self.valid[:, start:end] = valid
-        if self.block_size:
-            blocks = torch.arange(start, end, device=keys.device) // self.block_size  # [T]: each entry's block
-            index = blocks[None, None, :, None].expand(keys.shape)  # [B, Hkv, T, D]
-            hidden = ~valid[:, None, :, None]  # padding widens no bound
-            self.block_max.scatter_reduce_(2, index, keys.float().masked_fill(hidden, float("-inf")), "amax")
-            self.block_min.scatter_reduce_(2, index, keys.float().masked_fill(hidden, float("inf")), "amin")
-            self.block_counts.index_add_(1, blocks, valid.float())
         self.length = end
+        self._bound(start, keys, valid)
+
+    def hold(self, keys, values, valid, like):
+        """Make this empty memory hold keys/values [B, Hkv, M, D] and valid [B, M] as they are, without copying,
+        when they are stored as it stores entries (dtype and device of `like` [B, Hkv, *, D], or mem_dtype if
+        sparse), else by appending them. Memory read from a memory-mapped file then stays in the file: pages are
+        read only where attention looks, and an append moves memory into buffers of its own."""
+        stored = self.dtype if self.sparse else like.dtype
+        if keys.dtype != stored or values.dtype != stored or keys.device != like.device:
+            return self.append(keys.to(like), values.to(like), valid)
+        self.keys, self.values, self.valid, self.length, self.owned = keys, values, valid, keys.shape[2], False
+        if self.block_size:
+            self._new_bounds(keys.shape[0], keys.shape[1], self.length, keys.shape[3], keys.device)
+            self._bound(0, keys, valid)
+
+    def _bound(self, start: int, keys, valid):
+        """Widen the bounds of the blocks that keys [B, Hkv, T, D] (entries start..start+T) fall into."""
+        if not self.block_size:
+            return
+        blocks = torch.arange(start, start + keys.shape[2], device=keys.device) // self.block_size  # [T]
+        index = blocks[None, None, :, None].expand(keys.shape)  # [B, Hkv, T, D]: each entry's block
+        hidden = ~valid[:, None, :, None]  # padding widens no bound
+        self.block_max.scatter_reduce_(2, index, keys.float().masked_fill(hidden, float("-inf")), "amax")
+        self.block_min.scatter_reduce_(2, index, keys.float().masked_fill(hidden, float("inf")), "amin")
+        self.block_counts.index_add_(1, blocks, valid.float())
+
+    def _new_bounds(self, batch_size: int, kv_heads: int, capacity: int, head_dim: int, device):
+        blocks = -(-capacity // self.block_size)
+        self.block_max = torch.full((batch_size, kv_heads, blocks, head_dim), float("-inf"), device=device)
+        self.block_min = torch.full_like(self.block_max, float("inf"))
+        self.block_counts = torch.zeros(batch_size, blocks, device=device)
+
+    def shared_copy(self) -> "MemoryCache":
+        """A copy that shares the entries: they never change once written, and whichever of the two appends
+        first moves to buffers of its own."""
+        self.owned = False
+        return copy.copy(self)
 
     def reserve(self, capacity: int, like):
         """Make room for `capacity` entries, stored like `like` [B, Hkv, *, D] (its dtype unless sparse, and device)."""
-        if self.keys is not None and capacity <= self.keys.shape[2]:
+        if self.keys is not None and capacity <= self.keys.shape[2] and self.owned:
             return
         batch_size, kv_heads, _, head_dim = like.shape
         old = dict(keys=self.keys, values=self.values, valid=self.valid, block_max=self.block_max,
@@ -346,15 +379,13 @@ class MemoryCache:
         self.values = torch.zeros_like(self.keys)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=like.device)
         if self.block_size:
-            blocks = -(-capacity // self.block_size)
-            self.block_max = like.new_full((batch_size, kv_heads, blocks, head_dim), float("-inf"), dtype=torch.float32)
-            self.block_min = torch.full_like(self.block_max, float("inf"))
-            self.block_counts = like.new_zeros(batch_size, blocks, dtype=torch.float32)
+            self._new_bounds(batch_size, kv_heads, capacity, head_dim, like.device)
         for name, tensor in old.items():  # what is already in memory: its entries, and the blocks they are in
             if tensor is not None and self.length:
                 dim = 2 if tensor.dim() == 4 else 1  # entries (or blocks) are dim 2 of [B, Hkv, *, D], 1 of [B, *]
                 used = -(-self.length // self.block_size) if name.startswith("block") else self.length
                 getattr(self, name).narrow(dim, 0, used).copy_(tensor.narrow(dim, 0, used))
+        self.owned = True
 
     def view(self):
         """keys, values [B, Hkv, M, D] and valid [B, M] of the M entries in memory."""
@@ -411,8 +442,11 @@ class Cache:
         return max((memory.length for memory in self.memory.values()), default=0)
 
     def copy(self) -> "Cache":
-        """An independent copy, e.g. to ask several questions about one document read once."""
-        return copy.deepcopy(self)
+        """An independent copy, e.g. to ask several questions about one document read once. The memories' entries
+        are shared until one of the copies appends (MemoryCache.shared_copy), so copying costs the local window."""
+        clone = copy.deepcopy(replace(self, memory={}))
+        clone.memory = {i: memory.shared_copy() for i, memory in self.memory.items()}
+        return clone
 
     def tensors(self) -> dict:
         """What the cache holds as named tensors, for a file: each memory layer's entries, every layer's filled local
@@ -926,9 +960,10 @@ class LongLlama(nn.Module):
                                  f"model expects {shape}")
 
         cache = self.new_cache(batch_size)
+        like = param.new_empty(batch_size, kv_shape[0], 0, kv_shape[1])
         for i, memory in cache.memory.items():
-            memory.append(tensors[f"memory.{i}.keys"].to(param), tensors[f"memory.{i}.values"].to(param),
-                          tensors[f"memory.{i}.valid"].to(param.device))
+            memory.hold(tensors[f"memory.{i}.keys"], tensors[f"memory.{i}.values"],
+                        tensors[f"memory.{i}.valid"].to(param.device), like)
         if local_length is not None:
             self._prepare_local(cache, local_length)
             slots = torch.arange(local_length, device=param.device)
@@ -981,7 +1016,7 @@ class LongLlama(nn.Module):
             cache.padding = cache.padding or not bool(valid.all())
 
         to_memory = max(length - last_context_length, 0)
-        if cache.local is None:  # windows go straight to memory: size it once rather than by doubling
+        if cache.local is None:  # windows go straight to memory: size it once rather than by growing
             self._reserve_memory(cache, to_memory if use_cache else length)
         spans = [(s, min(s + window_size, to_memory)) for s in range(0, to_memory, window_size)]
         if length > to_memory:

@@ -140,6 +140,24 @@ def test_memory_goes_to_a_file_in_mem_dtype_and_comes_back_exactly(session):
     assert (restored.local_length, restored.position) == (documents.cache.local_length, documents.cache.position)
 
 
+def test_a_top_k_memory_file_is_used_in_place_and_answers_as_the_reading_did(session, tmp_path):
+    """With mem_topk, memory is held in mem_dtype, so a memory file's entries are used as they lie in the file
+    (mapped, read where attention looks) rather than copied; answers that evict into memory move it to buffers of
+    its own, and equal those from the cache that read the document."""
+    model = longllama.load(session.ckpt, mem_topk=8, mem_block_size=4)
+    documents = generate.read(model, session.tok, session.document.read_text(), generate.INSTRUCT)
+    fingerprint = generate.memory_fingerprint(model, checkpoint_tokenizer(session.ckpt), generate.INSTRUCT)
+    generate.save_memory(tmp_path / "paper.mem", documents, fingerprint, ["paper"])
+    loaded, _ = generate.load_memory(tmp_path / "paper.mem", model, fingerprint, generate.INSTRUCT)
+    memory = loaded.cache.memory[1]
+    assert memory.keys.dtype == torch.bfloat16 and not memory.owned  # the file's tensors, not a copy
+    assert memory.length > 8 * model.config.mem_topk
+    sampling = generate.Sampling(max_new_tokens=40, temperature=0)  # the local window fills and evicts
+    for question in QUESTIONS:
+        read, again = (generate.answer(model, session.tok, d, question, sampling).tokens[0] for d in (documents, loaded))
+        assert read == again
+
+
 # ---------------------------------------------------------------------------------------------------- memory files
 
 
