@@ -18,6 +18,7 @@ The table goes to stdout, then one JSON line with every figure.
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -28,6 +29,7 @@ import torch
 
 import generate
 import longllama
+import passkey
 
 # The CPU shape of --small: 8 layers, hidden 256, 8 heads, window 256, memory layers 2 and 5, vocab 32000.
 SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
@@ -46,9 +48,9 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
-    fn()
+def timed(fn, device, repeats: int, warm_up=None) -> float:
+    """Median seconds of fn() over `repeats` runs, after one warm-up run (of warm_up() where given)."""
+    (warm_up or fn)()
     seconds = []
     for _ in range(repeats):
         synchronize(device)
@@ -115,7 +117,7 @@ def memory_attention_flops(config: longllama.LongLlamaConfig, queries: int, memo
 
 def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
     """Bytes one decode step reads: every weight (of the embedding, one row), the local caches and the memories (all
-    of each, or with top-k blocks the block summaries and the chosen blocks)."""
+    of each, or with top-k blocks the bounds of every block and the chosen blocks)."""
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not config.tie_word_embeddings:
@@ -127,7 +129,7 @@ def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
         if m.block_size:
             blocks = -(-m.length // m.block_size)
             chosen = min(m.length, -(-config.mem_topk // m.block_size) * m.block_size)
-            memory += m.block_sums[:, :, :blocks].nbytes + chosen * entry
+            memory += m.block_bounds[:, :, :blocks].nbytes + chosen * entry
         else:
             memory += m.length * entry
     return weights + local + memory
@@ -137,9 +139,31 @@ def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
 # Measurements
 
 
-def measure_prefill(model, tokens: int, device, repeats: int) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
-    return timed(lambda: model(ids, use_cache=True, last_logits_only=True), device, repeats)
+def measure_prefill(model, tokens: int, device, repeats: int, tokenizer=None) -> tuple:
+    """Seconds to read a prompt of `tokens` tokens, and with a tokenizer (a trained checkpoint) whether the greedy
+    answer to a passkey prompt of that length, the passkey halfway in, is the passkey (else None). Warmed up on a
+    few windows, so that a long prompt is not read once more untimed."""
+    if tokenizer is None:
+        ids, expected = torch.randint(0, model.config.vocab_size, (1, tokens), device=device), None
+    else:
+        secret = random.Random(tokens).randint(1, passkey.MAX_PASSKEY)
+        prompt = passkey.PromptBuilder(tokenizer).build(tokens, 0.5, secret)
+        ids, expected = torch.tensor([prompt.ids], device=device), prompt.answer
+    read = {}
+
+    def read_prompt():
+        read.clear()  # the previous reading's memory goes before the next one is read
+        read["logits"], read["cache"] = model(ids, use_cache=True, last_logits_only=True)
+
+    warm_up = ids[:, :4 * model.config.max_position_embeddings]
+    seconds = timed(read_prompt, device, repeats, lambda: model(warm_up, use_cache=True, last_logits_only=True))
+    if expected is None:
+        return seconds, None
+    logits, cache, answer = read["logits"], read["cache"], []
+    while len(answer) < len(expected):  # greedy, as passkey.py answers
+        answer.append(int(logits[0, -1].argmax()))
+        logits, cache = model(torch.tensor([answer[-1:]], device=device), cache=cache, use_cache=True)
+    return seconds, answer == expected
 
 
 def measure_decode(model, memory_entries: int, device, repeats: int, steps: int = 16):
@@ -190,9 +214,13 @@ print(json.dumps(dict(peak=int(status["VmHWM"].split()[0]) * 1024,
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
+    p.error = generate.fail  # a bad flag: one line, status 1, as the other commands
     p.add_argument("--small", action="store_true",
                    help="the CPU comparison: small shape, fused vs plain, compiled decode, peak memory")
     p.add_argument("--preset", default="3b", choices=list(longllama.PRESETS), help="model shape (random weights)")
+    p.add_argument("--ckpt", default=None,
+                   help="time this trained checkpoint instead (its shape; --mem-layers kept): each prefill prompt is "
+                        "then a passkey prompt, and its row says whether the greedy answer is the passkey")
     p.add_argument("--mem-layers", default=None, metavar="I,J",
                    help="memory layers instead of the shape's, e.g. 1,2 ('' for none)")
     p.add_argument("--prefill", default="32768", help="prompt lengths to time, comma-separated ('' for none)")
@@ -216,13 +244,21 @@ def parse_args(argv=None):
     except ValueError:
         p.error("--prefill, --decode-memory and --mem-layers take comma-separated integers")
     args.kernel = args.kernel.split(",")
-    if not set(args.kernel) <= set(longllama.ATTENTION_KERNELS) or args.repeats < 1:
-        p.error(f"--kernel takes {', '.join(longllama.ATTENTION_KERNELS)}; --repeats must be positive")
+    longllama.check_values(vars(args), [
+        (["kernel"], lambda v: v and set(v) <= set(longllama.ATTENTION_KERNELS),
+         f"one or more of {', '.join(longllama.ATTENTION_KERNELS)}"),
+        (["repeats"], lambda v: v >= 1, "at least 1"),
+        (["prefill"], lambda v: all(n > 0 for n in v), "positive token counts"),
+        (["decode_memory"], lambda v: all(n >= 0 for n in v), "token counts >= 0"),
+    ], label=lambda key: "--" + key.replace("_", "-"))
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    generate.as_command(lambda: run(parse_args(argv)))
+
+
+def run(args):
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.compile:
@@ -233,15 +269,17 @@ def main(argv=None):
                 raise
             print(f"note: no compiled row: {e}")  # --small's other figures need no compiler
             args.compile = False
-    shape = (SMALL if args.small else longllama.PRESETS[args.preset]) | generate.topk_overrides(args)
-    if args.mem_layers is not None:
-        shape["mem_layers"] = args.mem_layers
-    model = build_model(shape, device, dtype)
+    overrides = generate.topk_overrides(args) | ({} if args.mem_layers is None else dict(mem_layers=args.mem_layers))
+    tokenizer = None
+    if args.ckpt:
+        model, tokenizer = generate.load_checkpoint(args.ckpt, None, device, dtype, **overrides)
+    else:
+        model = build_model((SMALL if args.small else longllama.PRESETS[args.preset]) | overrides, device, dtype)
     flops, bandwidth = matmul_flops_per_second(device, dtype), copy_bytes_per_second(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, {dtype}: matmul {flops / 1e12:.2f} TFLOP/s, copy {bandwidth / 1e9:.1f} GB/s; "
-          f"{'small' if args.small else args.preset} shape, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
-          f"parameters, memory layers {model.config.mem_layers}, memory in {model.config.mem_dtype}")
+          f"{shape_name(args)}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, memory layers "
+          f"{model.config.mem_layers}, memory in {model.config.mem_dtype}, {memory_reading(model.config)}")
     print(f"{'kernel':<8} {'work':<28} {'time':>10} {'rate':>14} {'of bound':>9} {'peak':>10}")
     rows = []
     for kernel in args.kernel:
@@ -249,10 +287,10 @@ def main(argv=None):
         for tokens in args.prefill:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = measure_prefill(model, tokens, device, args.repeats)
+            seconds, found = measure_prefill(model, tokens, device, args.repeats, tokenizer)
             rows.append(dict(kernel=kernel, work="prefill", tokens=tokens, seconds=seconds,
                              tokens_per_s=tokens / seconds, of_bound=prefill_flops(model.config, tokens) / seconds / flops,
-                             peak_gib=peak_gib(device)))
+                             peak_gib=peak_gib(device), passkey=found))
         for entries in args.decode_memory:
             rows.append(decode_row(model, kernel, entries, device, args.repeats, bandwidth))
     if args.compile and args.decode_memory:
@@ -263,9 +301,10 @@ def main(argv=None):
         work = (f"prefill {row['tokens']} tokens" if row["work"] == "prefill" else
                 f"decode, {row['memory']} in memory")
         time_text = f"{row['seconds']:.3f} s" if row["work"] == "prefill" else f"{row['seconds'] * 1e3:.2f} ms/tok"
+        found = {True: "  passkey found", False: "  passkey missed"}.get(row.get("passkey"), "")
         print(f"{row['kernel']:<8} {work:<28} {time_text:>10} {row['tokens_per_s']:>10.1f} tok/s {row['of_bound']:>8.1%} "
-              f"{row['peak_gib']:>7.2f} GiB")
-    summary = dict(device=name, dtype=str(dtype), shape="small" if args.small else args.preset,
+              f"{row['peak_gib']:>7.2f} GiB{found}")
+    summary = dict(device=name, dtype=str(dtype), shape=shape_name(args), memory=memory_reading(model.config),
                    matmul_tflops=flops / 1e12, copy_gbps=bandwidth / 1e9, rows=rows)
     if "plain" in args.kernel and len({row["kernel"] for row in rows}) > 1:
         summary["speedup"] = speedups(rows)
@@ -278,6 +317,17 @@ def main(argv=None):
               f"{second['peak'] / 1e6:.0f} MB: +{growth / 1e6:.0f} MB for +{(second['memory'] - first['memory']) / 1e6:.0f} "
               f"MB of memory keys/values (bound: 1.3x that + 50 MB = {allowed / 1e6:.0f} MB)")
     print(json.dumps(summary))
+
+
+def shape_name(args) -> str:
+    return f"checkpoint {args.ckpt}" if args.ckpt else f"{'small' if args.small else args.preset} shape"
+
+
+def memory_reading(config: longllama.LongLlamaConfig) -> str:
+    if config.mem_topk is None:
+        return "all of memory attended"
+    blocks = f", blocks of {config.mem_block_size}" if config.mem_retrieval == "blocks" else ""
+    return f"top {config.mem_topk} ({config.mem_retrieval}{blocks})"
 
 
 def peak_gib(device) -> float:
@@ -303,8 +353,4 @@ def speedups(rows) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # a device that is not here, a shape that does not fit: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main()

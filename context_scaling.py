@@ -140,19 +140,107 @@ def trial_commands(out: Path, size: dict) -> list:
     return commands
 
 
-def memory_perplexity(run_dir: Path, spans: int) -> dict:
+def memory_perplexity(run_dir: Path, spans: int, **overrides) -> dict:
     """Held-out perplexity of standard-library code with 0 .. 16 earlier windows in memory: train.py's eval, on
-    the documents its --holdout keeps out of training, {windows in memory: perplexity}."""
-    print(f"# perplexity vs memory: {run_dir}", flush=True)
+    the documents its --holdout keeps out of training (the default where the run's state is not at hand, as for
+    models/), {windows in memory: perplexity}. overrides: load()'s, e.g. mem_topk."""
+    print(f"# perplexity vs memory: {run_dir} {overrides or ''}", flush=True)
     device = longllama.resolve_device()
-    model = longllama.load(run_dir, device=device)
+    model = longllama.load(run_dir, device=device, **overrides)
     tokenizer = open_tokenizer(tokenizer_file(run_dir))
-    settings = json.loads((run_dir / "train_state.json").read_text()).get("settings", {})
+    state = run_dir / "train_state.json"
+    settings = json.loads(state.read_text()).get("settings", {}) if state.is_file() else {}
     holdout = settings.get("holdout", training.Settings().holdout)
     _, held_out = training.split_held_out(training.stdlib_documents(), holdout)
     window = model.config.max_position_embeddings
     eval_spans = training.eval_spans(held_out, tokenizer, window, EVAL_MEMORY, spans)
     return training.evaluate(model, eval_spans, window, EVAL_MEMORY, 8, device, training.autocast_for(device))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Top-k memory against attention to all of memory, on the trained FoT models (--topk)
+
+TOPK = [32, 128, 512]  # memory entries each query attends to
+TOPK_LENGTHS, TOPK_CODE = "16k,64k,256k", "64k"
+
+
+def topk_settings() -> dict:
+    """{name: passkey.py flags}: all of memory, then each retrieval at each K."""
+    settings = {"all": []}
+    for k in TOPK:
+        for retrieval in longllama.MEM_RETRIEVALS:
+            settings[f"{retrieval}{k}"] = ["--mem-topk", str(k), "--mem-retrieval", retrieval]
+    return settings
+
+
+def topk_commands(models: Path, out: Path, size: dict) -> list:
+    """passkey.py runs of the top-k comparison whose results file is missing: passkey in the filler for every
+    setting, in held-out code and among decoys for all of memory and K = 128 (decoys: every setup)."""
+    commands, flags = [], ["--depths", size["depths"], "--trials", str(size["trials"])]
+    for name in SETUPS:
+        ckpt = ["--ckpt", str(models / name)]
+        for setting, topk in topk_settings().items():
+            runs = {}
+            if name in FOT:
+                runs[f"passkey_{name}_{setting}.json"] = [*ckpt, "--lengths", TOPK_LENGTHS, *flags, *topk]
+            if name in FOT and setting in ("all", "blocks128", "exact128"):
+                runs[f"passkey_code_{name}_{setting}.json"] = [*ckpt, "--lengths", TOPK_CODE, *flags, "--haystack",
+                                                               str(held_out_code(out)), *topk]
+            if setting in ("all", "blocks128"):
+                runs[f"decoys_{name}_{setting}.json"] = [*ckpt, "--task", "decoys", "--lengths", size["decoys"],
+                                                         "--trials", str(size["decoy_trials"]), *topk]
+            commands += [[sys.executable, "passkey.py", *run_flags, "--out", str(out / file)]
+                         for file, run_flags in runs.items() if not (out / file).is_file()]
+    return commands
+
+
+def topk_experiment(models: Path, out: Path, size: dict) -> dict:
+    """Every top-k run (skipping finished ones) and held-out perplexity with each K (blocks), as OUT/topk.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    run(topk_commands(models, out, size), size["side_by_side"])
+    results = {}
+    for name in SETUPS:
+        setup = results[name] = {}
+        for setting, flags in topk_settings().items():
+            found = {key: summary(out / f"{key}_{name}_{setting}.json") for key in ("passkey", "passkey_code", "decoys")
+                     if (out / f"{key}_{name}_{setting}.json").is_file()}
+            if name in FOT and setting in ("all", *(f"blocks{k}" for k in TOPK)):
+                topk = {} if setting == "all" else dict(mem_topk=int(flags[1]), mem_retrieval=flags[3])
+                found["perplexity"] = memory_perplexity(models / name, size["eval_spans"], **topk)
+            if found:
+                setup[setting] = found
+    longllama.write_atomically({out / "topk.json": lambda tmp: tmp.write_text(json.dumps(results, indent=1))})
+    return results
+
+
+def topk_tables(results: dict) -> str:
+    """The README's tables of the top-k comparison: passkey (filler and code) and perplexity for each setting of
+    the FoT models, then decoys for every setup with all of memory and with K = 128."""
+    settings = topk_settings()
+    label = lambda setting: f"top {settings[setting][1]} ({settings[setting][3]})" if settings[setting] else "all of memory"
+    lengths = [passkey.parse_length(n) for n in TOPK_LENGTHS.split(",")]
+    code = passkey.parse_length(TOPK_CODE)
+    lines = [f"| model | memory attention | {' | '.join(f'passkey, {size_label(n)}' for n in lengths)} | "
+             f"in code, {size_label(code)} | perplexity, 16 windows vs 0 |",
+             "| --- | --- |" + " ---: |" * (len(lengths) + 2)]
+    cell = lambda part, n: (passkey.with_interval(part["accuracy"][str(n)], part["interval"][str(n)])
+                            if part and str(n) in part["accuracy"] else "-")
+    for name in FOT:
+        for setting, found in results[name].items():
+            ppl = found.get("perplexity")
+            change = f"{ppl['16'] / ppl['0'] - 1:+.1%}" if ppl else "-"
+            cells = [cell(found.get("passkey"), n) for n in lengths] + [cell(found.get("passkey_code"), code), change]
+            lines.append(f"| {LABELS[name]} | {label(setting)} | {' | '.join(cells)} |")
+    sizes = sorted({int(n) for setup in results.values() for found in setup.values() if "decoys" in found
+                    for n in found["decoys"]["accuracy"]})
+    lines += ["", f"| setup | memory attention | {' | '.join(f'decoys: {size_label(n)}' for n in sizes)} |",
+              "| --- | --- |" + " ---: |" * len(sizes)]
+    for name, setup in results.items():
+        for setting, found in setup.items():
+            if "decoys" in found:
+                lines.append(f"| {LABELS[name]} | {label(setting)} | "
+                             f"{' | '.join(cell(found['decoys'], n) for n in sizes)} |")
+    return "\n".join(lines)
 
 
 def summary(path: Path) -> dict:
@@ -261,6 +349,11 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=list(SIZES), default="cpu")
     p.add_argument("--out", default="runs/scaling", help="directory for the runs, results.json and plots")
     p.add_argument("--only-draw", action="store_true", help="redraw the plots from OUT/results.json")
+    p.add_argument("--topk", action="store_true",
+                   help="instead: top-k memory against all of memory on the trained models (passkey, code, decoys, "
+                        "perplexity), runs and OUT/topk.json in OUT/topk")
+    p.add_argument("--models", default=None,
+                   help="with --topk: where the trained models are (default OUT; models/ holds the shipped ones)")
     return p.parse_args(argv)
 
 
@@ -270,6 +363,11 @@ def main(argv=None):
 
 def experiment(args):
     out, size = Path(args.out), SIZES[args.size]
+    if args.topk:
+        started = time.time()
+        print(topk_tables(topk_experiment(Path(args.models or out), out / "topk", size)))
+        print(f"done in {time.time() - started:.0f} s: {out / 'topk' / 'topk.json'}")
+        return
     if args.only_draw:
         results = out / "results.json"
         if not results.is_file():

@@ -449,8 +449,10 @@ def check_documents(logits, ids, mask, vocab_size: int):
 # Memory planning: refuse a prompt that cannot fit instead of being killed halfway through reading it
 
 
-def prompt_memory_bytes(config: longllama.LongLlamaConfig, prompt_tokens: int, dtype: torch.dtype) -> int:
-    """Rough peak bytes that reading a prompt adds to the weights: memory, local caches and one window's work.
+def prompt_memory_bytes(config: longllama.LongLlamaConfig, prompt_tokens: int, dtype: torch.dtype,
+                        parts: bool = False):
+    """Rough peak bytes that reading a prompt adds to the weights: memory, local caches and one window's work
+    (with parts, (memory, the rest)).
 
     Memory (keys and values of every memory layer, kept in the compute dtype, or in mem_dtype with mem_topk) is
     the only part that grows with the prompt: attention runs through fused kernels, so its workspace is bounded by
@@ -460,23 +462,34 @@ def prompt_memory_bytes(config: longllama.LongLlamaConfig, prompt_tokens: int, d
     kv_width = 2 * config.num_key_value_heads * config.head_dim  # key and value of one token
     stored = getattr(torch, config.mem_dtype) if config.mem_topk else dtype
     memory = len(config.mem_layers) * (prompt_tokens - last_context) * kv_width * stored.itemsize
+    if config.mem_topk and config.mem_retrieval == "blocks":  # and the blocks' bounds, float32
+        memory += len(config.mem_layers) * -(-prompt_tokens // config.mem_block_size) * kv_width * 4
     local = config.num_hidden_layers * config.max_position_embeddings * kv_width * dtype.itemsize
     window = min(prompt_tokens, config.max_position_embeddings)
     # a window's activations: residual, q/k/v/out, the MLP's gate|up and its product, float32 norms and merges
     activations = window * (8 * config.hidden_size + 3 * config.intermediate_size) * 4
-    return memory + local + activations + 4 * config.vocab_size
+    rest = local + activations + 4 * config.vocab_size
+    return (memory, rest) if parts else memory + rest
 
 
 def check_memory(model, lengths: list):
-    """Refuse prompts of these lengths (tokens) that would not fit in free memory side by side, before reading."""
-    dtype, device = model.embed.weight.dtype, model.embed.weight.device
+    """Refuse prompts of these lengths (tokens) that would not fit in free memory side by side, before reading.
+    With mem_on_host on a GPU, memory is counted against host RAM and the rest against the GPU."""
+    dtype, device, config = model.embed.weight.dtype, model.embed.weight.device, model.config
     longest = max(lengths)
-    needed = len(lengths) * prompt_memory_bytes(model.config, longest, dtype)
-    available = available_bytes(device)
-    if needed > 0.9 * available:
-        what = f"a prompt of {longest} tokens" if len(lengths) == 1 else f"{len(lengths)} prompts of {longest}"
-        raise ValueError(f"{what} needs about {needed / 2**30:.1f} GiB more, {available / 2**30:.1f} GiB are free: try "
-                         "--dtype bfloat16 (memory is kept in the compute dtype) or a shorter prompt")
+    memory, rest = (len(lengths) * part for part in prompt_memory_bytes(config, longest, dtype, parts=True))
+    host = config.mem_on_host and device.type != "cpu"
+    if config.mem_topk is None:
+        hint = "--dtype bfloat16 or --mem-topk K (either holds memory in 16 bits), or a shorter prompt"
+    else:
+        hint = "a shorter prompt" if getattr(torch, config.mem_dtype).itemsize == 2 else "--mem-dtype bfloat16"
+    for where, needed in ([(torch.device("cpu"), memory), (device, rest)] if host else [(device, memory + rest)]):
+        available = available_bytes(where)
+        if needed > 0.9 * available:
+            what = f"a prompt of {longest} tokens" if len(lengths) == 1 else f"{len(lengths)} prompts of {longest}"
+            of = " of host RAM" if host and where.type == "cpu" else ""
+            raise ValueError(f"{what} needs about {needed / 2**30:.1f} GiB more{of}, {available / 2**30:.1f} GiB are "
+                             f"free: try {hint}")
 
 
 def peak_memory(device: torch.device) -> str:

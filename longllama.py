@@ -66,6 +66,9 @@ class LongLlamaConfig:
     mem_topk: Optional[int] = None
     mem_retrieval: str = "blocks"
     mem_block_size: int = 64
+    # True: top-k memory's entries stay in host RAM (pinned on CUDA), only the block bounds on the compute device;
+    # each call copies over the blocks it chose. Memory then grows with RAM, not with GPU memory.
+    mem_on_host: bool = False
     # tokens of a long input that stay in the local window instead of memory; None: 1024 (LongLLaMA's) capped at
     # the window, and the whole window without memory layers (where earlier tokens would be read into nothing)
     last_context_length: Optional[int] = None
@@ -97,7 +100,7 @@ class LongLlamaConfig:
             (["rope_scaling"], lambda v: v is None or is_llama3_scaling(v),
              'null or {"rope_type": "llama3", "factor", "low_freq_factor" < "high_freq_factor", '
              '"original_max_position_embeddings"} (positive numbers); other rope scalings are not supported'),
-            (["tie_word_embeddings", "mem_positionals"], lambda v: isinstance(v, bool), "true or false"),
+            (["tie_word_embeddings", "mem_positionals", "mem_on_host"], lambda v: isinstance(v, bool), "true or false"),
             (["bos_token_id", "eos_token_id"], lambda v: is_int(v) and 0 <= v < vocab,
              f"a token id in [0, vocab_size={vocab})"),
             # LLaMA configs write -1 or null for "no padding token"; the model itself never reads it
@@ -111,6 +114,8 @@ class LongLlamaConfig:
             (["mem_topk"], lambda v: v is None or (is_int(v) and v > 0), "null or a positive integer"),
             (["mem_retrieval"], lambda v: v in MEM_RETRIEVALS, f"one of {', '.join(MEM_RETRIEVALS)}"),
             (["mem_block_size"], lambda v: is_int(v) and v > 0, "a positive integer"),
+            (["mem_on_host"], lambda v: not v or self.mem_topk is not None,
+             "false without mem_topk (memory attended whole is read whole at every call)"),
             (["last_context_length"], lambda v: v is None or (is_int(v) and 0 <= v <= window),
              f"null or an integer in [0, max_position_embeddings={window}]"),
         ], label=lambda key: f"config: {key}")
@@ -308,12 +313,13 @@ class MemoryCache:
     dtype: torch.dtype
     sparse: bool = False
     block_size: Optional[int] = None
+    on_host: bool = False  # entries in host RAM (pinned when the compute device is a GPU), bounds on the device
     keys: Optional[torch.Tensor] = None  # [B, Hkv, capacity, D]
     values: Optional[torch.Tensor] = None
     valid: Optional[torch.Tensor] = None  # [B, capacity] bool
-    block_max: Optional[torch.Tensor] = None  # [B, Hkv, capacity / block_size, D] float32: per dimension, over its keys
-    block_min: Optional[torch.Tensor] = None
-    block_counts: Optional[torch.Tensor] = None  # [B, capacity / block_size] float32: its valid entries
+    # [B, Hkv, capacity / block_size, 2D] float32: per dimension, the largest of a block's valid keys and the largest
+    # of their negatives (minus the smallest); the lowest float where a block has no valid key yet
+    block_bounds: Optional[torch.Tensor] = None
     length: int = 0
     # False: the buffers are shared (Cache.copy) or someone else's (a memory file): the next append moves to new ones
     owned: bool = True
@@ -337,29 +343,27 @@ class MemoryCache:
         sparse), else by appending them. Memory read from a memory-mapped file then stays in the file: pages are
         read only where attention looks, and an append moves memory into buffers of its own."""
         stored = self.dtype if self.sparse else like.dtype
-        if keys.dtype != stored or values.dtype != stored or keys.device != like.device:
-            return self.append(keys.to(like), values.to(like), valid)
+        if keys.dtype != stored or values.dtype != stored or keys.device != self._entry_device(like.device):
+            return self.append(keys.to(like), values.to(like), valid.to(like.device))
         self.keys, self.values, self.valid, self.length, self.owned = keys, values, valid, keys.shape[2], False
         if self.block_size:
-            self._new_bounds(keys.shape[0], keys.shape[1], self.length, keys.shape[3], keys.device)
-            self._bound(0, keys, valid)
+            self._new_bounds(keys.shape[0], keys.shape[1], self.length, keys.shape[3], like.device)
+            self._bound(0, keys.to(like.device), valid.to(like.device))
 
     def _bound(self, start: int, keys, valid):
         """Widen the bounds of the blocks that keys [B, Hkv, T, D] (entries start..start+T) fall into."""
         if not self.block_size:
             return
+        signed = torch.cat([keys, -keys], dim=-1).float()  # [B, Hkv, T, 2D]
+        signed = signed.masked_fill(~valid[:, None, :, None], torch.finfo(torch.float32).min)  # padding: no bound
         blocks = torch.arange(start, start + keys.shape[2], device=keys.device) // self.block_size  # [T]
-        index = blocks[None, None, :, None].expand(keys.shape)  # [B, Hkv, T, D]: each entry's block
-        hidden = ~valid[:, None, :, None]  # padding widens no bound
-        self.block_max.scatter_reduce_(2, index, keys.float().masked_fill(hidden, float("-inf")), "amax")
-        self.block_min.scatter_reduce_(2, index, keys.float().masked_fill(hidden, float("inf")), "amin")
-        self.block_counts.index_add_(1, blocks, valid.float())
+        index = blocks[None, None, :, None].expand(signed.shape)  # each entry's block
+        self.block_bounds.scatter_reduce_(2, index, signed, "amax")
 
     def _new_bounds(self, batch_size: int, kv_heads: int, capacity: int, head_dim: int, device):
         blocks = -(-capacity // self.block_size)
-        self.block_max = torch.full((batch_size, kv_heads, blocks, head_dim), float("-inf"), device=device)
-        self.block_min = torch.full_like(self.block_max, float("inf"))
-        self.block_counts = torch.zeros(batch_size, blocks, device=device)
+        self.block_bounds = torch.full((batch_size, kv_heads, blocks, 2 * head_dim), torch.finfo(torch.float32).min,
+                                       device=device)
 
     def shared_copy(self) -> "MemoryCache":
         """A copy that shares the entries: they never change once written, and whichever of the two appends
@@ -372,12 +376,12 @@ class MemoryCache:
         if self.keys is not None and capacity <= self.keys.shape[2] and self.owned:
             return
         batch_size, kv_heads, _, head_dim = like.shape
-        old = dict(keys=self.keys, values=self.values, valid=self.valid, block_max=self.block_max,
-                   block_min=self.block_min, block_counts=self.block_counts)
-        dtype = self.dtype if self.sparse else like.dtype
-        self.keys = like.new_zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype)
-        self.values = torch.zeros_like(self.keys)
-        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=like.device)
+        old = dict(keys=self.keys, values=self.values, valid=self.valid, block_bounds=self.block_bounds)
+        dtype, device = self.dtype if self.sparse else like.dtype, self._entry_device(like.device)
+        pinned = device != like.device  # host RAM for a GPU: pinned, so copies to and from it can overlap work
+        self.keys = torch.zeros(batch_size, kv_heads, capacity, head_dim, dtype=dtype, device=device, pin_memory=pinned)
+        self.values = torch.zeros_like(self.keys, pin_memory=pinned)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device, pin_memory=pinned)
         if self.block_size:
             self._new_bounds(batch_size, kv_heads, capacity, head_dim, like.device)
         for name, tensor in old.items():  # what is already in memory: its entries, and the blocks they are in
@@ -387,42 +391,56 @@ class MemoryCache:
                 getattr(self, name).narrow(dim, 0, used).copy_(tensor.narrow(dim, 0, used))
         self.owned = True
 
+    def _entry_device(self, device: torch.device) -> torch.device:
+        return torch.device("cpu") if self.on_host else device
+
     def view(self):
         """keys, values [B, Hkv, M, D] and valid [B, M] of the M entries in memory."""
         return self.keys[:, :, :self.length], self.values[:, :, :self.length], self.valid[:, :self.length]
 
     def select_blocks(self, q, count: int):
-        """The `count` blocks each key/value head's queries q [B, Hkv, Q, D] want most: keys, values
-        [B, Hkv, count * block_size, D] (in q's dtype) and valid [B, Hkv, count * block_size], in memory order.
+        """The entries of the `count` blocks each key/value head's queries q [B, Hkv, R, T, D] (R query heads
+        sharing it) want most (`choose_blocks`): keys, values [B, Hkv, count * block_size, D] (in q's dtype) and
+        valid [B, Hkv, count * block_size], in memory order."""
+        entries = (self.choose_blocks(q, count)[..., None] * self.block_size
+                   + torch.arange(self.block_size, device=q.device)).flatten(2)  # [B, Hkv, n * block_size]
+        inside = entries < self.length  # the last block may not be full yet
+        entries = entries.clamp(max=self.length - 1).to(self.keys.device)  # on_host: only the chosen cross over
+        index = entries[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        keys, values = (x.gather(2, index).to(q.device, q.dtype, non_blocking=True) for x in (self.keys, self.values))
+        valid = self.valid[:, None].expand(-1, entries.shape[1], -1).gather(2, entries).to(q.device) & inside
+        return keys, values, valid
+
+    def choose_blocks(self, q, count: int):
+        """[B, Hkv, count]: the blocks, in memory order, that each key/value head's queries q [B, Hkv, R, T, D] want
+        most.
 
         A query's score for a block is the most that any key of the block can score, from the block's bounds: per
         dimension the larger of q * max and q * min (as Quest bounds its pages). A softmax over the blocks turns
         each query's scores into shares, so that a query that singles out one block counts as much as a query
-        that scores high everywhere, and a block's score is the largest share any query gives it: a block that one
-        query needs is chosen even when the others want other blocks. Scoring takes two dot products per query
-        and block, a block_size-th of attending to all of memory; the rest is linear in what is chosen.
+        that scores high everywhere, and a block's score is the largest share any of them gives it: a block that
+        one query needs is chosen even when the others want other blocks. The queries that choose are those of at
+        most PROBES positions of the call (`probe_positions`: the last one always), so that choosing costs
+        PROBES x blocks dot products per head whatever the window; the rest is linear in what is chosen.
         """
-        blocks, dtype = -(-self.length // self.block_size), q.dtype
-        empty = self.block_counts[:, None, :blocks] == 0  # [B, 1, N]: blocks of padding only, never wanted
-        upper = self.block_max[:, :, :blocks].masked_fill(empty[..., None], 0).transpose(-1, -2)  # [B, Hkv, D, N]
-        lower = self.block_min[:, :, :blocks].masked_fill(empty[..., None], 0).transpose(-1, -2)
-        q = q.float() / math.sqrt(q.shape[-1])  # scaled as attention scales: the shares are its softmax's
-        best = torch.full(upper.shape[:2] + (blocks,), float("-inf"), device=q.device)  # [B, Hkv, N]
-        step = max(1, (1 << 22) // blocks)  # queries at a time: their [Q, N] scores take at most 16 MB per head
-        for first in range(0, q.shape[2], step):
-            part = q[:, :, first:first + step]
-            bound = (part.clamp(min=0) @ upper + part.clamp(max=0) @ lower).masked_fill_(empty[:, :, None], float("-inf"))
-            shares = bound - bound.logsumexp(dim=-1, keepdim=True)  # [B, Hkv, Q, N], log of each query's shares
-            best = torch.maximum(best, shares.amax(dim=2))
-        chosen = best.topk(min(count, blocks), dim=-1).indices.sort(dim=-1).values  # [B, Hkv, n]
-        entries = (chosen[..., None] * self.block_size
-                   + torch.arange(self.block_size, device=q.device)).flatten(2)  # [B, Hkv, n * block_size]
-        inside = entries < self.length  # the last block may not be full yet
-        entries = entries.clamp(max=self.length - 1)
-        index = entries[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        keys, values = self.keys.gather(2, index).to(dtype), self.values.gather(2, index).to(dtype)
-        valid = self.valid[:, None].expand(-1, entries.shape[1], -1).gather(2, entries) & inside
-        return keys, values, valid
+        blocks = -(-self.length // self.block_size)
+        probes = q[:, :, :, probe_positions(q.shape[3], q.device)].flatten(2, 3).float()  # [B, Hkv, R*P, D]
+        probes = probes / math.sqrt(q.shape[-1])  # scaled as attention scales: the shares are its softmax's
+        # q.k <= relu(q).max(k) + relu(-q).max(-k), per dimension; -inf for a block of padding only
+        bound = torch.cat([probes.clamp(min=0), (-probes).clamp(min=0)], dim=-1) @ self.block_bounds[:, :, :blocks].mT
+        best = (bound - bound.logsumexp(dim=-1, keepdim=True)).amax(dim=2)  # [B, Hkv, N]: the largest log-share
+        return best.topk(min(count, blocks), dim=-1).indices.sort(dim=-1).values
+
+
+PROBES = 32  # query positions of a call that choose memory blocks (MemoryCache.select_blocks)
+
+
+def probe_positions(length: int, device=None):
+    """The positions, of a call's `length` queries, whose queries choose memory blocks: all of them up to PROBES,
+    else PROBES evenly spaced ones ending with the last (the one a generated token comes from)."""
+    if length <= PROBES:
+        return torch.arange(length, device=device)
+    return length - 1 - (length // PROBES) * torch.arange(PROBES - 1, -1, -1, device=device)
 
 
 @dataclass
@@ -814,22 +832,48 @@ class Attention(nn.Module):
             memory.append(k_first, v, window.valid)  # the window was read alone: now it joins memory
         return out
 
+    def _retrieval(self, memory: MemoryCache) -> Optional[str]:
+        """How mem_topk = K narrows this memory: "exact" (the K entries each query scores highest), "blocks" (the
+        ceil(K / block size) blocks its key/value head's queries want most), or None where the choice would take
+        every entry, or without mem_topk: memory is then attended whole."""
+        if self.topk is None:
+            return None
+        whole = self.topk if self.retrieval == "exact" else -(-self.topk // memory.block_size) * memory.block_size
+        return self.retrieval if whole < memory.length else None
+
     def _memory_source(self, q, memory: MemoryCache, padding: bool) -> Source:
-        """What the queries q [B, H, T, D] see of memory: all of it, or with mem_topk = K only the K entries each
-        query scores highest ("exact"), or the ceil(K / block size) blocks its key/value head's queries score
-        highest ("blocks"). Where that choice would take every entry, memory is attended whole."""
-        if self.topk is not None and self.retrieval == "blocks":
-            count = -(-self.topk // memory.block_size)
-            if count * memory.block_size < memory.length:
-                batch_size, heads, length, head_dim = q.shape
-                stacked = q.reshape(batch_size, self.kv_heads, heads // self.kv_heads * length, head_dim)  # [B, Hkv, R*T, D]
-                keys, values, valid = memory.select_blocks(stacked, count)
-                return Source(keys, values, valid[:, :, None, None, :])  # [B, Hkv, 1, 1, S]: chosen per key/value head
-        exact_topk = self.topk if self.retrieval == "exact" and self.topk is not None and self.topk < memory.length else None
-        keys, values, valid = memory.view()
+        """What the queries q [B, H, T, D] see of memory (see _retrieval)."""
+        retrieval = self._retrieval(memory)
+        if retrieval == "blocks":
+            keys, values, valid = memory.select_blocks(self._grouped(q), -(-self.topk // memory.block_size))
+            return Source(keys, values, valid[:, :, None, None, :])  # [B, Hkv, 1, 1, S]: chosen per key/value head
+        keys, values, valid = (x.to(q.device) for x in memory.view())  # on_host: copied over whole
         # the same mask for every query, no causal mask: [B, 1, 1, 1, M]
         return Source(keys.to(q.dtype), values.to(q.dtype), valid[:, None, None, None, :], implied=not padding,
-                      topk=exact_topk)
+                      topk=self.topk if retrieval == "exact" else None)
+
+    def memory_seen(self, q, memory: MemoryCache):
+        """[B, H, T, M] bool: the memory entries each of the queries q [B, H, T, D] (rotated) attends to, as
+        _memory_source chooses them; for reading attention weights (passkey.py), not for computing attention."""
+        keys, _, valid = (x.to(q.device) for x in memory.view())
+        batch_size, heads, length, _ = q.shape
+        seen = valid[:, None, None, :].expand(batch_size, heads, length, -1)
+        retrieval = self._retrieval(memory)
+        if retrieval == "exact":
+            scores = self._grouped(q).float() @ keys.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, R, T, M]
+            seen = topk_visible(scores.flatten(1, 2), seen, self.topk)
+        elif retrieval == "blocks":
+            blocks = memory.choose_blocks(self._grouped(q), -(-self.topk // memory.block_size))  # [B, Hkv, n]
+            chosen = torch.zeros(batch_size, self.kv_heads, -(-memory.length // memory.block_size), dtype=torch.bool,
+                                 device=q.device).scatter_(-1, blocks, True)
+            chosen = chosen.repeat_interleave(memory.block_size, dim=-1)[..., :memory.length]  # [B, Hkv, M]
+            seen = seen & chosen.repeat_interleave(heads // self.kv_heads, dim=1)[:, :, None]
+        return seen
+
+    def _grouped(self, q):
+        """q [B, H, T, D] as [B, Hkv, R, T, D]: the R query heads of each key/value head together."""
+        batch_size, heads, length, head_dim = q.shape
+        return q.view(batch_size, self.kv_heads, heads // self.kv_heads, length, head_dim)
 
     def load_memory(self, x, window: Window):
         """Only what a window read into memory leaves behind in this memory layer: its keys and values."""
@@ -922,7 +966,8 @@ class LongLlama(nn.Module):
         config = self.config
         sparse = config.mem_topk is not None
         block_size = config.mem_block_size if sparse and config.mem_retrieval == "blocks" else None
-        memory = {i: MemoryCache(getattr(torch, config.mem_dtype), sparse, block_size) for i in config.mem_layers}
+        memory = {i: MemoryCache(getattr(torch, config.mem_dtype), sparse, block_size, config.mem_on_host)
+                  for i in config.mem_layers}
         return Cache(batch_size, memory)
 
     def cache_from_tensors(self, tensors: dict, batch_size: int, position: int, padding: bool) -> Cache:

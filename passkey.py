@@ -281,18 +281,21 @@ def answer_after(model, distractors, document: list, question: list, length: int
 @torch.no_grad()
 def attention_weights(model, layer: int, x, cache, local_length: int):
     """The softmax weights [1, H, S + M] of memory layer `layer`'s query of x [1, 1, hidden], the last of
-    local_length local tokens, over the local window (S = local_length) and then the whole memory (M entries): the
-    plain formula of memory-layer attention, with its weights kept."""
+    local_length local tokens, over the local window (S = local_length) and then the memory (M entries; with
+    mem_topk only the entries the layer chooses get weight): the plain formula of memory-layer attention, with its
+    weights kept."""
     attention = model.layers[layer].attention
     q, _, _ = attention._project(x)  # [1, H, 1, D]
     if attention.rotary:
         slot = slice(local_length - 1, local_length)
         q = longllama.apply_rope(q, model.rope_cos[slot], model.rope_sin[slot])
-    mem_keys, _, mem_valid = cache.memory[layer].view()
-    keys = torch.cat([cache.local[layer].keys[:, :, :local_length], mem_keys], dim=2).float()  # [1, Hkv, S+M, D]
+    mem_keys = cache.memory[layer].view()[0].to(q.device)
+    keys = torch.cat([cache.local[layer].keys[:, :, :local_length], mem_keys.to(q.dtype)], dim=2).float()  # [1, Hkv, S+M, D]
     keys = keys.repeat_interleave(attention.heads // attention.kv_heads, dim=1)  # [1, H, S+M, D]
     scores = (q.float() @ keys.transpose(-1, -2)).squeeze(2) / math.sqrt(attention.head_dim)  # [1, H, S+M]
-    visible = torch.cat([cache.local_valid[:, :local_length], mem_valid], dim=1)[:, None]  # [1, 1, S+M]
+    seen = attention.memory_seen(q, cache.memory[layer])[:, :, 0]  # [1, H, M]
+    local_valid = cache.local_valid[:, None, :local_length].expand(-1, seen.shape[1], -1)
+    visible = torch.cat([local_valid, seen], dim=-1)  # [1, H, S+M]
     return scores.masked_fill(~visible, -math.inf).softmax(-1)
 
 
@@ -517,8 +520,12 @@ def run(args):
     summary = summarize(results)
     print(decoy_table(summary) if args.task == "decoys" else table(summary))
     if args.out:
+        config = model.config
+        memory = dict(mem_topk=config.mem_topk)
+        if config.mem_topk:
+            memory |= dict(mem_retrieval=config.mem_retrieval, mem_block_size=config.mem_block_size)
         report = dict(checkpoint=str(args.ckpt), task=args.task, haystack=args.haystack or "filler", seed=args.seed,
-                      trials_per_cell=args.trials, **summary, results=results)
+                      trials_per_cell=args.trials, **memory, **summary, results=results)
         longllama.write_atomically({Path(args.out): lambda tmp: tmp.write_text(json.dumps(report, indent=1))})
     if args.plot:
         plot_heatmap(summary, args.plot, f"passkey retrieval: {Path(args.ckpt).name}")

@@ -114,9 +114,9 @@ class NaiveLongLlama:
         exact: the mem_topk best-scoring valid entries of each query. blocks: memory cut into blocks of
         mem_block_size entries in reading order; a query's bound for a block is the sum over dimensions of the larger
         of q * max and q * min of the block's valid keys (scaled as logits); each query's bounds go through a
-        log-softmax over the blocks; a block's score for a key/value head is the largest of those over every query of
-        the call in every query head of the group; the ceil(mem_topk / mem_block_size) best blocks are open to all
-        those queries.
+        log-softmax over the blocks; a block's score for a key/value head is the largest of those over the call's
+        queries at up to 32 positions (all of them, or 32 evenly spaced ending with the last), in every query head of
+        the group; the ceil(mem_topk / mem_block_size) best blocks are open to all the call's queries.
         """
         c = self.c
         k, (b, h, t, _), m = c.mem_topk, q.shape, mem_k.shape[2]
@@ -138,7 +138,9 @@ class NaiveLongLlama:
         for row in range(b):
             for first_head in range(0, h, per_kv):
                 heads = slice(first_head, first_head + per_kv)
-                queries = q[row, heads].reshape(-1, q.shape[-1]) / math.sqrt(q.shape[-1])  # every query of the group
+                # the queries of every head of the group at the probe positions: all, or 32 evenly spaced ending last
+                positions = range(t) if t <= 32 else [t - 1 - (t // 32) * j for j in range(32)]
+                queries = q[row, heads][:, list(positions)].reshape(-1, q.shape[-1]) / math.sqrt(q.shape[-1])
                 bounds = []  # [blocks] of [queries]: the most a key of the block could score
                 for start in range(0, m, size):
                     keys = mem_k[row, first_head, start:start + size][valid[row, start:start + size]]

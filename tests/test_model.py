@@ -361,11 +361,12 @@ TOPK = dict(exact=dict(mem_retrieval="exact", mem_topk=5), blocks=dict(mem_retri
 
 
 @pytest.mark.parametrize("retrieval", ["exact", "blocks"])
-@pytest.mark.parametrize("case", ["left-padded", "grouped", "continued"])
+@pytest.mark.parametrize("case", ["left-padded", "grouped", "continued", "long windows"])
 def test_topk_memory_matches_reference_choosing_the_same_entries(retrieval, case):
     """mem_topk far below the memory's size, against the reference's own choice of entries (tests/reference.py):
     16-bit memory (held in mem_dtype), left padding, grouped-query heads with mem_attention_grouping, two memory
-    layers, continuation calls of several tokens and decode steps through evictions of the local window. Two memory
+    layers, continuation calls of several tokens, decode steps through evictions of the local window, and windows
+    longer than longllama.PROBES, where only some of the queries choose blocks. Two memory
     layers use float16 memory: bfloat16 keys of float32 and float64 inputs, rounded to neighbouring values now and
     then, grow apart through a second memory layer by more than any tolerance that would still catch a mistake."""
     settings = TOPK[retrieval] | dict(mem_dtype="bfloat16" if case == "grouped" else "float16")
@@ -378,8 +379,11 @@ def test_topk_memory_matches_reference_choosing_the_same_entries(retrieval, case
         model = tiny_model(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, mem_layers=[1],
                            mem_attention_grouping=(2, 3), **settings)
         ids = tokens(2, 4 * WINDOW + 3)
-    else:
-        model, ids = tiny_model(mem_layers=[1, 2], **settings), tokens(2, 3 * WINDOW)
+    elif case == "long windows":
+        model = tiny_model(max_position_embeddings=80, last_context_length=40, **settings)
+        ids = tokens(2, 4 * 80 + 3)
+    else:  # and the entries in host RAM (on a CPU the same RAM, but through the copies a GPU would make)
+        model, ids = tiny_model(mem_layers=[1, 2], mem_on_host=True, **settings), tokens(2, 3 * WINDOW)
     calls = [(ids, True, mask)]
     if case == "continued":
         calls += [(tokens(2, n, seed=200 + n), True, None) for n in (3, 7, WINDOW, 2)]
@@ -413,11 +417,12 @@ def test_choosing_every_block_or_every_key_gives_attention_to_all_of_memory():
     valid = torch.rand(b, m, generator=g) > 0.2
     for first in range(0, m, 5):  # appended in pieces that do not line up with the blocks
         memory.append(keys[:, :, first:first + 5], values[:, :, first:first + 5], valid[:, first:first + 5])
-    q = torch.randn(b, kv_heads, 7, d, generator=g)
+    q = torch.randn(b, kv_heads, 1, 7, d, generator=g)
     chosen_keys, chosen_values, chosen_valid = memory.select_blocks(q, count=-(-m // size))
     assert torch.equal(chosen_keys[:, :, :m], keys) and torch.equal(chosen_values[:, :, :m], values)
     assert torch.equal(chosen_valid[:, :, :m], valid[:, None].expand(-1, kv_heads, -1))
     assert not chosen_valid[:, :, m:].any()
+    q = q[:, :, 0]
     out, lse = longllama.topk_attention_and_lse(q, keys, values, valid[:, None, None], topk=m)
     expected, expected_lse = longllama.attention_and_lse(q, keys, values, valid[:, None, None])
     assert_close(out, expected.double(), atol=1e-5)
@@ -435,10 +440,10 @@ def test_block_bounds_are_the_extremes_of_valid_keys_through_growth():
     for block in range(14):
         inside = slice(3 * block, 3 * block + 3)
         kept = stored[0, :, inside][:, valid[0, inside]]  # [2, n, 4]
-        assert memory.block_counts[0, block] == kept.shape[1]
         if kept.shape[1]:
-            assert torch.equal(memory.block_max[0, :, block], kept.amax(dim=1))
-            assert torch.equal(memory.block_min[0, :, block], kept.amin(dim=1))
+            assert torch.equal(memory.block_bounds[0, :, block], torch.cat([kept.amax(dim=1), -kept.amin(dim=1)], -1))
+        else:
+            assert (memory.block_bounds[0, :, block] == torch.finfo(torch.float32).min).all()
 
 
 # ---------------------------------------------------------------------------------------------------- errors

@@ -140,6 +140,40 @@ def test_a_decoy_trial_reads_its_passkey_prompt_after_a_copy_of_the_decoys_cache
     assert cache.memory_size == 100  # the decoys' cache itself is left as it was
 
 
+@pytest.mark.parametrize("topk", [{}, dict(mem_topk=5, mem_retrieval="exact"),
+                                  dict(mem_topk=6, mem_retrieval="blocks", mem_block_size=4)],
+                         ids=["all of memory", "exact top-k", "top-k blocks"])
+def test_attention_weights_rebuild_the_memory_layer_output_of_a_decode_step(topk):
+    """The weights passkey.py reads (local window, then memory: the entries the layer attends to) times the values
+    give the memory layer's attention output for the step's token, as the model computed it."""
+    torch.manual_seed(0)
+    config = longllama.LongLlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                       mem_layers=[1], last_context_length=6, mem_dtype="float32", **topk)
+    model = longllama.LongLlama(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # attention far from uniform
+    _, cache = model(torch.randint(0, 61, (1, 70)), use_cache=True)
+    seen = {}
+    attention = model.layers[1].attention
+    hooks = [attention.register_forward_pre_hook(lambda module, args: seen.__setitem__("x", args[0])),
+             attention.register_forward_hook(lambda module, args, out: seen.__setitem__("out", out))]
+    _, cache = model(torch.tensor([[7]]), cache=cache, use_cache=True)
+    for hook in hooks:
+        hook.remove()
+    local_length = cache.local_length
+    weights = passkey.attention_weights(model, 1, seen["x"], cache, local_length)  # [1, H, S + M]
+    mem_values = cache.memory[1].view()[1]
+    values = torch.cat([cache.local[1].values[:, :, :local_length], mem_values], dim=2).repeat_interleave(2, dim=1)
+    heads = (weights[:, :, None] @ values.float()).squeeze(2)  # [1, H, D]
+    rebuilt = attention.wo(heads.reshape(1, 1, -1))
+    assert torch.allclose(rebuilt, seen["out"], atol=1e-5)
+    if topk:  # only the chosen entries have weight
+        chosen = (weights[0, :, local_length:] > 0).sum(-1)
+        assert (chosen <= 8).all() and cache.memory_size > 40
+
+
 def test_decoy_documents_say_keys_as_the_pass_key_is_said_and_never_the_pass_key(tokenizer):
     text = passkey.decoy_document(random.Random(3), 256, passkey.Haystack.filler(tokenizer))
     said = [line for line in text.split("\n") if " is " in line and line.split(" is ")[1][:1].isdigit()]
@@ -258,6 +292,32 @@ def test_the_experiment_runs_only_the_trials_whose_results_are_missing(tmp_path)
     assert all(c[c.index("--haystack") + 1] == str(tmp_path / "haystack_held_out.py")
                for c in commands if "passkey_code_" in c[c.index("--out") + 1])
     assert "def " in (tmp_path / "haystack_held_out.py").read_text()  # held-out standard-library code
+
+
+def test_the_top_k_comparison_runs_each_setting_once_with_its_own_flags(tmp_path):
+    (tmp_path / "passkey_fot3_blocks128.json").write_text("{}")  # finished: not run again
+    commands = context_scaling.topk_commands(ROOT / "models", tmp_path, context_scaling.SIZES["cpu"])
+    runs = {c[c.index("--out") + 1]: c for c in commands}
+    settings = len(context_scaling.TOPK) * len(longllama.MEM_RETRIEVALS) + 1  # and all of memory
+    fot, setups = len(context_scaling.FOT), len(context_scaling.SETUPS)
+    assert len(runs) == len(commands) == fot * settings - 1 + fot * 3 + setups * 2
+    assert str(tmp_path / "passkey_fot3_blocks128.json") not in runs
+    for out, command in runs.items():
+        setting = out.rsplit("_", 1)[1].removesuffix(".json")
+        flags = command[command.index("--mem-topk"):command.index("--mem-topk") + 4] if "--mem-topk" in command else []
+        assert flags == context_scaling.topk_settings()[setting]
+        assert command[command.index("--ckpt") + 1] == str(ROOT / "models" / out.split("_")[-2])
+
+
+def test_the_top_k_tables_show_every_setting_measured():
+    part = lambda accuracy: dict(accuracy={"16384": accuracy}, interval={"16384": [0.5, 1.0]})
+    results = {"fot7": {"all": dict(passkey=part(0.75), perplexity={"0": 2.0, "16": 1.9}),
+                        "blocks128": dict(passkey=part(1.0), decoys=dict(accuracy={"0": 1.0}, interval={"0": [0.8, 1]}))},
+               "fot3": {}, "d1": {}, "d0": {}}
+    text = context_scaling.topk_tables(results)
+    assert "| FoT (d = 7) | all of memory | 75% (50-100%) | - | - | - | -5.0% |" in text
+    assert "| FoT (d = 7) | top 128 (blocks) | 100% (50-100%) | - | - | - | - |" in text
+    assert "| FoT (d = 7) | top 128 (blocks) | 100% (80-100%) |" in text  # the decoys table
 
 
 def test_decoy_and_haystack_commands_write_their_reports(checkpoint, tmp_path):

@@ -140,6 +140,16 @@ def test_memory_goes_to_a_file_in_mem_dtype_and_comes_back_exactly(session):
     assert (restored.local_length, restored.position) == (documents.cache.local_length, documents.cache.position)
 
 
+def mapped_from(path, address: int) -> bool:
+    """Whether address lies in a memory mapping of the file at path (Linux: /proc/self/maps)."""
+    for line in open("/proc/self/maps"):
+        span, *_, name = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in span.split("-"))
+        if name.strip() == str(path.resolve()) and start <= address < end:
+            return True
+    return False
+
+
 def test_a_top_k_memory_file_is_used_in_place_and_answers_as_the_reading_did(session, tmp_path):
     """With mem_topk, memory is held in mem_dtype, so a memory file's entries are used as they lie in the file
     (mapped, read where attention looks) rather than copied; answers that evict into memory move it to buffers of
@@ -151,6 +161,7 @@ def test_a_top_k_memory_file_is_used_in_place_and_answers_as_the_reading_did(ses
     loaded, _ = generate.load_memory(tmp_path / "paper.mem", model, fingerprint, generate.INSTRUCT)
     memory = loaded.cache.memory[1]
     assert memory.keys.dtype == torch.bfloat16 and not memory.owned  # the file's tensors, not a copy
+    assert mapped_from(tmp_path / "paper.mem", memory.keys.data_ptr())  # where they lie in the file
     assert memory.length > 8 * model.config.mem_topk
     sampling = generate.Sampling(max_new_tokens=40, temperature=0)  # the local window fills and evicts
     for question in QUESTIONS:
