@@ -119,9 +119,8 @@ def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
     """Bytes one decode step reads: every weight (of the embedding, one row), the local caches and the memories (all
     of each, or with top-k blocks the bounds of every block and the chosen blocks)."""
     config = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not config.tie_word_embeddings:
-        weights -= model.embed.weight.numel() * model.embed.weight.element_size()
+    # every weight, quantized ones as stored, but of the embedding (unless lm_head is it) one row
+    weights = sum(t.nbytes for name, t in model.state_dict().items() if name != "embed.weight")
     local = sum(c.keys[:, :, :cache.local_length].nbytes * 2 for c in cache.local)
     memory = 0
     for m in cache.memory.values():
@@ -223,6 +222,9 @@ def parse_args(argv=None):
                         "then a passkey prompt, and its row says whether the greedy answer is the passkey")
     p.add_argument("--mem-layers", default=None, metavar="I,J",
                    help="memory layers instead of the shape's, e.g. 1,2 ('' for none)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="the shape with only this many layers (its memory layers below it kept), e.g. LongLLaMA-3B's "
+                        "width in 8 layers")
     p.add_argument("--prefill", default="32768", help="prompt lengths to time, comma-separated ('' for none)")
     p.add_argument("--decode-memory", default="16384", help="memory sizes to time decode at ('' for none)")
     p.add_argument("--kernel", default="fused", help="attention kernels to compare: fused, plain or fused,plain")
@@ -232,6 +234,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time decode through torch.compile (fused kernels)")
     p.add_argument("--repeats", type=int, default=3)
     generate.add_topk_arguments(p)
+    generate.add_quantize_argument(p)
     args = p.parse_args(argv)
     if args.small:
         args.prefill, args.decode_memory, args.kernel, args.device = "4096", "4096", "fused,plain", "cpu"
@@ -248,6 +251,7 @@ def parse_args(argv=None):
         (["kernel"], lambda v: v and set(v) <= set(longllama.ATTENTION_KERNELS),
          f"one or more of {', '.join(longllama.ATTENTION_KERNELS)}"),
         (["repeats"], lambda v: v >= 1, "at least 1"),
+        (["layers"], lambda v: v is None or v >= 1, "at least 1"),
         (["prefill"], lambda v: all(n > 0 for n in v), "positive token counts"),
         (["decode_memory"], lambda v: all(n >= 0 for n in v), "token counts >= 0"),
     ], label=lambda key: "--" + key.replace("_", "-"))
@@ -272,13 +276,19 @@ def run(args):
     overrides = generate.topk_overrides(args) | ({} if args.mem_layers is None else dict(mem_layers=args.mem_layers))
     tokenizer = None
     if args.ckpt:
-        model, tokenizer = generate.load_checkpoint(args.ckpt, None, device, dtype, **overrides)
+        model, tokenizer = generate.load_checkpoint(args.ckpt, None, device, dtype, quantize=args.quantize,
+                                                    **overrides)
     else:
-        model = build_model((SMALL if args.small else longllama.PRESETS[args.preset]) | overrides, device, dtype)
+        shape = (SMALL if args.small else longllama.PRESETS[args.preset]) | overrides
+        if args.layers is not None:
+            shape |= dict(num_hidden_layers=args.layers, mem_layers=[i for i in shape["mem_layers"] if i < args.layers])
+        model = build_model(shape, device, dtype)
+        if args.quantize:
+            longllama.quantize(model, args.quantize)
     flops, bandwidth = matmul_flops_per_second(device, dtype), copy_bytes_per_second(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, {dtype}: matmul {flops / 1e12:.2f} TFLOP/s, copy {bandwidth / 1e9:.1f} GB/s; "
-          f"{shape_name(args)}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, memory layers "
+          f"{shape_name(args)}, {model.config.num_parameters / 1e6:.0f}M parameters in {weight_bytes(model) / 2**30:.2f} GiB, memory layers "
           f"{model.config.mem_layers}, memory in {model.config.mem_dtype}, {memory_reading(model.config)}")
     print(f"{'kernel':<8} {'work':<28} {'time':>10} {'rate':>14} {'of bound':>9} {'peak':>10}")
     rows = []
@@ -305,6 +315,7 @@ def run(args):
         print(f"{row['kernel']:<8} {work:<28} {time_text:>10} {row['tokens_per_s']:>10.1f} tok/s {row['of_bound']:>8.1%} "
               f"{row['peak_gib']:>7.2f} GiB{found}")
     summary = dict(device=name, dtype=str(dtype), shape=shape_name(args), memory=memory_reading(model.config),
+                   weight_bytes=weight_bytes(model),
                    matmul_tflops=flops / 1e12, copy_gbps=bandwidth / 1e9, rows=rows)
     if "plain" in args.kernel and len({row["kernel"] for row in rows}) > 1:
         summary["speedup"] = speedups(rows)
@@ -319,8 +330,15 @@ def run(args):
     print(json.dumps(summary))
 
 
+def weight_bytes(model) -> int:
+    """Bytes the weights take, quantized ones as stored (a tied lm_head once)."""
+    return sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())
+
+
 def shape_name(args) -> str:
-    return f"checkpoint {args.ckpt}" if args.ckpt else f"{'small' if args.small else args.preset} shape"
+    name = f"checkpoint {args.ckpt}" if args.ckpt else f"{'small' if args.small else args.preset} shape"
+    layers = f", {args.layers} layers" if args.layers and not args.ckpt else ""
+    return f"{name}{layers}{f', {args.quantize} weights' if args.quantize else ''}"
 
 
 def memory_reading(config: longllama.LongLlamaConfig) -> str:

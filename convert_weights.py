@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional
 import gguf
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -395,12 +395,32 @@ def check_out_dir(out_dir: Path, force: bool):
 
 
 def check_fits_in_memory(config: LongLlamaConfig, dtype, source):
-    """The converted weights stay in memory until written: refuse, before reading, a config whose weights cannot fit
-    (the source's dtype is only known once read: at least 2 bytes per weight)."""
-    needed, available = config.num_parameters * (dtype or torch.bfloat16).itemsize, available_bytes(torch.device("cpu"))
+    """The converted weights stay in memory until written, and load() will need them with the rotary tables of the
+    window: refuse, before reading, a config that cannot fit (the source's dtype is only known once read: at least
+    2 bytes per weight). A window too long to load (max_position_embeddings) is refused here, not at load time."""
+    needed, available = config.model_bytes(dtype or torch.bfloat16), available_bytes(torch.device("cpu"))
     if needed > available:
-        raise ValueError(f"{source}: the converted weights need at least {needed / 2**30:.1f} GiB of memory, "
-                         f"{available / 2**30:.1f} GiB are free")
+        window, rope = config.max_position_embeddings, 2 * config.max_position_embeddings * config.head_dim * 4
+        why = (f" (max_position_embeddings={window}: the rotary tables of that window alone take "
+               f"{rope / 2**30:.1f} GiB)" if rope > needed / 2 else "")
+        raise ValueError(f"{source}: the converted model needs at least {needed / 2**30:.1f} GiB of memory, "
+                         f"{available / 2**30:.1f} GiB are free{why}")
+
+
+def check_ours(src: Path, target: str):
+    """--to hf / gguf converts this project's checkpoints: say so when SRC is a Hugging Face one."""
+    weights = src / "model.safetensors"
+    names = []
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                names = list(f.keys())
+        except (SafetensorError, OSError):
+            return  # a damaged file: checkpoint_parts says so
+    hf_only = not weights.is_file() and any((src / name).is_file() for name in HF_WEIGHT_FILES)
+    if hf_only or any(name.startswith("model.") for name in names):
+        raise ValueError(f"{src} is a Hugging Face checkpoint, and --to {target} converts this project's: convert it "
+                         f"to one first (python convert_weights.py {src} OUT)")
 
 
 def check_out_file(out_path: Path, force: bool):
@@ -527,6 +547,7 @@ def export_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=Non
     """Our checkpoint directory -> Hugging Face LongLLaMA layout (LLaMA when it has no memory layers)."""
     src, out_dir = Path(src), Path(out_dir)
     check_out_dir(out_dir, force)
+    check_ours(src, "hf")
     config = load_config(src, mem_layers, last_context_length)
     check_fits_in_memory(config, dtype, src)
     tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
@@ -546,6 +567,7 @@ def export_gguf(src, out_path, mem_layers=None, last_context_length=None, tokeni
     with the memory settings under longllama.* keys, which other GGUF readers ignore."""
     src, out_path = Path(src), Path(out_path)
     check_out_file(out_path, force)
+    check_ours(src, "gguf")
     config = load_config(src, mem_layers, last_context_length)
     check_fits_in_memory(config, torch.float32, src)  # the writer holds every tensor until it writes the file
     if config.rope_scaling is not None:  # llama.cpp stores it as a rope_freqs.weight tensor, which is not read back

@@ -533,6 +533,7 @@ def parse_args(argv=None):
     p.add_argument("--mem-dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="precision of memory keys/values: rounded to it, kept in the compute dtype (default: the checkpoint's)")
     add_topk_arguments(p)
+    add_quantize_argument(p)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
@@ -603,6 +604,12 @@ def config_overrides(args) -> dict:
     return overrides | topk_overrides(args)
 
 
+def add_quantize_argument(p):
+    p.add_argument("--quantize", default=None, choices=longllama.QUANTIZATIONS,
+                   help="linear layers' weights in int8 (per channel) or int4 (groups of 64), quantized as they load: "
+                        "decoding on a CPU reads a half or a quarter of bfloat16's bytes (README, Performance)")
+
+
 def add_topk_arguments(p):
     """--mem-topk and how it retrieves, for every command that reads into memory."""
     p.add_argument("--mem-topk", type=int, default=None, metavar="K",
@@ -663,7 +670,8 @@ def run(args):
         longllama.check_can_compile(device)
     if args.save_memory:
         check_writable(args.save_memory)  # before reading, which can take minutes
-    model, tokenizer = load_checkpoint(args.ckpt, args.tokenizer, device, dtype, **config_overrides(args))
+    model, tokenizer = load_checkpoint(args.ckpt, args.tokenizer, device, dtype, quantize=args.quantize,
+                                       **config_overrides(args))
     if args.compile:
         model.compile_decode()
     template = prompt_format(args.template, args.ckpt, tokenizer)
@@ -707,7 +715,8 @@ def print_answer(model, tokenizer, documents, question, sampling, names, newline
 
 
 def load_checkpoint(ckpt, tokenizer_override, device, dtype, **overrides):
-    """(model, tokenizer) of a checkpoint directory, refused with one line when missing or mismatched."""
+    """(model, tokenizer) of a checkpoint directory, refused with one line when missing or mismatched; overrides:
+    load()'s (config keys, quantize)."""
     if not Path(ckpt).is_dir():
         raise ValueError(f"checkpoint directory {ckpt} does not exist")
     tokenizer = checkpoint_tokenizer(ckpt, tokenizer_override)

@@ -934,6 +934,7 @@ class LongLlama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False  # training: recompute each block in the backward pass
+        self.quantization = None  # "int8" or "int4" once quantize() replaced the linear layers
         self.compiled_layers = None  # LongLlama._layers through torch.compile, for decode steps (compile_decode)
         self.reset_rope()
         self.apply(self._init_weights)
@@ -1170,6 +1171,86 @@ class LongLlama(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Weight-only quantization: int8 and int4 linear layers for CPU decoding
+
+QUANTIZATIONS = ("int8", "int4")
+INT4_GROUP = 64  # input channels sharing an int4 scale and zero point
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free linear layer whose weight [N, K] is stored quantized, multiplied by PyTorch's packed-weight kernels
+    (as gpt-fast does). Decoding reads every weight once per token, so its speed is set by the weights' bytes:
+    int8 halves bfloat16's, int4 quarters them.
+
+    - int8: one scale per output channel, w ~ q * scale with q in [-127, 127] (`torch._weight_int8pack_mm`).
+    - int4: groups of INT4_GROUP input channels with a scale and a zero point each, w ~ (q - 8) * scale + zero with q
+      in [0, 15], packed two to a byte (`torch._weight_int4pack_mm_for_cpu`). Its kernel needs N divisible by 16:
+      a layer that is not (a small vocabulary) is stored int8 instead.
+    Activations reach the kernels in bfloat16 (in float32 they are several times slower) and leave in their own dtype.
+    The kernels are CPU kernels: on a GPU, int8 weights are dequantized at each call (right, not fast), and int4
+    is refused.
+    """
+
+    def __init__(self, weight, scheme: str):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach().float()
+        if scheme == "int4" and (self.out_features % 16 or self.in_features % INT4_GROUP):
+            scheme = "int8"
+        self.scheme = scheme
+        if scheme == "int8":
+            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
+            self.register_buffer("weight", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scales", scale.to(torch.bfloat16))
+        else:
+            groups = weight.view(self.out_features, -1, INT4_GROUP)  # [N, K / group, group]
+            low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+            scale = ((high - low) / 15).clamp(min=1e-12)
+            q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+            zero = low + 8 * scale  # so that w ~ (q - 8) * scale + zero, the kernel's convention
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.view(self.out_features, self.in_features), 1)
+            self.register_buffer("weight", packed)  # [N, K / 2] uint8
+            self.register_buffer("scales", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+                                 .to(torch.bfloat16))  # [K / group, N, 2]
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.in_features)
+        if not x.is_cpu:  # int8 (int4 is refused off the CPU): the weight as the kernel would multiply by it
+            weight = (self.weight.float() * self.scales.float()[:, None]).to(x.dtype)
+            return F.linear(flat, weight).view(*x.shape[:-1], self.out_features)
+        flat = flat.to(torch.bfloat16)
+        if self.scheme == "int8":
+            out = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scales)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def check_quantization(scheme: str, device: torch.device):
+    if scheme not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {scheme!r}")
+    if scheme == "int4" and device.type != "cpu":
+        raise ValueError("int4 weights run on the CPU only (PyTorch's CUDA int4 kernel packs them otherwise): "
+                         "use int8 on a GPU")
+
+
+def linear_layers(model: "LongLlama") -> dict:
+    """{qualified name: (parent module, attribute)} of every linear layer: attention, MLP and lm_head."""
+    return {name: (model.get_submodule(name.rpartition(".")[0]) if "." in name else model, name.rpartition(".")[2])
+            for name, module in model.named_modules() if isinstance(module, (nn.Linear, QuantizedLinear))}
+
+
+def quantize(model: "LongLlama", scheme: str) -> "LongLlama":
+    """Replace every linear layer's weight by its `scheme` (int8 or int4) quantization, in place, layer by layer.
+    The embedding and the norms stay as they are (a lookup reads one row of the embedding per token)."""
+    check_quantization(scheme, model.embed.weight.device)
+    for name, (parent, attribute) in linear_layers(model).items():
+        setattr(parent, attribute, QuantizedLinear(getattr(parent, attribute).weight, scheme))
+    model.quantization = scheme
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: a directory with config.json and model.safetensors
 
 
@@ -1263,8 +1344,11 @@ def _refuse_mismatch(path, expected: set, found: set):
                              "for this config")
 
 
-def load(ckpt_dir, device="cpu", dtype=torch.float32, **config_overrides) -> LongLlama:
+def load(ckpt_dir, device="cpu", dtype=torch.float32, quantize: Optional[str] = None,
+         **config_overrides) -> LongLlama:
     """Load a checkpoint directory; config_overrides (mem_layers, mem_dtype, ...) replace config.json values.
+    quantize ("int8" or "int4"): every linear layer is quantized as it is read (see QuantizedLinear), so that no
+    unquantized copy of the model exists at any time.
 
     Everything that can be checked is checked before the weights are read: the config, that the weights fit in
     the device's free memory, and that the file holds the layers the config says.
@@ -1272,6 +1356,8 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, **config_overrides) -> Lon
     ckpt_dir, device = Path(ckpt_dir), resolve_device(device)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if quantize is not None:
+        check_quantization(quantize, device)
     for name in ("config.json", "model.safetensors"):
         if not (ckpt_dir / name).is_file():
             raise ValueError(f"{ckpt_dir}: not a checkpoint directory ({name} is missing)")
@@ -1295,17 +1381,26 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, **config_overrides) -> Lon
                 model = LongLlama(config)
             expected = {k: v.shape for k, v in tensors_to_save(model.state_dict(), config).items()}
             _refuse_mismatch(path, set(expected), names)
+            linear = linear_layers(model) if quantize else {}
             for name, shape in expected.items():
                 tensor = f.get_tensor(name)  # one at a time, so peak memory is the model in `dtype` plus one tensor
                 if tensor.shape != shape:
                     raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(shape)}")
                 if not tensor.is_floating_point():
                     raise ValueError(f"{path}: {name} holds {tensor.dtype}, not floating-point weights")
-                state[name] = tensor.to(dtype)
+                layer = name.removesuffix(".weight")
+                if layer in linear:  # quantized now, so that the model never holds it unquantized
+                    parent, attribute = linear[layer]
+                    setattr(parent, attribute, QuantizedLinear(tensor, quantize))
+                else:
+                    state[name] = tensor.to(dtype)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot read weights ({e})") from None
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
+        model.lm_head = QuantizedLinear(model.embed.weight, quantize) if quantize else model.lm_head
+        if not quantize:
+            model.lm_head.weight = model.embed.weight
+    model.quantization = quantize
     model.reset_rope()
     return model.eval()

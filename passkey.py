@@ -471,6 +471,7 @@ def parse_args(argv=None):
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     generate.add_topk_arguments(p)
+    generate.add_quantize_argument(p)
     args = p.parse_args(argv)
     if args.task == "decoys" and (args.haystack or args.depths):  # decoy prompts are one window, in the filler
         fail("--task decoys takes neither --haystack nor --depths")
@@ -507,7 +508,7 @@ def run(args):
     haystack_text = read_haystack(args.haystack) if args.haystack else None
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype,
+    model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype, quantize=args.quantize,
                                                 **generate.topk_overrides(args))
     generate.check_memory(model, [max(args.lengths)])  # refused now, not when the longest prompt comes
     log = lambda line: print(line, file=sys.stderr)
@@ -521,7 +522,7 @@ def run(args):
     print(decoy_table(summary) if args.task == "decoys" else table(summary))
     if args.out:
         config = model.config
-        memory = dict(mem_topk=config.mem_topk)
+        memory = dict(quantize=args.quantize, mem_topk=config.mem_topk)
         if config.mem_topk:
             memory |= dict(mem_retrieval=config.mem_retrieval, mem_block_size=config.mem_block_size)
         report = dict(checkpoint=str(args.ckpt), task=args.task, haystack=args.haystack or "filler", seed=args.seed,

@@ -483,6 +483,8 @@ def bad_source(tmp_path, case: str):
             writer.add_token_scores([0.0] * 10)
             writer.add_token_types([2, 3, 3] + [1] * 7)
         write_gguf(src, config, tensors, gguf.GGMLQuantizationType.F16, vocabulary=ten_tokens)
+    elif case == "window too long to load":
+        write_hf(src, hf_config(max_position_embeddings=2**38), tensors, "safetensors")
     elif case == "damaged gguf":
         src = tmp_path / "model.gguf"
         write_gguf(src, config, tensors, gguf.GGMLQuantizationType.F16)
@@ -512,6 +514,7 @@ BAD_INPUTS = {
     "gguf of a type the gguf package cannot read": "token_embd.weight is stored as Q8_1, which the gguf package "
                                                    "cannot dequantize",
     "gguf vocabulary smaller than the embedding": "the vocabulary has 10 tokens (10 token types), the embedding 64 rows",
+    "window too long to load": "(max_position_embeddings=274877906944: the rotary tables of that window alone take",
 }
 
 
@@ -525,6 +528,18 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, case):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_INPUTS[case] in lines[0], lines
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("target,out", [("hf", "out"), ("gguf", "out.gguf")])
+def test_exporting_a_hugging_face_directory_says_it_is_one(tmp_path, capsys, target, out):
+    config = hf_config()
+    write_hf(tmp_path / "src", config, random_hf_tensors(config), "safetensors")
+    with pytest.raises(SystemExit):
+        convert_weights.main([str(tmp_path / "src"), str(tmp_path / out), "--to", target])
+    line = capsys.readouterr().err.strip()
+    assert line == (f"error: {tmp_path / 'src'} is a Hugging Face checkpoint, and --to {target} converts this "
+                    f"project's: convert it to one first (python convert_weights.py {tmp_path / 'src'} OUT)")
+    assert not (tmp_path / out).exists()
 
 
 def test_pickle_that_runs_code_is_refused_without_running_it(tmp_path, capsys):

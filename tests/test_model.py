@@ -446,6 +446,84 @@ def test_block_bounds_are_the_extremes_of_valid_keys_through_growth():
             assert (memory.block_bounds[0, :, block] == torch.finfo(torch.float32).min).all()
 
 
+# ---------------------------------------------------------------------------------------------------- quantized weights
+
+
+def dequantized_as_specified(weight, scheme: str):
+    """The weight that QuantizedLinear's scheme should multiply by, from the float weight, written out here:
+    int8: q = round(w / s), s = max |w| / 127 per output channel (kept in bfloat16); int4: per group of 64 input
+    channels, s = (max - min) / 15, q = round((w - min) / s) in [0, 15], w ~ (q - 8) * s + (min + 8 s) (s and the
+    zero point kept in bfloat16). int4 layers whose output count is not a multiple of 16 are int8."""
+    w = weight.detach().double()
+    if scheme == "int8" or w.shape[0] % 16:
+        scale = (w.abs().amax(dim=1) / 127).float()
+        q = (w / scale.double()[:, None]).round().clamp(-127, 127)
+        return q * scale.bfloat16().double()[:, None]
+    groups = w.float().view(w.shape[0], -1, 64)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = (high - low) / 15
+    q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).double()
+    zero = (low + 8 * scale).bfloat16().double()
+    return ((q - 8) * scale.bfloat16().double()[..., None] + zero[..., None]).view(w.shape)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_weights_match_the_reference_with_the_weights_dequantized_by_their_specification(scheme, tmp_path):
+    """load(quantize=...) against the float64 reference whose weights are dequantized here, independently. The
+    kernels take activations in bfloat16: the tolerance is bfloat16's, far below a wrong scale or zero point."""
+    model = tiny_model(hidden_size=64, intermediate_size=128, mem_layers=[0, 2])
+    longllama.save(model, tmp_path)
+    quantized = longllama.load(tmp_path, quantize=scheme)
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    kinds = {name: getattr(parent, attribute).scheme
+             for name, (parent, attribute) in longllama.linear_layers(quantized).items()}
+    assert kinds["lm_head"] == "int8" and kinds["layers.0.mlp.down"] == scheme  # 61 outputs: int8 in int4 too
+    with torch.no_grad():
+        for name, (parent, attribute) in longllama.linear_layers(model).items():
+            layer = getattr(parent, attribute)
+            layer.weight.copy_(dequantized_as_specified(layer.weight, kinds[name]))
+    reference = NaiveLongLlama(model)
+    ids = tokens(2, 3 * WINDOW + 5)
+    logits, cache = quantized(ids, use_cache=True)
+    expected = reference(ids, use_cache=True)
+    scale = expected.abs().max().item()  # bfloat16 activations, rounded in every linear layer: a few percent
+    assert_close(logits, expected, atol=0.06 * scale)
+    for seed in range(WINDOW):  # decoding through an eviction
+        step = tokens(2, 1, seed=seed)
+        logits, cache = quantized(step, cache=cache, use_cache=True)
+        assert_close(logits, reference(step, use_cache=True), atol=0.06 * scale)
+
+
+@pytest.mark.skipif(not can_compile(), reason="torch.compile on CPU needs a C++ compiler")
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def test_the_compiled_decode_step_runs_quantized_weights_as_eager_decoding_does(kernel):
+    if kernel == "plain":
+        pytest.skip("the compiled step belongs to the fused path")
+    torch._dynamo.reset()
+    eager = longllama.quantize(tiny_model(hidden_size=64, intermediate_size=128), "int4")
+    compiled = longllama.quantize(tiny_model(hidden_size=64, intermediate_size=128), "int4").compile_decode()
+    with torch.no_grad():
+        _, cache_eager = eager(tokens(1, 2 * WINDOW), use_cache=True)
+        _, cache_compiled = compiled(tokens(1, 2 * WINDOW), use_cache=True)
+        for seed in range(WINDOW + 2):  # through an eviction
+            step = tokens(1, 1, seed=seed)
+            a, cache_eager = eager(step, cache=cache_eager, use_cache=True)
+            b, cache_compiled = compiled(step, cache=cache_compiled, use_cache=True)
+            assert_close(b, a.double(), atol=1e-2 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(96, 128), (61, 64), (48, 192)])
+def test_a_quantized_layer_multiplies_by_its_specified_weight_within_bfloat16_rounding(scheme, shape):
+    """One layer, tightly: its output is x (in bfloat16) times the specified weight, rounded to bfloat16 once."""
+    g = torch.Generator().manual_seed(shape[0])
+    weight, x = torch.randn(*shape, generator=g), torch.randn(2, 5, shape[1], generator=g)
+    layer = longllama.QuantizedLinear(weight, scheme)
+    assert layer.scheme == ("int8" if shape[0] % 16 else scheme)
+    expected = x.bfloat16().double() @ dequantized_as_specified(weight, layer.scheme).T
+    assert_close(layer(x), expected, atol=2**-7 * expected.abs().max().item())  # one bfloat16 step
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
