@@ -175,13 +175,14 @@ def topk_settings() -> dict:
 
 def topk_commands(models: Path, out: Path, size: dict) -> list:
     """passkey.py runs of the top-k comparison whose results file is missing: passkey in the filler for every
-    setting, in held-out code and among decoys for all of memory and K = 128 (decoys: every setup)."""
+    setting of the FoT models, and for all of memory and K = 128 (blocks) of the others; in held-out code for the
+    FoT models and among decoys for every model, with all of memory and K = 128."""
     commands, flags = [], ["--depths", size["depths"], "--trials", str(size["trials"])]
     for name in SETUPS:
         ckpt = ["--ckpt", str(models / name)]
         for setting, topk in topk_settings().items():
             runs = {}
-            if name in FOT:
+            if name in FOT or setting in ("all", "blocks128"):
                 runs[f"passkey_{name}_{setting}.json"] = [*ckpt, "--lengths", TOPK_LENGTHS, *flags, *topk]
             if name in FOT and setting in ("all", "blocks128", "exact128"):
                 runs[f"passkey_code_{name}_{setting}.json"] = [*ckpt, "--lengths", TOPK_CODE, *flags, "--haystack",
@@ -214,8 +215,8 @@ def topk_experiment(models: Path, out: Path, size: dict) -> dict:
 
 
 def topk_tables(results: dict) -> str:
-    """The README's tables of the top-k comparison: passkey (filler and code) and perplexity for each setting of
-    the FoT models, then decoys for every setup with all of memory and with K = 128."""
+    """The README's tables of the top-k comparison: passkey (filler and code) and perplexity for each setting
+    measured, then decoys for every setup with all of memory and with K = 128."""
     settings = topk_settings()
     label = lambda setting: f"top {settings[setting][1]} ({settings[setting][3]})" if settings[setting] else "all of memory"
     lengths = [passkey.parse_length(n) for n in TOPK_LENGTHS.split(",")]
@@ -225,8 +226,10 @@ def topk_tables(results: dict) -> str:
              "| --- | --- |" + " ---: |" * (len(lengths) + 2)]
     cell = lambda part, n: (passkey.with_interval(part["accuracy"][str(n)], part["interval"][str(n)])
                             if part and str(n) in part["accuracy"] else "-")
-    for name in FOT:
+    for name in SETUPS:
         for setting, found in results[name].items():
+            if "passkey" not in found:
+                continue
             ppl = found.get("perplexity")
             change = f"{ppl['16'] / ppl['0'] - 1:+.1%}" if ppl else "-"
             cells = [cell(found.get("passkey"), n) for n in lengths] + [cell(found.get("passkey_code"), code), change]

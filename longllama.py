@@ -11,9 +11,13 @@ Where FoT lives in this file:
 - `LocalCache` / `Cache`: the current window of every layer, and eviction of the whole window into memory.
 - `Attention.forward`: one softmax over the local window and the memory (`grouped_attention`), computed by fused
   kernels merged by their log-sum-exp (`fused_attention`) or written out (`plain_attention`).
+- Top-k memory (`mem_topk`, the FoT paper's kNN memory): each query attends to K memory entries only, its own best
+  (`topk_attention_and_lse`) or the blocks its call's queries want most (`MemoryCache.select_blocks`), so that
+  reading and answering stop growing with the memory.
 - `LongLlama.forward`: cutting a long input into windows of W tokens (`last_context_length`);
   `compile_decode` runs one-token steps through torch.compile with shapes that never change.
 - `cross_batch_attention`: FoT training, where memory layers also see other documents' keys (`training_attention`).
+- `QuantizedLinear`: int8 / int4 weights for decoding on a CPU, where a step's time is the weights' bytes.
 """
 
 import copy

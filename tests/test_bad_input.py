@@ -497,7 +497,7 @@ CONVERT_CASES = {  # arguments after SRC, a rewrite of SRC/config.json (or None)
     "config with zero heads": (["out"], changed(num_attention_heads=0),
                                "config: num_attention_heads must be a positive integer, got 0"),
     "config with int8 memory": (["out"], changed(mem_dtype="int8"), "config: mem_dtype must be one of"),
-    "config too big for memory": (["out"], changed(num_hidden_layers=10**6), "the converted weights need at least"),
+    "config too big for memory": (["out"], changed(num_hidden_layers=10**6), "the converted model needs at least"),
     "tokenizer that is no model": (["out", "--tokenizer", "file"], changed(), "tokenizer file: not a SentencePiece"),
 }
 

@@ -300,7 +300,7 @@ def test_the_top_k_comparison_runs_each_setting_once_with_its_own_flags(tmp_path
     runs = {c[c.index("--out") + 1]: c for c in commands}
     settings = len(context_scaling.TOPK) * len(longllama.MEM_RETRIEVALS) + 1  # and all of memory
     fot, setups = len(context_scaling.FOT), len(context_scaling.SETUPS)
-    assert len(runs) == len(commands) == fot * settings - 1 + fot * 3 + setups * 2
+    assert len(runs) == len(commands) == fot * settings - 1 + (setups - fot) * 2 + fot * 3 + setups * 2
     assert str(tmp_path / "passkey_fot3_blocks128.json") not in runs
     for out, command in runs.items():
         setting = out.rsplit("_", 1)[1].removesuffix(".json")
@@ -366,6 +366,39 @@ def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
         for length, accuracy in results["setups"][name]["passkey"]["accuracy"].items():
             hits = [t["correct"] for t in trials if t["length"] == int(length)]
             assert len(hits) >= 20 and accuracy == sum(hits) / len(hits)
+
+
+def test_the_readme_states_the_quantized_quality_as_its_results_files_hold_it():
+    runs = ROOT / "docs" / "quantized"
+    perplexity = json.loads((runs / "perplexity_fot3.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    bf16 = perplexity["bfloat16"]["16"]
+    for weights, file in [("float32", "none"), ("int8", "int8"), ("int4", "int4")]:
+        report = json.loads((runs / f"passkey_fot3_{file}.json").read_text())
+        assert report["quantize"] == (None if file == "none" else file)
+        cells = [passkey.with_interval(report["accuracy"][n], report["interval"][n]) for n in report["accuracy"]]
+        ppl = perplexity[weights]["16"]
+        row_start = f"| {weights} | {ppl:.3f}"
+        assert row_start in readme and " | ".join(cells) in readme, (row_start, cells)
+    assert f"| bfloat16 compute | {bf16:.3f} |" in readme
+
+
+def test_the_readme_states_the_top_k_comparison_as_its_results_files_hold_it():
+    results = json.loads((ROOT / "docs" / "topk" / "topk.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    for line in context_scaling.topk_tables(results).splitlines():
+        assert line in readme, line
+    for name, settings in results.items():  # and each summary is what its trials say
+        for setting, found in settings.items():
+            for key in ("passkey", "passkey_code", "decoys"):
+                if key in found:
+                    trials = json.loads((ROOT / "docs" / "topk" / f"{key}_{name}_{setting}.json").read_text())
+                    flags = context_scaling.topk_settings()[setting]  # the run was read as its name says
+                    assert [trials["mem_topk"], trials.get("mem_retrieval")] == ([int(flags[1]), flags[3]] if flags
+                                                                                 else [None, None])
+                    for length, accuracy in found[key]["accuracy"].items():
+                        hits = [t["correct"] for t in trials["results"] if t["length"] == int(length)]
+                        assert len(hits) >= 20 and accuracy == sum(hits) / len(hits)
 
 
 @pytest.mark.parametrize("name", list(context_scaling.SETUPS))
