@@ -355,14 +355,17 @@ class MemoryCache:
             self._bound(0, keys.to(like.device), valid.to(like.device))
 
     def _bound(self, start: int, keys, valid):
-        """Widen the bounds of the blocks that keys [B, Hkv, T, D] (entries start..start+T) fall into."""
+        """Widen the bounds of the blocks that keys [B, Hkv, T, D] (entries start..start+T) fall into, 65536 entries
+        at a time (a memory file's millions of entries must not be widened to float32 all at once)."""
         if not self.block_size:
             return
-        signed = torch.cat([keys, -keys], dim=-1).float()  # [B, Hkv, T, 2D]
-        signed = signed.masked_fill(~valid[:, None, :, None], torch.finfo(torch.float32).min)  # padding: no bound
-        blocks = torch.arange(start, start + keys.shape[2], device=keys.device) // self.block_size  # [T]
-        index = blocks[None, None, :, None].expand(signed.shape)  # each entry's block
-        self.block_bounds.scatter_reduce_(2, index, signed, "amax")
+        for first in range(0, keys.shape[2], 1 << 16):
+            part = keys[:, :, first:first + (1 << 16)]
+            signed = torch.cat([part, -part], dim=-1).float()  # [B, Hkv, T, 2D]
+            hidden = ~valid[:, None, first:first + part.shape[2], None]
+            signed = signed.masked_fill_(hidden, torch.finfo(torch.float32).min)  # padding widens no bound
+            blocks = torch.arange(start + first, start + first + part.shape[2], device=keys.device) // self.block_size
+            self.block_bounds.scatter_reduce_(2, blocks[None, None, :, None].expand(signed.shape), signed, "amax")
 
     def _new_bounds(self, batch_size: int, kv_heads: int, capacity: int, head_dim: int, device):
         blocks = -(-capacity // self.block_size)

@@ -429,6 +429,22 @@ def test_choosing_every_block_or_every_key_gives_attention_to_all_of_memory():
     assert_close(lse, expected_lse.double(), atol=1e-5)
 
 
+def test_a_held_memory_is_bounded_in_pieces_as_one_appended_whole_would_be():
+    """hold() takes a memory file's entries as they are and bounds them 65536 at a time: the same bounds as
+    appending them, across the pieces' edges (blocks of 48 do not divide 65536)."""
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(1, 2, 70000, 2, generator=g).bfloat16()
+    valid = torch.rand(1, 70000, generator=g) > 0.1
+    held = longllama.MemoryCache(torch.bfloat16, sparse=True, block_size=48)
+    held.hold(keys, keys, valid, like=keys.float())
+    assert held.keys is keys and not held.owned
+    lowest = torch.finfo(torch.float32).min
+    signed = torch.cat([keys, -keys], -1).float().masked_fill(~valid[:, None, :, None], lowest)  # [1, 2, M, 4]
+    blocks = -(-70000 // 48)
+    expected = F.pad(signed, (0, 0, 0, blocks * 48 - 70000), value=lowest).view(1, 2, blocks, 48, 4).amax(dim=3)
+    assert torch.equal(held.block_bounds[:, :, :blocks], expected)
+
+
 def test_block_bounds_are_the_extremes_of_valid_keys_through_growth():
     g = torch.Generator().manual_seed(4)
     memory = longllama.MemoryCache(torch.bfloat16, sparse=True, block_size=3)
