@@ -288,7 +288,8 @@ def run(args):
     flops, bandwidth = matmul_flops_per_second(device, dtype), copy_bytes_per_second(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, {dtype}: matmul {flops / 1e12:.2f} TFLOP/s, copy {bandwidth / 1e9:.1f} GB/s; "
-          f"{shape_name(args)}, {model.config.num_parameters / 1e6:.0f}M parameters in {weight_bytes(model) / 2**30:.2f} GiB, memory layers "
+          f"{shape_name(args)}, {model.config.num_parameters / 1e6:.0f}M parameters in "
+          f"{weight_bytes(model) / 2**30:.2f} GiB, memory layers "
           f"{model.config.mem_layers}, memory in {model.config.mem_dtype}, {memory_reading(model.config)}")
     print(f"{'kernel':<8} {'work':<28} {'time':>10} {'rate':>14} {'of bound':>9} {'peak':>10}")
     rows = []

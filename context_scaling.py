@@ -218,7 +218,8 @@ def topk_tables(results: dict) -> str:
     """The README's tables of the top-k comparison: passkey (filler and code) and perplexity for each setting
     measured, then decoys for every setup with all of memory and with K = 128."""
     settings = topk_settings()
-    label = lambda setting: f"top {settings[setting][1]} ({settings[setting][3]})" if settings[setting] else "all of memory"
+    label = lambda setting: (f"top {settings[setting][1]} ({settings[setting][3]})" if settings[setting]
+                             else "all of memory")
     lengths = [passkey.parse_length(n) for n in TOPK_LENGTHS.split(",")]
     code = passkey.parse_length(TOPK_CODE)
     lines = [f"| model | memory attention | {' | '.join(f'passkey, {size_label(n)}' for n in lengths)} | "

@@ -66,7 +66,7 @@ class LongLlamaConfig:
     mem_attention_grouping: Optional[tuple] = None  # (heads, queries) per memory-attention call, to bound peak memory
     # None: every memory-layer query attends to all of memory (LongLLaMA). K: only to K memory entries, as the FoT
     # paper's kNN memory did: the K best-scoring ones ("exact"), or the best blocks of mem_block_size entries
-    # ("blocks": ceil(K / mem_block_size) blocks per key/value head and call, chosen by their mean keys)
+    # ("blocks": ceil(K / mem_block_size) blocks per key/value head and call, chosen by bounds on their keys)
     mem_topk: Optional[int] = None
     mem_retrieval: str = "blocks"
     mem_block_size: int = 64
@@ -310,8 +310,8 @@ class MemoryCache:
     buffers grow by half, so appending a window or an evicted local cache is amortised O(its size), and `reserve`
     sizes them at once for a prompt of known length. `valid` marks entries that were real tokens (not padding) when
     they were read. With `block_size`, memory is also summarised in blocks of that many consecutive entries: per
-    dimension, the largest and smallest of their valid keys, and how many valid keys there are, so that
-    `select_blocks` bounds what any key of a block can score without reading the block.
+    dimension, the largest and the smallest of their valid keys, so that `choose_blocks` bounds what any key of a
+    block can score without reading the block.
     """
 
     dtype: torch.dtype

@@ -290,7 +290,8 @@ def attention_weights(model, layer: int, x, cache, local_length: int):
         slot = slice(local_length - 1, local_length)
         q = longllama.apply_rope(q, model.rope_cos[slot], model.rope_sin[slot])
     mem_keys = cache.memory[layer].view()[0].to(q.device)
-    keys = torch.cat([cache.local[layer].keys[:, :, :local_length], mem_keys.to(q.dtype)], dim=2).float()  # [1, Hkv, S+M, D]
+    local_keys = cache.local[layer].keys[:, :, :local_length]
+    keys = torch.cat([local_keys, mem_keys.to(q.dtype)], dim=2).float()  # [1, Hkv, S+M, D]
     keys = keys.repeat_interleave(attention.heads // attention.kv_heads, dim=1)  # [1, H, S+M, D]
     scores = (q.float() @ keys.transpose(-1, -2)).squeeze(2) / math.sqrt(attention.head_dim)  # [1, H, S+M]
     seen = attention.memory_seen(q, cache.memory[layer])[:, :, 0]  # [1, H, M]

@@ -26,8 +26,8 @@ def test_bench_times_prefill_and_decode_of_a_tiny_shape_with_two_memory_layers(c
 
 
 def test_bench_of_a_trained_checkpoint_reads_passkey_prompts_and_checks_the_answers(capsys):
-    summary = bench_summary(capsys, "--ckpt", str(ROOT / "models" / "fot3"), "--prefill", "1024,4096", "--decode-memory", "",
-                            "--mem-topk", "128")
+    summary = bench_summary(capsys, "--ckpt", str(ROOT / "models" / "fot3"), "--prefill", "1024,4096",
+                            "--decode-memory", "", "--mem-topk", "128")
     assert [row["passkey"] for row in summary["rows"]] == [True, True]
     assert summary["shape"].endswith("fot3")
 

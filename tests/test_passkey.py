@@ -312,7 +312,8 @@ def test_the_top_k_comparison_runs_each_setting_once_with_its_own_flags(tmp_path
 def test_the_top_k_tables_show_every_setting_measured():
     part = lambda accuracy: dict(accuracy={"16384": accuracy}, interval={"16384": [0.5, 1.0]})
     results = {"fot7": {"all": dict(passkey=part(0.75), perplexity={"0": 2.0, "16": 1.9}),
-                        "blocks128": dict(passkey=part(1.0), decoys=dict(accuracy={"0": 1.0}, interval={"0": [0.8, 1]}))},
+                        "blocks128": dict(passkey=part(1.0),
+                                          decoys=dict(accuracy={"0": 1.0}, interval={"0": [0.8, 1]}))},
                "fot3": {}, "d1": {}, "d0": {}}
     text = context_scaling.topk_tables(results)
     assert "| FoT (d = 7) | all of memory | 75% (50-100%) | - | - | - | -5.0% |" in text

@@ -165,7 +165,8 @@ def test_a_top_k_memory_file_is_used_in_place_and_answers_as_the_reading_did(ses
     assert memory.length > 8 * model.config.mem_topk
     sampling = generate.Sampling(max_new_tokens=40, temperature=0)  # the local window fills and evicts
     for question in QUESTIONS:
-        read, again = (generate.answer(model, session.tok, d, question, sampling).tokens[0] for d in (documents, loaded))
+        read, again = (generate.answer(model, session.tok, docs, question, sampling).tokens[0]
+                       for docs in (documents, loaded))
         assert read == again
 
 
