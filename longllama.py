@@ -1301,6 +1301,9 @@ def _umask() -> int:
 
 def save(model: LongLlama, out_dir):
     """Write config.json and model.safetensors into out_dir (created if needed)."""
+    if model.quantization:
+        raise ValueError(f"a model with {model.quantization} weights is not saved: save it unquantized, and quantize "
+                         "it when it loads (load(quantize=...), --quantize)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(checkpoint_writers(out_dir, model.config, model.state_dict()))

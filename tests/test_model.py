@@ -528,6 +528,15 @@ def test_the_compiled_decode_step_runs_quantized_weights_as_eager_decoding_does(
             assert_close(b, a.double(), atol=1e-2 * a.abs().max().item())
 
 
+def test_a_quantized_model_is_not_saved(tmp_path):
+    model = longllama.quantize(tiny_model(), "int8")
+    with pytest.raises(ValueError, match="a model with int8 weights is not saved"):
+        longllama.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="quantize must be one of int8, int4, got 'int2'"):
+        longllama.quantize(tiny_model(), "int2")
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("shape", [(96, 128), (61, 64), (48, 192)])
 def test_a_quantized_layer_multiplies_by_its_specified_weight_within_bfloat16_rounding(scheme, shape):
