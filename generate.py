@@ -617,7 +617,7 @@ def add_topk_arguments(p):
                         "then cost far less than quadratic time, and memory is held in --mem-dtype (default: all)")
     p.add_argument("--mem-retrieval", default=None, choices=longllama.MEM_RETRIEVALS,
                    help="how --mem-topk chooses: blocks (scalable: the best blocks of --mem-block-size entries, by "
-                        "their mean keys) or exact (the K best entries of each query: as slow as all of memory)")
+                        "bounds on their keys) or exact (the K best entries of each query: as slow as all of memory)")
     p.add_argument("--mem-block-size", type=int, default=None, metavar="N", help="entries per block (default: 64)")
 
 
