@@ -197,6 +197,9 @@ def topk_commands(models: Path, out: Path, size: dict) -> list:
 
 def topk_experiment(models: Path, out: Path, size: dict) -> dict:
     """Every top-k run (skipping finished ones) and held-out perplexity with each K (blocks), as OUT/topk.json."""
+    missing = [str(models / name) for name in SETUPS if not (models / name / "config.json").is_file()]
+    if missing:  # refused before anything is written or run
+        raise ValueError(f"--topk compares trained models, and {', '.join(missing)} holds none (see --models)")
     out.mkdir(parents=True, exist_ok=True)
     run(topk_commands(models, out, size), size["side_by_side"])
     results = {}

@@ -309,6 +309,15 @@ def test_the_top_k_comparison_runs_each_setting_once_with_its_own_flags(tmp_path
         assert command[command.index("--ckpt") + 1] == str(ROOT / "models" / out.split("_")[-2])
 
 
+def test_the_top_k_comparison_without_trained_models_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        context_scaling.main(["--topk", "--models", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--topk compares trained models" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_top_k_tables_show_every_setting_measured():
     part = lambda accuracy: dict(accuracy={"16384": accuracy}, interval={"16384": [0.5, 1.0]})
     results = {"fot7": {"all": dict(passkey=part(0.75), perplexity={"0": 2.0, "16": 1.9}),
