@@ -106,13 +106,18 @@ def prefill_flops(config: longllama.LongLlamaConfig, tokens: int) -> float:
 
 def memory_attention_flops(config: longllama.LongLlamaConfig, queries: int, memory: int) -> float:
     """One memory layer's attention from `queries` queries to a memory of `memory` entries: all of them, or with
-    top-k blocks the blocks' scores (one dot product each) and the chosen blocks. Exact top-k scores every entry."""
+    top-k blocks the chosen blocks and the blocks' bounds, scored by at most longllama.PROBES queries (a dot product
+    of 2 x head_dim per head). Exact top-k scores every entry."""
     h = config.hidden_size
     if config.mem_topk is None or config.mem_retrieval == "exact":
         return 4 * queries * memory * h
-    size = config.mem_block_size
-    chosen = min(memory, -(-config.mem_topk // size) * size)
-    return 4 * queries * chosen * h + 2 * queries * -(-memory // size) * h
+    scoring = 4 * min(queries, longllama.PROBES) * -(-memory // config.mem_block_size) * h
+    return 4 * queries * chosen_entries(config, memory) * h + scoring
+
+
+def chosen_entries(config: longllama.LongLlamaConfig, memory: int) -> int:
+    """Memory entries a query attends to with top-k blocks: whole blocks, at least mem_topk of them."""
+    return min(memory, -(-config.mem_topk // config.mem_block_size) * config.mem_block_size)
 
 
 def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
@@ -127,8 +132,7 @@ def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
         entry = m.keys[:, :, :1].nbytes * 2  # one entry's key and value, every head
         if m.block_size:
             blocks = -(-m.length // m.block_size)
-            chosen = min(m.length, -(-config.mem_topk // m.block_size) * m.block_size)
-            memory += m.block_bounds[:, :, :blocks].nbytes + chosen * entry
+            memory += m.block_bounds[:, :, :blocks].nbytes + chosen_entries(config, m.length) * entry
         else:
             memory += m.length * entry
     return weights + local + memory

@@ -845,14 +845,17 @@ class Attention(nn.Module):
         every entry, or without mem_topk: memory is then attended whole."""
         if self.topk is None:
             return None
-        whole = self.topk if self.retrieval == "exact" else -(-self.topk // memory.block_size) * memory.block_size
+        whole = self.topk if self.retrieval == "exact" else self._blocks_wanted(memory) * memory.block_size
         return self.retrieval if whole < memory.length else None
+
+    def _blocks_wanted(self, memory: MemoryCache) -> int:
+        return -(-self.topk // memory.block_size)  # ceil: at least K entries
 
     def _memory_source(self, q, memory: MemoryCache, padding: bool) -> Source:
         """What the queries q [B, H, T, D] see of memory (see _retrieval)."""
         retrieval = self._retrieval(memory)
         if retrieval == "blocks":
-            keys, values, valid = memory.select_blocks(self._grouped(q), -(-self.topk // memory.block_size))
+            keys, values, valid = memory.select_blocks(self._grouped(q), self._blocks_wanted(memory))
             return Source(keys, values, valid[:, :, None, None, :])  # [B, Hkv, 1, 1, S]: chosen per key/value head
         keys, values, valid = (x.to(q.device) for x in memory.view())  # on_host: copied over whole
         # the same mask for every query, no causal mask: [B, 1, 1, 1, M]
@@ -870,7 +873,7 @@ class Attention(nn.Module):
             scores = self._grouped(q).float() @ keys.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, R, T, M]
             seen = topk_visible(scores.flatten(1, 2), seen, self.topk)
         elif retrieval == "blocks":
-            blocks = memory.choose_blocks(self._grouped(q), -(-self.topk // memory.block_size))  # [B, Hkv, n]
+            blocks = memory.choose_blocks(self._grouped(q), self._blocks_wanted(memory))  # [B, Hkv, n]
             chosen = torch.zeros(batch_size, self.kv_heads, -(-memory.length // memory.block_size), dtype=torch.bool,
                                  device=q.device).scatter_(-1, blocks, True)
             chosen = chosen.repeat_interleave(memory.block_size, dim=-1)[..., :memory.length]  # [B, Hkv, M]
@@ -1407,10 +1410,10 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, quantize: Optional[str] = 
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot read weights ({e})") from None
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head = QuantizedLinear(model.embed.weight, quantize) if quantize else model.lm_head
-        if not quantize:
-            model.lm_head.weight = model.embed.weight
+    if config.tie_word_embeddings and quantize:  # lm_head, not in the file, is the embedding quantized
+        model.lm_head = QuantizedLinear(model.embed.weight, quantize)
+    elif config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
     model.quantization = quantize
     model.reset_rope()
     return model.eval()
