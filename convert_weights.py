@@ -3,14 +3,17 @@ to Hugging Face or GGUF.
 
     python convert_weights.py long_llama_3b_v1_1/ ckpt/    # HF directory: *.bin or *.safetensors, sharded or not
     python convert_weights.py open_llama_3b_v2/ ckpt/ --mem-layers 6,12,18    # plain LLaMA, given memory layers
-    python convert_weights.py long_llama_3b_v1_1.Q8_0.gguf ckpt/   # GGUF alone: its vocabulary becomes the tokenizer
+    python convert_weights.py long_llama_3b_v1_1.Q4_0.gguf ckpt/   # GGUF alone: its vocabulary becomes the tokenizer
+    python convert_weights.py ckpt/ ckpt-int8/ --quantize int8      # a quantized checkpoint (also from HF or GGUF)
     python convert_weights.py ckpt/ hf/ --to hf            # back to the Hugging Face layout
     python convert_weights.py ckpt/ model.gguf --to gguf --type q8_0    # a LLaMA GGUF for llama.cpp-compatible tools
 
-Options: --dtype float32|float16|bfloat16 casts (default: keep the source's dtype; GGUF dequantizes to float32),
---type f16|q8_0|f32 stores GGUF matrices, --mem-layers / --last-context-length override the memory settings (plain
-LLaMA has none), --tokenizer PATH uses that tokenizer.model or tokenizer.json (default: SRC's, or the one a GGUF
-file holds), --force replaces a non-empty OUT.
+Options: --dtype float32|float16|bfloat16 casts (default: keep the source's dtype; GGUF dequantizes to float32;
+quantized checkpoints keep their embedding and norms in bfloat16), --quantize int8|int4 stores the linear layers
+quantized (a quantized GGUF stays quantized unless --dtype asks for floats: 4-bit blocks as int4, other types as
+int8), --type f16|q8_0|f32 stores GGUF matrices (int8 weights become Q8_0 as they are), --mem-layers /
+--last-context-length override the memory settings (plain LLaMA has none), --tokenizer PATH uses that
+tokenizer.model or tokenizer.json (default: SRC's, or the one a GGUF file holds), --force replaces a non-empty OUT.
 
 Converting is renaming plus fusing, driven by one table (LAYER_NAMES, MODEL_NAMES): q/k/v become one `wqkv` matrix and
 gate/up one `gate_up` matrix, as in gpt-fast. Hugging Face checkpoints already use the rotate-half RoPE layout; GGUF
@@ -29,6 +32,7 @@ import shutil
 import sys
 import warnings
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -39,7 +43,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from longllama import LongLlamaConfig, available_bytes, write_atomically
+from longllama import (QUANTIZATIONS, LongLlamaConfig, QuantizedWeight, available_bytes, pack_nibbles,
+                       quantize_weight, write_atomically)
 from tokenizer import (NORMAL, TOKENIZER_CONFIG, TOKENIZER_FILES, UNUSED, BPETokenizer, Tokenizer, bpe_tokenizer_json,
                        bpe_vocabulary, open_tokenizer, read_tokenizer_config, sentencepiece_model,
                        sentencepiece_vocabulary, tokenizer_file)
@@ -62,8 +67,13 @@ MODEL_NAMES = [
     ("norm.weight", "model.norm.weight", "output_norm.weight", ("hidden",)),
     ("lm_head.weight", "lm_head.weight", "output.weight", ("vocab", "hidden")),  # absent when tied to the embedding
 ]
+# the linear layers' weights (the embedding is a lookup table)
+LINEAR_NAMES = {ours for ours, _, _, shape in LAYER_NAMES + MODEL_NAMES if len(shape) == 2} - {"embed.weight"}
 # config.json "architectures" -> "model_type", both ways
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "LongLlamaForCausalLM": "longllama"}
+# GGUF types whose blocks are an int4 QuantizedWeight in groups of 32, exactly (see gguf_int4_weight); others become
+# int8 (Q8_0, Q5_*, Q6_K: 5 or more bits) when a quantized GGUF converts to a quantized checkpoint
+GGUF_INT4 = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_K)
 # --to gguf --type: what matrices are stored as
 GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -107,14 +117,15 @@ def first_names(names) -> str:
 
 
 def check_tensor(name: str, tensor, shape: tuple, source):
-    if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+    if not (isinstance(tensor, QuantizedWeight) or (isinstance(tensor, torch.Tensor) and tensor.is_floating_point())):
         raise ValueError(f"{source}: {name} is not a floating-point tensor")
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, but the config implies {shape}")
 
 
-def fuse(tensors, parts: dict, dtype, source) -> dict:
-    """Our state dict from a stream of (Hugging Face name, tensor), each checked against the config.
+def fuse(tensors, parts: dict, dtype, source, quantize: Optional[str] = None) -> dict:
+    """Our state dict from a stream of (Hugging Face name, tensor or QuantizedWeight), each checked against the config.
+    With quantize, linear layers' weights are QuantizedWeights (see `join`).
 
     q/k/v (or gate/up) of a layer may sit in different shards: a part waits only until its siblings arrive, so memory
     holds the output plus the current shard, never the whole input next to the whole output.
@@ -130,15 +141,45 @@ def fuse(tensors, parts: dict, dtype, source) -> dict:
         if name in waiting or part.ours in state:
             raise ValueError(f"{source}: tensor {name} appears twice")
         check_tensor(name, tensor, part.shape, source)
-        waiting[name] = tensor.to(dtype=dtype)
+        scheme = quantize if is_linear(part.ours) else None
+        waiting[name] = tensor if scheme or isinstance(tensor, QuantizedWeight) else tensor.to(dtype=dtype)
         group = parts[part.ours]
         if all(p.hf in waiting for p in group):
-            # cat copies even a single part: every output tensor owns its memory, as safetensors requires
-            state[part.ours] = torch.cat([waiting.pop(p.hf) for p in group])  # [sum of part rows, columns]
+            state[part.ours] = join([waiting.pop(p.hf) for p in group], scheme, dtype)  # [sum of part rows, columns]
     missing = [p.hf for ours, group in parts.items() if ours not in state for p in group if p.hf not in waiting]
     if missing:
         raise ValueError(f"{source}: missing tensors {first_names(missing)}")
     return state
+
+
+def is_linear(ours: str) -> bool:
+    """Whether our tensor is a linear layer's weight, which a quantized checkpoint stores quantized."""
+    return (ours.split(".", 2)[2] if ours.startswith("layers.") else ours) in LINEAR_NAMES
+
+
+def join(pieces: list, scheme: Optional[str], dtype):
+    """One of our tensors from its parts along dim 0 (q/k/v, gate/up; a single part is copied, so that every output
+    tensor owns its memory, as safetensors requires).
+
+    scheme None: a float tensor in dtype. "int8" / "int4": a QuantizedWeight; "keep" (GGUF): int8, unless every
+    part is already int4 in one group size. Parts already quantized alike (GGUF 4-bit blocks) keep their values;
+    others go through float, one tensor at a time."""
+    quantized = [p for p in pieces if isinstance(p, QuantizedWeight)]
+    layouts = {(p.scheme, p.scales.shape[1:]) for p in quantized}
+    if scheme and len(quantized) == len(pieces) and len(layouts) == 1 and scheme in ("keep", pieces[0].scheme):
+        return QuantizedWeight(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*pieces)))
+    floats = [p.dequantize() if isinstance(p, QuantizedWeight) else p for p in pieces]
+    if scheme is None:
+        return torch.cat([f.to(dtype=dtype) for f in floats])
+    return quantize_weight(torch.cat(floats), "int8" if scheme == "keep" else scheme)  # from the source's precision
+
+
+def split_rows(tensor, sizes: list) -> list:
+    """A tensor or QuantizedWeight cut along dim 0 into pieces of these row counts (views)."""
+    if isinstance(tensor, QuantizedWeight):
+        return [QuantizedWeight(*parts) for parts in zip(*(
+            [None] * len(sizes) if part is None else part.split(sizes) for part in tensor))]
+    return list(tensor.split(sizes))
 
 
 def rope_heads(part: Part, config: LongLlamaConfig) -> Optional[int]:
@@ -149,8 +190,9 @@ def rope_heads(part: Part, config: LongLlamaConfig) -> Optional[int]:
 
 def permute_rope_rows(weight, heads: int):
     """llama.cpp's reordering of q/k rows (see unpermute_rope_rows): each head's [2, D/2] rows become [D/2, 2]."""
-    rows, columns = weight.shape
-    return weight.reshape(heads, 2, rows // heads // 2, columns).transpose(1, 2).reshape(rows, columns)
+    if isinstance(weight, QuantizedWeight):
+        return weight.map(lambda part: permute_rope_rows(part, heads))
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).transpose(1, 2).reshape(weight.shape)
 
 
 def unpermute_rope_rows(weight, heads: int):
@@ -159,10 +201,12 @@ def unpermute_rope_rows(weight, heads: int):
     RoPE rotates pairs of coordinates. In HF's rotate-half layout row j of a head pairs with row j + D/2; ggml rotates
     adjacent rows 2j, 2j+1. So llama.cpp's HF->GGUF converter (`LlamaModel.permute`) reorders each head's rows with
     `w.reshape(heads, 2, D/2, cols).swapaxes(1, 2)`: GGUF row 2j+t is HF row t*D/2 + j. The inverse views the rows as
-    [heads, D/2, 2] and swaps back. k uses the number of key/value heads.
+    [heads, D/2, 2] and swaps back. k uses the number of key/value heads. A QuantizedWeight's parts are all indexed
+    by row first: each is reordered alike.
     """
-    rows, columns = weight.shape
-    return weight.reshape(heads, rows // heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
+    if isinstance(weight, QuantizedWeight):
+        return weight.map(lambda part: unpermute_rope_rows(part, heads))
+    return weight.reshape(heads, weight.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(weight.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,24 +403,56 @@ def gguf_tokenizer_files(reader, config: LongLlamaConfig, source) -> dict:
     return files
 
 
-def gguf_tensors(reader, parts: dict, config: LongLlamaConfig, source):
-    """Yield (Hugging Face name, float32 tensor) for each GGUF tensor: dequantized, q/k rows back in HF order."""
+def gguf_tensors(reader, parts: dict, config: LongLlamaConfig, source, keep_int4: bool = False):
+    """Yield (Hugging Face name, tensor) for each GGUF tensor, q/k rows back in HF order: float32, dequantized, or
+    with keep_int4 a linear layer's 4-bit blocks (Q4_0, Q4_1, Q4_K) as the int4 QuantizedWeight they are."""
     part_of = {part.gguf: part for group in parts.values() for part in group}
-    for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=None, leave=False):
+    for tensor in tqdm(reader.tensors, desc="reading", unit="tensor", disable=None, leave=False):
         part = part_of.get(tensor.name)
         if tensor.name == "rope_freqs.weight":  # what llama.cpp writes for Llama-3.1's rope_scaling
             raise ValueError(f"{source}: rope frequency factors (rope_freqs.weight, Llama-3.1 rope scaling) are not "
                              "supported from GGUF: convert the Hugging Face checkpoint instead")
         if part is None:
             raise ValueError(f"{source}: unexpected tensor {tensor.name}")
-        try:
-            weight = torch.tensor(gguf.quants.dequantize(tensor.data, tensor.tensor_type))  # float32 [rows, columns]
-        except NotImplementedError:
-            raise ValueError(f"{source}: {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf package "
-                             "cannot dequantize") from None
+        if keep_int4 and is_linear(part.ours) and tensor.tensor_type in GGUF_INT4:
+            weight = gguf_int4_weight(np.asarray(tensor.data), tensor.tensor_type)
+        else:
+            try:
+                weight = torch.tensor(gguf.quants.dequantize(tensor.data, tensor.tensor_type))  # float32 [rows, columns]
+            except NotImplementedError:
+                raise ValueError(f"{source}: {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf "
+                                 "package cannot dequantize") from None
         check_tensor(tensor.name, weight, part.shape, source)
         heads = rope_heads(part, config)
         yield part.hf, weight if heads is None else unpermute_rope_rows(weight, heads)
+
+
+def gguf_int4_weight(data: np.ndarray, qtype) -> QuantizedWeight:
+    """A matrix of GGUF 4-bit blocks (uint8 [rows, bytes of a row]) as an int4 QuantizedWeight in groups of 32, value
+    for value. Each block of 32 weights holds 4-bit values q in [0, 15] and w = d (q - 8) (Q4_0), d q + m (Q4_1), or
+    d sc q - dmin m with 6-bit sc, m per block, 8 blocks sharing d and dmin (Q4_K): so that, in this project's
+    (q - 8) scale + zero, scale is d (or d sc) and zero is 0, m + 8 d or 8 d sc - dmin m. Only rounding scale and zero to
+    bfloat16, which the kernel takes, changes a weight: by a few hundredths of a step."""
+    rows = data.shape[0]
+    half = lambda raw: raw.copy().view(np.float16).astype(np.float32)  # [..., 2] bytes -> [..., 1]
+    if qtype == gguf.GGMLQuantizationType.Q4_K:
+        blocks = data.reshape(rows, -1, 144)  # d, dmin, 12 bytes of packed sc and m, 128 bytes of values
+        d, dmin = half(blocks[..., 0:2]), half(blocks[..., 2:4])
+        sc, m = (x.reshape(rows, -1, 8).astype(np.float32)
+                 for x in gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12)))
+        scale, zero = d * sc, 8 * d * sc - dmin * m  # [rows, super-blocks, 8]
+        packed = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)  # 4 x 32 bytes: the low nibbles of 32 bytes are one
+        values = np.concatenate([packed & 15, packed >> 4], axis=3)  # block, the high nibbles the next one
+    else:
+        header = 2 if qtype == gguf.GGMLQuantizationType.Q4_0 else 4
+        blocks = data.reshape(rows, -1, header + 16)  # d (and m), 16 bytes: values 0-15 low nibbles, 16-31 high
+        d = half(blocks[..., 0:2])
+        scale, zero = d, (np.zeros_like(d) if header == 2 else half(blocks[..., 2:4]) + 8 * d)
+        packed = blocks[..., header:]
+        values = np.concatenate([packed & 15, packed >> 4], axis=-1)
+    values = torch.from_numpy(values.reshape(rows, -1))
+    bf16 = lambda x: torch.from_numpy(np.ascontiguousarray(x).reshape(rows, -1)).to(torch.bfloat16)
+    return QuantizedWeight(pack_nibbles(values), bf16(scale), bf16(zero))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -407,17 +483,26 @@ def check_fits_in_memory(config: LongLlamaConfig, dtype, source):
                          f"{available / 2**30:.1f} GiB are free{why}")
 
 
+def weight_names(src: Path) -> Optional[list]:
+    """The tensor names of SRC/model.safetensors; None when there is none, or it cannot be read (reading it later
+    says why)."""
+    try:
+        with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError):
+        return None
+
+
+def is_ours(src: Path) -> bool:
+    """Whether SRC is one of this project's checkpoint directories (a model.safetensors with our tensor names)."""
+    names = weight_names(src) if src.is_dir() else None
+    return bool(names) and "embed.weight" in names
+
+
 def check_ours(src: Path, target: str):
     """--to hf / gguf converts this project's checkpoints: say so when SRC is a Hugging Face one."""
-    weights = src / "model.safetensors"
-    names = []
-    if weights.is_file():
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                names = list(f.keys())
-        except (SafetensorError, OSError):
-            return  # a damaged file: checkpoint_parts says so
-    hf_only = not weights.is_file() and any((src / name).is_file() for name in HF_WEIGHT_FILES)
+    names = weight_names(src) or []
+    hf_only = not (src / "model.safetensors").is_file() and any((src / name).is_file() for name in HF_WEIGHT_FILES)
     if hf_only or any(name.startswith("model.") for name in names):
         raise ValueError(f"{src} is a Hugging Face checkpoint, and --to {target} converts this project's: convert it "
                          f"to one first (python convert_weights.py {src} OUT)")
@@ -453,7 +538,7 @@ def write_checkpoint(out_dir: Path, config: dict, state: dict, tokenizer_files: 
     tmp.mkdir()
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(stored_tensors(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors creates it 0600: honour umask
         for name, content in tokenizer_files.items():
             (tmp / name).write_bytes(content)
@@ -473,17 +558,46 @@ def write_checkpoint(out_dir: Path, config: dict, state: dict, tokenizer_files: 
         warnings.warn(f"{out_dir} has no {' or '.join(TOKENIZER_FILES)} (generate.py needs one): pass --tokenizer PATH")
 
 
+def checkpoint_tensors(path: Path):
+    """Yield (name, tensor) from our model.safetensors, a quantized linear layer's parts ({layer}.weight, .scales,
+    .zeros) as one QuantizedWeight under {layer}.weight."""
+    if not path.is_file():
+        raise ValueError(f"{path.parent}: no model.safetensors")
+    tensors = dict(read_weights(path))  # memory-mapped by safetensors: read as they are used
+    for name in [n for n in tensors if not n.endswith((".scales", ".zeros"))]:
+        layer = name.removesuffix(".weight")
+        if f"{layer}.scales" in tensors:
+            yield name, QuantizedWeight(tensors.pop(name), tensors.pop(f"{layer}.scales"),
+                                        tensors.pop(f"{layer}.zeros", None))
+        else:
+            yield name, tensors.pop(name)
+    if tensors:
+        raise ValueError(f"{path}: unexpected tensors {first_names(list(tensors))}")
+
+
+def stored_tensors(state: dict) -> dict:
+    """The tensors of a state dict as safetensors stores them: a QuantizedWeight under {layer}.weight as its parts
+    {layer}.weight, .scales and (int4) .zeros."""
+    stored = {}
+    for name, tensor in state.items():
+        if isinstance(tensor, QuantizedWeight):
+            layer = name.removesuffix(".weight")
+            stored.update({f"{layer}.{part}": value.contiguous() for part, value
+                           in zip(("weight", "scales", "zeros"), tensor) if value is not None})
+        else:
+            stored[name] = tensor
+    return stored
+
+
 def checkpoint_parts(src: Path, config: LongLlamaConfig):
     """Yield (Part, tensor) for every Hugging Face / GGUF tensor of our checkpoint directory: fused tensors split."""
     parts, path = tensor_parts(config), src / "model.safetensors"
-    if not path.is_file():
-        raise ValueError(f"{src}: no model.safetensors")
-    for name, fused in read_weights(path):
+    for name, fused in checkpoint_tensors(path):
         group = parts.pop(name, None)
         if group is None:
             raise ValueError(f"{path}: unexpected tensor {name}")
         check_tensor(name, fused, (sum(p.shape[0] for p in group), *group[0].shape[1:]), path)
-        yield from zip(group, fused.split([p.shape[0] for p in group]))
+        yield from zip(group, split_rows(fused, [p.shape[0] for p in group]))
     if parts:
         raise ValueError(f"{path}: missing tensors {first_names(list(parts))}")
 
@@ -502,25 +616,54 @@ def write_gguf_file(writer: gguf.GGUFWriter, path: Path):
 
 
 def convert_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=None, tokenizer=None,
-               force=False) -> LongLlamaConfig:
-    """Hugging Face LongLLaMA / LLaMA directory -> our checkpoint directory."""
+               force=False, quantize=None) -> LongLlamaConfig:
+    """Hugging Face LongLLaMA / LLaMA directory, or one of ours -> our checkpoint directory (quantize: int8 / int4
+    linear layers)."""
     src, out_dir = Path(src), Path(out_dir)
     check_out_dir(out_dir, force)
-    config = load_config(src, mem_layers, last_context_length)
+    if is_ours(src):
+        return convert_ours(src, out_dir, dtype, mem_layers, last_context_length, tokenizer, quantize)
+    config = replace(load_config(src, mem_layers, last_context_length), quantization=quantize)
     check_fits_in_memory(config, dtype, src)
     files = hf_weight_files(src)
     tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
     tensors = (item for path in tqdm(files, desc="reading", unit="shard", disable=None, leave=False)
                for item in read_weights(path))
-    state = fuse(tensors, tensor_parts(config), dtype, src)
+    state = fuse(tensors, tensor_parts(config), dtype or (torch.bfloat16 if quantize else None), src, quantize)
+    write_checkpoint(out_dir, config.to_dict(), state, tokenizer_files)
+    return config
+
+
+def convert_ours(src: Path, out_dir: Path, dtype, mem_layers, last_context_length, tokenizer, quantize):
+    """One of our checkpoints -> another: quantized (or requantized) to `quantize`, else kept as quantized as it is;
+    float tensors cast to dtype; memory settings replaced."""
+    config = load_config(src, mem_layers, last_context_length)
+    config = replace(config, quantization=quantize or config.quantization)
+    check_fits_in_memory(config, dtype, src)
+    tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
+    parts = tensor_parts(config)
+    state = {}
+    for name, tensor in checkpoint_tensors(src / "model.safetensors"):
+        if name not in parts:
+            raise ValueError(f"{src / 'model.safetensors'}: unexpected tensor {name}")
+        check_tensor(name, tensor, (sum(p.shape[0] for p in parts[name]), *parts[name][0].shape[1:]), src)
+        float_dtype = dtype or (torch.bfloat16 if config.quantization else tensor.dtype)
+        state[name] = join([tensor], config.quantization if is_linear(name) else None, float_dtype)
+    missing = [name for name in parts if name not in state]
+    if missing:
+        raise ValueError(f"{src / 'model.safetensors'}: missing tensors {first_names(missing)}")
     write_checkpoint(out_dir, config.to_dict(), state, tokenizer_files)
     return config
 
 
 def convert_gguf(src, out_dir, dtype=None, mem_layers=None, last_context_length=None, tokenizer=None,
-                 force=False) -> LongLlamaConfig:
+                 force=False, quantize=None) -> LongLlamaConfig:
     """llama.cpp GGUF file (any quantization the gguf package can dequantize) -> our checkpoint directory, with the
-    tokenizer rebuilt from the file's vocabulary unless --tokenizer names one."""
+    tokenizer rebuilt from the file's vocabulary unless --tokenizer names one.
+
+    A file whose matrices are quantized stays quantized unless dtype is given: 4-bit blocks (Q4_0, Q4_1, Q4_K) become
+    int4 weights value for value, every other type int8 (a layer fused from both, int8). quantize: int8 or int4
+    for every linear layer, 4-bit blocks kept as they are under int4."""
     src, out_dir = Path(src), Path(out_dir)
     check_out_dir(out_dir, force)
     if not src.is_file():
@@ -530,11 +673,19 @@ def convert_gguf(src, out_dir, dtype=None, mem_layers=None, last_context_length=
     if mem_layers is None:
         values.update(gguf_memory_settings(reader, src))
     config = build_config(values, mem_layers, last_context_length, src)
-    check_fits_in_memory(config, dtype or torch.float32, src)  # dequantized to float32
+    floats = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    if quantize is None and dtype is None and any(t.tensor_type not in floats for t in reader.tensors):
+        quantize = "keep"
+    parts = tensor_parts(config)
+    config.quantization = "int4" if quantize == "keep" and any(
+        t.tensor_type in GGUF_INT4 for t in reader.tensors) else "int8" if quantize == "keep" else quantize
+    check_fits_in_memory(config, dtype or (torch.bfloat16 if quantize else torch.float32), src)
     tokenizer_files = (tokenizer_bytes(source_tokenizer(tokenizer, None)) if tokenizer
                        else gguf_tokenizer_files(reader, config, src))
-    parts = tensor_parts(config)
-    state = fuse(gguf_tensors(reader, parts, config, src), parts, dtype, src)
+    tensors = gguf_tensors(reader, parts, config, src, keep_int4=quantize in ("keep", "int4"))
+    state = fuse(tensors, parts, dtype or (torch.bfloat16 if quantize else None), src, quantize)
+    if quantize == "keep" and not any(isinstance(t, QuantizedWeight) and t.scheme == "int4" for t in state.values()):
+        config.quantization = "int8"  # no layer's parts were all 4-bit alike
     write_checkpoint(out_dir, config.to_dict(), state, tokenizer_files)
     if not config.mem_layers and mem_layers is None:
         warnings.warn(f"{src.name} names no memory layers and no --mem-layers was given: {out_dir} is plain LLaMA "
@@ -549,10 +700,12 @@ def export_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=Non
     check_out_dir(out_dir, force)
     check_ours(src, "hf")
     config = load_config(src, mem_layers, last_context_length)
+    config = replace(config, quantization=None)  # quantized weights leave dequantized: to float32, or dtype
     check_fits_in_memory(config, dtype, src)
     tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
     # clone: pieces of one tensor share memory otherwise
-    state = {part.hf: piece.to(dtype=dtype).clone() for part, piece in checkpoint_parts(src, config)}
+    state = {part.hf: (piece.dequantize() if isinstance(piece, QuantizedWeight) else piece).to(dtype=dtype).clone()
+             for part, piece in checkpoint_parts(src, config)}
     architecture = "LongLlamaForCausalLM" if config.mem_layers else "LlamaForCausalLM"
     hf_config = {"architectures": [architecture], "model_type": HF_ARCHITECTURES[architecture], "hidden_act": "silu",
                  "torch_dtype": str(state["model.embed_tokens.weight"].dtype).removeprefix("torch."),
@@ -580,8 +733,8 @@ def export_gguf(src, out_path, mem_layers=None, last_context_length=None, tokeni
     add_gguf_tokenizer(writer, tok, config, src)
     for part, tensor in checkpoint_parts(src, config):
         heads = rope_heads(part, config)
-        weight = (tensor if heads is None else permute_rope_rows(tensor, heads)).float().numpy()
-        add_gguf_tensor(writer, part.gguf, weight, GGUF_TYPES[gguf_type])
+        add_gguf_tensor(writer, part.gguf, tensor if heads is None else permute_rope_rows(tensor, heads),
+                        GGUF_TYPES[gguf_type])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically({out_path: lambda tmp: write_gguf_file(writer, tmp)})  # temporary name, then renamed
     return config
@@ -644,9 +797,17 @@ def tokenizer_chat_template(tok: Tokenizer) -> Optional[str]:
     return read_tokenizer_config(path).get("chat_template") if path else None
 
 
-def add_gguf_tensor(writer: gguf.GGUFWriter, name: str, weight: np.ndarray, qtype):
-    """1-D tensors (norms) stay float32, as llama.cpp keeps them; a matrix whose rows do not fill whole Q8_0 blocks
-    falls back to float16, as llama.cpp's converter does."""
+def add_gguf_tensor(writer: gguf.GGUFWriter, name: str, weight, qtype):
+    """A tensor or QuantizedWeight stored as qtype. 1-D tensors (norms) stay float32, as llama.cpp keeps them; a
+    matrix whose rows do not fill whole Q8_0 blocks falls back to float16, as llama.cpp's converter does. int8
+    weights become Q8_0 as they are (q8_0_blocks); others are dequantized first."""
+    if isinstance(weight, QuantizedWeight):
+        blocks = q8_0_blocks(weight) if qtype == gguf.GGMLQuantizationType.Q8_0 else None
+        if blocks is not None:
+            writer.add_tensor(name, blocks, raw_dtype=qtype)
+            return
+        weight = weight.dequantize()
+    weight = weight.float().numpy()
     if weight.ndim == 1:
         qtype = gguf.GGMLQuantizationType.F32
     try:
@@ -654,6 +815,19 @@ def add_gguf_tensor(writer: gguf.GGUFWriter, name: str, weight: np.ndarray, qtyp
     except gguf.quants.QuantError:
         writer.add_tensor(name, gguf.quants.quantize(weight, gguf.GGMLQuantizationType.F16),
                           raw_dtype=gguf.GGMLQuantizationType.F16)
+
+
+def q8_0_blocks(weight: QuantizedWeight) -> Optional[np.ndarray]:
+    """An int8 weight's Q8_0 bytes [rows, 34 per 32 columns], without a float round trip: a Q8_0 block is a float16
+    scale d and 32 int8 values standing for d q, so every block of a row takes the row's scale and its own values.
+    None for int4, a row not in whole blocks, or a scale float16 cannot hold exactly (then the weight is requantized)."""
+    rows, columns = weight.shape
+    scales = weight.scales.float()
+    if weight.scheme != "int8" or columns % 32 or not torch.equal(scales.half().float(), scales):
+        return None
+    d = scales.half().numpy().view(np.uint8).reshape(rows, 1, 2)  # [rows, 1, 2 bytes]
+    values = weight.q.numpy().view(np.uint8).reshape(rows, -1, 32)  # [rows, blocks, 32]
+    return np.concatenate([np.broadcast_to(d, (rows, values.shape[1], 2)), values], axis=-1).reshape(rows, -1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -677,14 +851,17 @@ def main(argv=None):
     parser.add_argument("--to", choices=["ours", "hf", "gguf"], default="ours", help="output layout (default: ours)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast (default: keep)")
     parser.add_argument("--type", choices=list(GGUF_TYPES), help="with --to gguf: how matrices are stored (default f16)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS,
+                        help="store linear layers' weights in int8 (per channel) or int4 (groups of 64; GGUF 4-bit "
+                             "blocks: groups of 32, as they are). A quantized GGUF stays quantized without it")
     parser.add_argument("--mem-layers", type=layer_list, help='memory layer indices, e.g. "6,12,18" ("" for none)')
     parser.add_argument("--last-context-length", type=int, help="tokens kept in the local window, not memory")
     parser.add_argument("--tokenizer", type=Path,
                         help="tokenizer.model or tokenizer.json to use (default: SRC's, or the one a GGUF file holds)")
     parser.add_argument("--force", action="store_true", help="replace OUT when it is not empty")
     args = parser.parse_args(argv)
-    if (args.type and args.to != "gguf") or (args.dtype and args.to == "gguf"):
-        fail("--type goes with --to gguf, --dtype with the other layouts")
+    if (args.type and args.to != "gguf") or (args.dtype and args.to == "gguf") or (args.quantize and args.to != "ours"):
+        fail("--type goes with --to gguf, --dtype with the other layouts, --quantize with --to ours")
     settings = dict(mem_layers=args.mem_layers, last_context_length=args.last_context_length,
                     tokenizer=args.tokenizer, force=args.force)
     if args.to == "gguf":
@@ -692,6 +869,8 @@ def main(argv=None):
     else:
         convert = export_hf if args.to == "hf" else convert_gguf if args.src.suffix == ".gguf" else convert_hf
         settings["dtype"] = getattr(torch, args.dtype) if args.dtype else None
+        if args.to == "ours":
+            settings["quantize"] = args.quantize
 
     with warnings.catch_warnings():  # warnings as one plain line each, like errors
         warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
@@ -700,6 +879,8 @@ def main(argv=None):
         except (ValueError, OSError) as e:
             fail(str(e))
     layout = {"ours": "longllama layout", "hf": "Hugging Face layout", "gguf": f"GGUF {args.type or 'f16'}"}[args.to]
+    if args.to == "ours" and config.quantization:
+        layout += f", {config.quantization} weights"
     print(f"wrote {args.out} ({layout}): {config.num_hidden_layers} layers, mem_layers {config.mem_layers}, "
           f"last_context_length {config.last_context_length}")
 

@@ -76,6 +76,8 @@ class LongLlamaConfig:
     # tokens of a long input that stay in the local window instead of memory; None: 1024 (LongLLaMA's) capped at
     # the window, and the whole window without memory layers (where earlier tokens would be read into nothing)
     last_context_length: Optional[int] = None
+    # null, or int8 / int4: the checkpoint stores its linear layers' weights quantized (see QuantizedWeight)
+    quantization: Optional[str] = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:  # no grouped-query attention
@@ -122,6 +124,7 @@ class LongLlamaConfig:
              "false without mem_topk (memory attended whole is read whole at every call)"),
             (["last_context_length"], lambda v: v is None or (is_int(v) and 0 <= v <= window),
              f"null or an integer in [0, max_position_embeddings={window}]"),
+            (["quantization"], lambda v: v is None or v in QUANTIZATIONS, f"null or one of {', '.join(QUANTIZATIONS)}"),
         ], label=lambda key: f"config: {key}")
         if self.model_bytes(torch.bfloat16) >= ADDRESSABLE_BYTES:
             raise ValueError(f"config: {self.num_parameters:.3g} weights and a window of {window} tokens are more "
@@ -138,8 +141,15 @@ class LongLlamaConfig:
         return embeddings + self.num_hidden_layers * layer + hidden  # and the final norm
 
     def model_bytes(self, dtype: torch.dtype) -> int:
-        """Memory a loaded model takes: its weights in dtype and the float32 rotary tables (cos, sin: W x head_dim)."""
-        return self.num_parameters * dtype.itemsize + 2 * self.max_position_embeddings * self.head_dim * 4
+        """Memory a loaded model takes: its weights in dtype and the float32 rotary tables (cos, sin: W x head_dim).
+        Quantized, the linear layers (lm_head too, even when tied) take at most QUANTIZED_BYTES per weight."""
+        rope = 2 * self.max_position_embeddings * self.head_dim * 4
+        if self.quantization is None:
+            return self.num_parameters * dtype.itemsize + rope
+        hidden, layers = self.hidden_size, self.num_hidden_layers
+        floats = self.vocab_size * hidden + (2 * layers + 1) * hidden  # the embedding and the norms
+        linear = self.num_parameters - floats + (self.vocab_size * hidden if self.tie_word_embeddings else 0)
+        return int(floats * dtype.itemsize + linear * QUANTIZED_BYTES[self.quantization]) + rope
 
     @property
     def head_dim(self) -> int:
@@ -186,6 +196,10 @@ class LongLlamaConfig:
 MEM_DTYPES = ("bfloat16", "float16", "float32", "float64")
 # how mem_topk chooses the memory entries a query attends to: see MemoryCache.select_blocks and topk_attention_and_lse
 MEM_RETRIEVALS = ("blocks", "exact")
+# how a checkpoint's linear layers may be quantized (QuantizedWeight), and the bytes per weight each takes at most,
+# scales included (int4: groups of 32, a bfloat16 scale and zero point each)
+QUANTIZATIONS = ("int8", "int4")
+QUANTIZED_BYTES = {"int8": 1.01, "int4": 0.625}
 # No machine addresses more (x86-64 and arm64 use 48-bit virtual addresses): a config needing more is nonsense.
 ADDRESSABLE_BYTES = 2**48
 
@@ -944,7 +958,6 @@ class LongLlama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False  # training: recompute each block in the backward pass
-        self.quantization = None  # "int8" or "int4" once quantize() replaced the linear layers
         self.compiled_layers = None  # LongLlama._layers through torch.compile, for decode steps (compile_decode)
         self.reset_rope()
         self.apply(self._init_weights)
@@ -1183,57 +1196,129 @@ class LongLlama(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # Weight-only quantization: int8 and int4 linear layers for CPU decoding
 
-QUANTIZATIONS = ("int8", "int4")
-INT4_GROUP = 64  # input channels sharing an int4 scale and zero point
+INT4_GROUP = 64  # input channels sharing an int4 scale and zero point, where this project quantizes
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (GGUF's 4-bit blocks are 32 wide)
+# int8 layers multiply this many rows or more (a prefill) by their weight rebuilt in bfloat16: one bfloat16 GEMM
+# then beats the int8 kernel, which is made for a few rows (measured: bench.py --quantize int8 --prefill 512)
+DEQUANTIZE_ROWS = 32
+
+
+class QuantizedWeight(NamedTuple):
+    """A linear layer's weight [N, K] as a quantized checkpoint stores it (as {layer}.weight, .scales, .zeros).
+    Every part is indexed by output row first, so rows are fused (q/k/v), split and reordered as a float weight's are.
+
+    - int8: q int8 [N, K] and scales [N]: w = q * scale, one scale per output channel.
+    - int4: q uint8 [N, K / 2], two 4-bit values per byte, the even column in the low nibble; scales and zeros
+      [N, K / group]: w = (q - 8) * scale + zero, per group of input channels.
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor] = None
+
+    @property
+    def scheme(self) -> str:
+        return "int8" if self.zeros is None else "int4"
+
+    @property
+    def shape(self) -> tuple:
+        rows, columns = self.q.shape
+        return rows, columns * (2 if self.zeros is not None else 1)
+
+    def map(self, fn) -> "QuantizedWeight":
+        """The same weight with fn applied to each part (a row slice, a row reordering, a cast)."""
+        return QuantizedWeight(*(None if part is None else fn(part) for part in self))
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K] the parts stand for."""
+        if self.zeros is None:
+            return self.q.float() * self.scales.float()[:, None]
+        rows, columns = self.shape
+        groups = unpack_nibbles(self.q).float().view(rows, self.scales.shape[1], -1)  # [N, K / group, group]
+        return ((groups - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]).view(rows, columns)
+
+
+def pack_nibbles(q):
+    """[N, K] integers in [0, 15] -> uint8 [N, K / 2]: column 2j in the low nibble of byte j, 2j + 1 in the high."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed):
+    """uint8 [N, K / 2] -> int32 [N, K], the inverse of pack_nibbles."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).int()
+
+
+def int4_fits(rows: int, columns: int, group: int) -> bool:
+    """Whether the int4 kernel takes a [rows, columns] weight in groups of `group`: it needs rows divisible by 16."""
+    return rows % 16 == 0 and group in INT4_GROUPS and columns % group == 0
+
+
+def quantize_weight(weight, scheme: str, group: int = INT4_GROUP) -> QuantizedWeight:
+    """A float weight [N, K] quantized to `scheme`, round to nearest. Scales and zero points are rounded to bfloat16
+    (what the kernels take) before the values are, so that the values are rounded against the scales used.
+    int4 falls back to int8 for a weight the int4 kernel cannot take (see int4_fits)."""
+    w = weight.detach().float()
+    rows, columns = w.shape
+    if scheme == "int4" and int4_fits(rows, columns, group):
+        groups = w.view(rows, -1, group)  # [N, K / group, group]
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
+        zero = (low + 8 * scale.float()).to(torch.bfloat16)  # q = 0 stands for the group's minimum
+        q = ((groups - zero.float()[..., None]) / scale.float()[..., None] + 8).round().clamp(0, 15)
+        return QuantizedWeight(pack_nibbles(q.view(rows, columns)), scale, zero)
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # [N]
+    return QuantizedWeight((w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8), scale)
 
 
 class QuantizedLinear(nn.Module):
-    """A bias-free linear layer whose weight [N, K] is stored quantized, multiplied by PyTorch's packed-weight kernels
-    (as gpt-fast does). Decoding reads every weight once per token, so its speed is set by the weights' bytes:
-    int8 halves bfloat16's, int4 quarters them.
+    """A bias-free linear layer whose weight [N, K] is kept quantized (a QuantizedWeight) and multiplied by PyTorch's
+    packed-weight kernels, as gpt-fast does. Decoding reads every weight once per token, so its speed is set by the
+    weights' bytes: int8 halves bfloat16's, int4 quarters them.
 
-    - int8: one scale per output channel, w ~ q * scale with q in [-127, 127] (`torch._weight_int8pack_mm`).
-    - int4: groups of INT4_GROUP input channels with a scale and a zero point each, w ~ (q - 8) * scale + zero with q
-      in [0, 15], packed two to a byte (`torch._weight_int4pack_mm_for_cpu`). Its kernel needs N divisible by 16:
-      a layer that is not (a small vocabulary) is stored int8 instead.
-    Activations reach the kernels in bfloat16 (in float32 they are several times slower) and leave in their own dtype.
-    The kernels are CPU kernels: on a GPU, int8 weights are dequantized at each call (right, not fast), and int4
-    is refused.
+    - int8 (`torch._weight_int8pack_mm`): for DEQUANTIZE_ROWS rows or more, and on a GPU, the weight is rebuilt in
+      bfloat16 (the GPU: the compute dtype) for one ordinary matrix multiply instead.
+    - int4 (`torch._weight_int4pack_mm_for_cpu`): the values are repacked at load into the kernel's own layout, which
+      depends on the CPU's vector width, so checkpoints store the portable one. CPU only.
+    Activations reach the CPU kernels in bfloat16 (in float32 they are several times slower) and leave in their own
+    dtype.
     """
 
-    def __init__(self, weight, scheme: str):
+    def __init__(self, stored: QuantizedWeight):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        weight = weight.detach().float()
-        if scheme == "int4" and (self.out_features % 16 or self.in_features % INT4_GROUP):
-            scheme = "int8"
-        self.scheme = scheme
-        if scheme == "int8":
-            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
-            self.register_buffer("weight", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-            self.register_buffer("scales", scale.to(torch.bfloat16))
+        self.out_features, self.in_features = stored.shape
+        self.scheme = stored.scheme
+        if self.scheme == "int8":
+            self.register_buffer("weight", aligned(stored.q.contiguous()))  # [N, K] int8
+            self.register_buffer("scales", stored.scales.to(torch.bfloat16).contiguous())  # [N]
         else:
-            groups = weight.view(self.out_features, -1, INT4_GROUP)  # [N, K / group, group]
-            low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-            scale = ((high - low) / 15).clamp(min=1e-12)
-            q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
-            zero = low + 8 * scale  # so that w ~ (q - 8) * scale + zero, the kernel's convention
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.view(self.out_features, self.in_features), 1)
-            self.register_buffer("weight", packed)  # [N, K / 2] uint8
-            self.register_buffer("scales", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-                                 .to(torch.bfloat16))  # [K / group, N, 2]
+            self.group = self.in_features // stored.scales.shape[1]
+            packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(stored.q), 1)
+            self.register_buffer("weight", packed)  # [N, K / 2] uint8, the kernel's layout
+            self.register_buffer("scales", torch.stack([stored.scales, stored.zeros], dim=-1).transpose(0, 1)
+                                 .to(torch.bfloat16).contiguous())  # [K / group, N, 2]
+
+    @classmethod
+    def quantized(cls, weight, scheme: str) -> "QuantizedLinear":
+        return cls(quantize_weight(weight, scheme))
 
     def forward(self, x):
-        flat = x.reshape(-1, self.in_features)
-        if not x.is_cpu:  # int8 (int4 is refused off the CPU): the weight as the kernel would multiply by it
-            weight = (self.weight.float() * self.scales.float()[:, None]).to(x.dtype)
-            return F.linear(flat, weight).view(*x.shape[:-1], self.out_features)
-        flat = flat.to(torch.bfloat16)
-        if self.scheme == "int8":
+        compute = torch.bfloat16 if x.is_cpu else x.dtype
+        flat = x.reshape(-1, self.in_features).to(compute)
+        if self.scheme == "int4":
+            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.scales)
+        elif x.is_cpu and flat.shape[0] < DEQUANTIZE_ROWS:
             out = torch._weight_int8pack_mm(flat, self.weight, self.scales)
         else:
-            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scales)
+            out = F.linear(flat, self.weight.to(compute) * self.scales.to(compute)[:, None])
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def aligned(tensor):
+    """The tensor, copied where its data does not start on a 64-byte boundary. A checkpoint's tensors are mapped from
+    the file at whatever offset they sit, and the int8 kernel's vector loads crash the process on weights that are
+    not 16-byte aligned."""
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
 
 
 def check_quantization(scheme: str, device: torch.device):
@@ -1255,8 +1340,8 @@ def quantize(model: "LongLlama", scheme: str) -> "LongLlama":
     The embedding and the norms stay as they are (a lookup reads one row of the embedding per token)."""
     check_quantization(scheme, model.embed.weight.device)
     for name, (parent, attribute) in linear_layers(model).items():
-        setattr(parent, attribute, QuantizedLinear(getattr(parent, attribute).weight, scheme))
-    model.quantization = scheme
+        setattr(parent, attribute, QuantizedLinear.quantized(getattr(parent, attribute).weight, scheme))
+    model.config = replace(model.config, quantization=scheme)
     return model
 
 
@@ -1304,9 +1389,10 @@ def _umask() -> int:
 
 def save(model: LongLlama, out_dir):
     """Write config.json and model.safetensors into out_dir (created if needed)."""
-    if model.quantization:
-        raise ValueError(f"a model with {model.quantization} weights is not saved: save it unquantized, and quantize "
-                         "it when it loads (load(quantize=...), --quantize)")
+    if model.config.quantization:  # int4 weights are held in a layout of this CPU's: not what a checkpoint stores
+        raise ValueError(f"a model with {model.config.quantization} weights is not saved: save it unquantized, and "
+                         "quantize it when it loads (load(quantize=...)) or into a checkpoint (convert_weights.py "
+                         "--quantize)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(checkpoint_writers(out_dir, model.config, model.state_dict()))
@@ -1361,7 +1447,8 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, quantize: Optional[str] = 
          **config_overrides) -> LongLlama:
     """Load a checkpoint directory; config_overrides (mem_layers, mem_dtype, ...) replace config.json values.
     quantize ("int8" or "int4"): every linear layer is quantized as it is read (see QuantizedLinear), so that no
-    unquantized copy of the model exists at any time.
+    unquantized copy of the model exists at any time. A quantized checkpoint (config.json's "quantization") loads
+    as it is stored; dtype is then that of the embedding, the norms and the activations between layers.
 
     Everything that can be checked is checked before the weights are read: the config, that the weights fit in
     the device's free memory, and that the file holds the layers the config says.
@@ -1369,51 +1456,96 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, quantize: Optional[str] = 
     ckpt_dir, device = Path(ckpt_dir), resolve_device(device)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if quantize is not None:
-        check_quantization(quantize, device)
     for name in ("config.json", "model.safetensors"):
         if not (ckpt_dir / name).is_file():
             raise ValueError(f"{ckpt_dir}: not a checkpoint directory ({name} is missing)")
     config = LongLlamaConfig.from_json(ckpt_dir / "config.json", **config_overrides)
+    stored = config.quantization
+    if quantize is not None and stored not in (None, quantize):
+        raise ValueError(f"{ckpt_dir} holds {stored} weights: they load as they are (leave out quantize), or quantize "
+                         f"the unquantized checkpoint to {quantize}")
+    config.quantization = quantize = quantize or stored
+    if quantize is not None:
+        check_quantization(quantize, device)
     needed, available = config.model_bytes(dtype), available_bytes(device)
     if needed > available:
         raise ValueError(f"{ckpt_dir}: the model needs {needed / 2**30:.1f} GiB in "
                          f"{str(dtype).removeprefix('torch.')}, {available / 2**30:.1f} GiB are free on {device}")
     path = ckpt_dir / "model.safetensors"
-    state = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            names = set(f.keys())
-            if any(name.startswith("model.layers.") for name in names):
-                raise ValueError(f"{ckpt_dir} holds Hugging Face tensor names: convert it first "
-                                 f"(python convert_weights.py {ckpt_dir} OUT_DIR)")
-            # layers first, from the names alone: building a model of a million layers to compare takes minutes
-            layers_in_file = {f"layers.{name.split('.')[1]}.*" for name in names if name.startswith("layers.")}
-            _refuse_mismatch(path, {f"layers.{i}.*" for i in range(config.num_hidden_layers)}, layers_in_file)
-            with torch.device("meta"):
-                model = LongLlama(config)
-            expected = {k: v.shape for k, v in tensors_to_save(model.state_dict(), config).items()}
-            _refuse_mismatch(path, set(expected), names)
-            linear = linear_layers(model) if quantize else {}
-            for name, shape in expected.items():
-                tensor = f.get_tensor(name)  # one at a time, so peak memory is the model in `dtype` plus one tensor
-                if tensor.shape != shape:
-                    raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(shape)}")
-                if not tensor.is_floating_point():
-                    raise ValueError(f"{path}: {name} holds {tensor.dtype}, not floating-point weights")
-                layer = name.removesuffix(".weight")
-                if layer in linear:  # quantized now, so that the model never holds it unquantized
-                    parent, attribute = linear[layer]
-                    setattr(parent, attribute, QuantizedLinear(tensor, quantize))
-                else:
-                    state[name] = tensor.to(dtype)
+            model = _read_weights(f, config, path, dtype, stored)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot read weights ({e})") from None
-    model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings and quantize:  # lm_head, not in the file, is the embedding quantized
-        model.lm_head = QuantizedLinear(model.embed.weight, quantize)
+        model.lm_head = QuantizedLinear.quantized(model.embed.weight, quantize)
     elif config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    model.quantization = quantize
     model.reset_rope()
     return model.eval()
+
+
+def _read_weights(f, config: LongLlamaConfig, path: Path, dtype: torch.dtype, stored: Optional[str]) -> LongLlama:
+    """The model of `config` with the weights of an open safetensors file, read one tensor at a time, so that peak
+    memory is the model plus one tensor. Linear layers become QuantizedLinear as they are read when config is
+    quantized: from their stored parts (`stored`), else quantized from float."""
+    names = set(f.keys())
+    if any(name.startswith("model.layers.") for name in names):
+        raise ValueError(f"{path.parent} holds Hugging Face tensor names: convert it first "
+                         f"(python convert_weights.py {path.parent} OUT_DIR)")
+    # layers first, from the names alone: building a model of a million layers to compare takes minutes
+    layers_in_file = {f"layers.{name.split('.')[1]}.*" for name in names if name.startswith("layers.")}
+    _refuse_mismatch(path, {f"layers.{i}.*" for i in range(config.num_hidden_layers)}, layers_in_file)
+    with torch.device("meta"):
+        model = LongLlama(config)
+    expected = {k: v.shape for k, v in tensors_to_save(model.state_dict(), config).items()}
+    linear = linear_layers(model) if config.quantization else {}
+    if stored:  # each linear layer's weight is stored as its parts: {layer}.weight, .scales and, for int4, .zeros
+        expected.update({f"{layer}.scales": None for layer in linear if f"{layer}.weight" in expected})
+        expected.update({name: None for name in names if name.endswith(".zeros")
+                         and name.removesuffix(".zeros") in linear})
+    _refuse_mismatch(path, set(expected), names)
+    state = {}
+    for name, shape in expected.items():
+        layer = name.removesuffix(".weight")
+        if layer in linear:  # quantized now, so that the model never holds it unquantized
+            parent, attribute = linear[layer]
+            setattr(parent, attribute, QuantizedLinear(
+                _stored_weight(f, layer, shape, stored, path) if stored
+                else quantize_weight(_float_tensor(f, name, shape, path), config.quantization)))
+        elif name.endswith(".weight"):
+            state[name] = _float_tensor(f, name, shape, path).to(dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    return model
+
+
+def _float_tensor(f, name: str, shape, path: Path):
+    tensor = f.get_tensor(name)
+    if tensor.shape != shape:
+        raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{path}: {name} holds {tensor.dtype}, not floating-point weights")
+    return tensor
+
+
+def _stored_weight(f, layer: str, shape, scheme: str, path: Path) -> QuantizedWeight:
+    """A linear layer's QuantizedWeight as a quantized checkpoint stores it, checked against its [N, K] shape."""
+    names = [f"{layer}.weight", f"{layer}.scales"] + ([f"{layer}.zeros"] if f"{layer}.zeros" in f.keys() else [])
+    weight = QuantizedWeight(*(f.get_tensor(name) for name in names))
+    parts = [part for part in weight if part is not None]
+    rows, columns = shape
+    groups = weight.scales.shape[-1] if weight.scales.dim() == 2 else 0
+    if weight.scheme == "int8":
+        expected = (torch.int8, (rows, columns)), (rows,)
+    else:
+        expected = (torch.uint8, (rows, columns // 2)), (rows, groups), (rows, groups)
+    found = (parts[0].dtype, tuple(parts[0].shape)), *(tuple(part.shape) for part in parts[1:])
+    if found != expected or not all(part.is_floating_point() for part in parts[1:]):
+        found = ", ".join(f"{str(part.dtype).removeprefix('torch.')} {tuple(part.shape)}" for part in parts)
+        raise ValueError(f"{path}: {layer} is not a stored {weight.scheme} weight of shape {tuple(shape)} "
+                         f"(found {found})")
+    if weight.scheme == "int4" and (scheme != "int4" or columns % groups or not int4_fits(rows, columns, columns // groups)):
+        raise ValueError(f"{path}: {layer} is stored as int4 in groups of {columns / groups:g}, which the "
+                         f"{scheme} checkpoint or the int4 kernel (groups of {', '.join(map(str, INT4_GROUPS))}, "
+                         "rows in multiples of 16) cannot take")
+    return weight

@@ -286,9 +286,10 @@ def llama_cpp_permute(weight, heads):
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(path, config: dict, hf: dict, qtype, architecture="llama", vocabulary=None):
+def write_gguf(path, config: dict, hf: dict, qtype, architecture="llama", vocabulary=None, encode=None):
     """A GGUF file as llama.cpp's HF converter writes one: llama.* metadata, q/k permuted, 1-D tensors in F32.
-    vocabulary(writer) adds the tokenizer.ggml.* keys (test_formats.py); without it the file holds no vocabulary."""
+    vocabulary(writer) adds the tokenizer.ggml.* keys (test_formats.py); without it the file holds no vocabulary.
+    encode(GGUF name, float32 array) -> (bytes, type) stores matrices its own way (as llama.cpp's quantizer)."""
     writer = gguf.GGUFWriter(str(path), architecture)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
@@ -326,7 +327,8 @@ def write_gguf(path, config: dict, hf: dict, qtype, architecture="llama", vocabu
         if array.ndim == 1:
             writer.add_tensor(gguf_name, array)  # llama.cpp keeps norms in F32
         else:
-            writer.add_tensor(gguf_name, stored(array, qtype), raw_dtype=qtype)
+            data, kind = encode(gguf_name, array) if encode else (stored(array, qtype), qtype)
+            writer.add_tensor(gguf_name, data, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -377,7 +379,7 @@ def test_gguf_converts_back_to_the_hf_tensors(tmp_path, qtype, atol, tied):
     hf = random_hf_tensors(config)
     write_gguf(tmp_path / "model.gguf", config, hf, qtype)
     convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "ours"), "--mem-layers", "1",
-                          "--last-context-length", "8"])
+                          "--last-context-length", "8", "--dtype", "float32"])  # floats: Q8_0 would stay int8
 
     model = longllama.load(tmp_path / "ours")
     assert model.config == longllama.LongLlamaConfig.from_dict(config)

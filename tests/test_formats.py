@@ -190,7 +190,7 @@ def test_gguf_export_loads_back_to_the_logits_of_the_rounded_weights_and_the_sam
     shutil.copy(model_path, tmp_path / "hf" / "tokenizer.model")
     convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
     convert_weights.main([str(tmp_path / "ours"), str(tmp_path / "model.gguf"), "--to", "gguf", "--type", gguf_type])
-    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "back")])
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "back"), "--dtype", "float32"])
 
     back = longllama.load(tmp_path / "back")
     assert back.config == longllama.LongLlamaConfig.from_dict(config)  # memory settings travel as longllama.*
@@ -288,7 +288,7 @@ def test_llama3_checkpoint_exports_to_gguf_with_its_bpe_vocabulary(tmp_path):
     field = reader.get_field
     assert field("tokenizer.ggml.model").contents() == "gpt2" and field("tokenizer.ggml.pre").contents() == "llama-bpe"
     assert field("tokenizer.chat_template").contents() == CHAT_TEMPLATE
-    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "back")])
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "back"), "--dtype", "float32"])
     assert_encodes_like_tokenizers(tmp_path / "back", source)
     assert torch.equal(logits_of(longllama.load(tmp_path / "back")),
                        logits_of(hand_loaded_model(config, quantized(hf, Q8_0))))
@@ -315,7 +315,7 @@ def test_code_7b_shaped_checkpoint_converts_generates_and_exports(tmp_path, caps
     convert_weights.main([str(tmp_path / "ours"), str(tmp_path / "code.gguf"), "--to", "gguf", "--type", "q8_0"])
     tokens = gguf.GGUFReader(tmp_path / "code.gguf").get_field("tokenizer.ggml.tokens").contents()
     assert len(tokens) == 32016 and tokens[32000:] == [f"[PAD{i}]" for i in range(32000, 32016)]  # as llama.cpp pads
-    convert_weights.main([str(tmp_path / "code.gguf"), str(tmp_path / "back")])
+    convert_weights.main([str(tmp_path / "code.gguf"), str(tmp_path / "back"), "--dtype", "float32"])
     assert longllama.load(tmp_path / "back").config == longllama.LongLlamaConfig.from_dict(config)
     assert_encodes_like_sentencepiece(tmp_path / "back", model_path)
 

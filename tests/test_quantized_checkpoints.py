@@ -1,0 +1,214 @@
+"""Quantized checkpoints: written by convert_weights.py --quantize or from GGUF quants, loaded as they are stored.
+
+Each test checks against an independent computation: the quantization written out by hand (test_model's
+dequantized_as_specified), or the gguf package's own dequantization of the file llama.cpp's way of writing made.
+"""
+
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import convert_weights
+import longllama
+from test_convert import (fuse_by_hand, hf_config, llama_cpp_permute, logits_of, random_hf_tensors, write_gguf,
+                          write_hf)
+from conftest import shared_tokenizer
+from test_model import dequantized_as_specified
+
+Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0 = (gguf.GGMLQuantizationType[name]
+                                      for name in ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q6_K", "Q8_0"))
+
+
+def dequantized_layers(ckpt) -> dict:
+    """{our tensor name: float64 weight} of every quantized linear layer in a checkpoint, from its stored parts, by
+    the storage format's definition (int8: q * scale; int4: low nibble first, (q - 8) * scale + zero)."""
+    tensors, weights = load_file(ckpt / "model.safetensors"), {}
+    for name in [n for n in tensors if n.endswith(".scales")]:
+        layer = name.removesuffix(".scales")
+        q, scales = tensors[f"{layer}.weight"], tensors[name].double()
+        if q.dtype == torch.int8:
+            weights[f"{layer}.weight"] = q.double() * scales[:, None]
+            continue
+        values = torch.stack([q & 15, q >> 4], dim=-1).view(q.shape[0], -1).double()  # [N, K]
+        group = values.shape[1] // scales.shape[1]
+        zeros = tensors[f"{layer}.zeros"].double()
+        weights[f"{layer}.weight"] = ((values - 8) * scales.repeat_interleave(group, 1)
+                                      + zeros.repeat_interleave(group, 1))
+    return weights
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_convert_quantize_stores_the_specified_quantization_and_loads_it_as_load_quantize_does(scheme, tmp_path):
+    config = hf_config(hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    hf = random_hf_tensors(config)
+    write_hf(tmp_path / "hf", config, hf, "safetensors")
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "float")])
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), "--quantize", scheme])
+
+    stored = dequantized_layers(tmp_path / "q")
+    for name, weight in fuse_by_hand(hf, config["num_hidden_layers"]).items():
+        if weight.dim() == 2 and name != "embed.weight":
+            assert torch.equal(stored[name], dequantized_as_specified(weight, scheme)), name
+    assert load_file(tmp_path / "q" / "model.safetensors")["embed.weight"].dtype == torch.bfloat16
+    quantized = longllama.load(tmp_path / "q", dtype=torch.bfloat16)
+    assert quantized.config.quantization == scheme
+    on_load = longllama.load(tmp_path / "float", dtype=torch.bfloat16, quantize=scheme)
+    assert torch.equal(logits_of(quantized), logits_of(on_load))
+
+    # ours -> ours keeps it; back to Hugging Face, the weights leave dequantized
+    convert_weights.main([str(tmp_path / "q"), str(tmp_path / "copy"), "--mem-layers", "0"])
+    assert longllama.load(tmp_path / "copy").config.quantization == scheme
+    convert_weights.main([str(tmp_path / "q"), str(tmp_path / "back"), "--to", "hf"])
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert torch.equal(back["model.layers.0.mlp.down_proj.weight"].double(),
+                       stored["layers.0.mlp.down.weight"])
+    with pytest.raises(ValueError, match=f"holds {scheme} weights"):
+        longllama.load(tmp_path / "q", quantize="int4" if scheme == "int8" else "int8")
+    with pytest.raises(ValueError, match="is not saved"):
+        longllama.save(quantized, tmp_path / "saved")
+
+
+def random_q4_k_blocks(rows: int, columns: int, seed: int) -> np.ndarray:
+    """A Q4_K matrix's bytes as llama.cpp lays them out (the gguf package cannot quantize to Q4_K): per 256 weights,
+    float16 d and dmin, 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit values. Any bytes are a valid
+    encoding; d and dmin are set to sizes a trained model has."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, columns // 256, 144), dtype=np.uint8)
+    blocks[..., 0:2] = (rng.uniform(0.5, 2, size=(rows, columns // 256, 1)) * 1e-3).astype(np.float16).view(np.uint8)
+    blocks[..., 2:4] = (rng.uniform(0.5, 2, size=(rows, columns // 256, 1)) * 4e-3).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def write_quantized_gguf(path, config: dict, qtype) -> dict:
+    """A GGUF as llama.cpp's quantizer writes one: matrices in qtype, the output matrix in Q8_0 (llama.cpp keeps it
+    in more bits), norms in F32, q/k rows permuted. Returns the file's matrices as the gguf package dequantizes them."""
+    dequantized = {}
+
+    def encode(name, array):
+        kind = Q8_0 if name == "output.weight" else qtype
+        seed = len(dequantized)
+        if kind == Q4_K:
+            data = random_q4_k_blocks(*array.shape, seed)
+        elif kind == Q6_K:  # 210 bytes per 256 weights, the float16 scale last: random bytes, a small scale
+            blocks = np.random.default_rng(seed).integers(0, 256, size=(array.shape[0], array.shape[1] // 256, 210),
+                                                          dtype=np.uint8)
+            blocks[..., 208:210] = np.array([2e-4], dtype=np.float16).view(np.uint8)
+            data = blocks.reshape(array.shape[0], -1)
+        else:
+            data = gguf.quants.quantize(array, kind)
+        dequantized[name] = torch.from_numpy(gguf.quants.dequantize(data, kind)).double()
+        return data, kind
+
+    write_gguf(path, config, random_hf_tensors(config), qtype, encode=encode)
+    return dequantized
+
+
+def unpermuted(dequantized: dict, config: dict) -> dict:
+    """The file's matrices under HF names, q/k rows back in HF order (inverse of llama_cpp_permute, by search)."""
+    heads, names = config["num_attention_heads"], {}
+    for name, weight in dequantized.items():
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            order = llama_cpp_permute(torch.arange(weight.shape[0]).view(-1, 1), heads).view(-1)
+            weight = weight[order.argsort()]
+        names[name] = weight
+    return names
+
+
+GGUF_LAYERS = {"attn_q": 0, "attn_k": 1, "attn_v": 2}  # wqkv's parts, in order
+
+
+def fused_from_gguf(weights: dict, layers: int) -> dict:
+    """Our fused linear weights from GGUF-named ones (as fuse_by_hand does for HF names)."""
+    ours = {"lm_head.weight": weights["output.weight"]}
+    for i in range(layers):
+        w = {name.split(".")[2]: weight for name, weight in weights.items() if name.startswith(f"blk.{i}.")}
+        ours[f"layers.{i}.attention.wqkv.weight"] = torch.cat([w["attn_q"], w["attn_k"], w["attn_v"]])
+        ours[f"layers.{i}.attention.wo.weight"] = w["attn_output"]
+        ours[f"layers.{i}.mlp.gate_up.weight"] = torch.cat([w["ffn_gate"], w["ffn_up"]])
+        ours[f"layers.{i}.mlp.down.weight"] = w["ffn_down"]
+    return ours
+
+
+@pytest.mark.parametrize("qtype, scheme, tolerance", [(Q8_0, "int8", 1 / 200), (Q4_0, "int4", 1 / 200),
+                                                      (Q4_1, "int4", 1 / 200), (Q4_K, "int4", 1 / 200),
+                                                      (Q5_0, "int8", 1 / 200), (Q6_K, "int8", 1 / 200)])
+def test_gguf_quants_load_quantized_and_equal_the_files_weights(qtype, scheme, tolerance, tmp_path):
+    """4-bit blocks become int4 value for value (only scale and zero are rounded to bfloat16), other types int8
+    (one scale per row: half a row step at most). The tolerance, relative to each matrix's largest weight, is far
+    below a wrong nibble order, scale or zero point, or a row out of place."""
+    config = hf_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, vocab_size=64)
+    dequantized = unpermuted(write_quantized_gguf(tmp_path / "model.gguf", config, qtype), config)
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "ours")])
+
+    model = longllama.load(tmp_path / "ours")
+    assert model.config.quantization == scheme
+    kinds = {name: getattr(parent, attribute).scheme
+             for name, (parent, attribute) in longllama.linear_layers(model).items()}
+    assert kinds.pop("lm_head") == "int8" and set(kinds.values()) == {scheme}
+    stored = dequantized_layers(tmp_path / "ours")
+    for name, expected in fused_from_gguf(dequantized, config["num_hidden_layers"]).items():
+        error = (stored[name] - expected).abs().max() / expected.abs().max()
+        assert error <= tolerance, (name, error.item())
+    if scheme == "int4":  # rows of 4-bit blocks: only the bfloat16 rounding of scale and zero
+        assert (stored["layers.0.mlp.down.weight"] - fused_from_gguf(dequantized, 3)["layers.0.mlp.down.weight"]
+                ).abs().max() <= 2**-7 * stored["layers.0.mlp.down.weight"].abs().max()
+    assert torch.isfinite(logits_of(model)).all()
+
+
+def test_a_mixed_gguf_fuses_4_bit_and_6_bit_parts_as_int8_and_float_output_on_request(tmp_path):
+    """q/k in 4-bit blocks with v in Q8_0 (as llama.cpp's Q4_K_M keeps attn_v in more bits): the fused wqkv cannot be
+    int4 in one layout, so it is int8; --dtype asks for a float checkpoint instead."""
+    config = hf_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, vocab_size=64)
+    hf = random_hf_tensors(config)
+    write_gguf(tmp_path / "model.gguf", config, hf, Q4_0)
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    assert {t.tensor_type for t in reader.tensors if t.data.ndim == 2} == {Q4_0}
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "int4")])
+    model = longllama.load(tmp_path / "int4")
+    assert model.layers[0].attention.wqkv.scheme == "int4" and model.config.quantization == "int4"
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "float"), "--dtype", "float32"])
+    assert longllama.load(tmp_path / "float").config.quantization is None
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "int8"), "--quantize", "int8"])
+    assert longllama.load(tmp_path / "int8").layers[0].attention.wqkv.scheme == "int8"
+
+
+def test_int8_weights_export_to_q8_0_value_for_value(tmp_path):
+    """int8 -> Q8_0 keeps every value and scale: the exported blocks dequantize (by the gguf package) to exactly the
+    int8 weights, and converting the file back gives the same int8 tensors."""
+    config = hf_config(hidden_size=64, intermediate_size=128, vocab_size=32000)
+    write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
+    shutil.copy(shared_tokenizer("open_llama_v2.model"), tmp_path / "hf" / "tokenizer.model")
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), "--quantize", "int8"])
+    convert_weights.main([str(tmp_path / "q"), str(tmp_path / "model.gguf"), "--to", "gguf", "--type", "q8_0"])
+    stored = dequantized_layers(tmp_path / "q")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    down = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    assert down.tensor_type == Q8_0
+    assert torch.equal(torch.from_numpy(gguf.quants.dequantize(down.data, Q8_0)).double(),
+                       stored["layers.1.mlp.down.weight"].float().double())
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "back")])
+    original, back = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    for name in original:
+        if name != "embed.weight":  # the embedding went through Q8_0 as a float matrix
+            assert torch.equal(original[name], back[name]), name
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update({"layers.0.mlp.down.weight": t["layers.0.mlp.down.weight"].float()}), "is not a stored int8"),
+    (lambda t: t.pop("layers.0.mlp.down.scales"), "missing tensors"),
+    (lambda t: t.update({"layers.0.mlp.down.scales": t["layers.0.mlp.down.scales"][:3]}), "is not a stored int8"),
+    (lambda t: t.update({"layers.0.mlp.down.zeros": t["layers.0.mlp.down.scales"].clone()}), "unexpected|not a stored"),
+])
+def test_a_damaged_quantized_checkpoint_is_refused_in_one_line(change, message, tmp_path):
+    config = hf_config(hidden_size=64, intermediate_size=128)
+    write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), "--quantize", "int8"])
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    change(tensors)
+    save_file(tensors, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        longllama.load(tmp_path / "q")
