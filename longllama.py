@@ -1198,8 +1198,10 @@ class LongLlama(nn.Module):
 
 INT4_GROUP = 64  # input channels sharing an int4 scale and zero point, where this project quantizes
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (GGUF's 4-bit blocks are 32 wide)
+PACKED_ROWS = 1024  # rows of an int4 weight packed for the kernel at a time: a multiple of its 64-row blocks
 # int8 layers multiply this many rows or more (a prefill) by their weight rebuilt in bfloat16: one bfloat16 GEMM
-# then beats the int8 kernel, which is made for a few rows (measured: bench.py --quantize int8 --prefill 512)
+# then beats the int8 kernel, made for a few rows (measured at 3B's width: the kernel takes 0.5 ms per row of
+# 8640 x 2 by 3200, rebuilding 9.5 ms and the GEMM 8 ms for 32 rows, 76 ms for 512)
 DEQUANTIZE_ROWS = 32
 
 
@@ -1277,7 +1279,8 @@ class QuantizedLinear(nn.Module):
     weights' bytes: int8 halves bfloat16's, int4 quarters them.
 
     - int8 (`torch._weight_int8pack_mm`): for DEQUANTIZE_ROWS rows or more, and on a GPU, the weight is rebuilt in
-      bfloat16 (the GPU: the compute dtype) for one ordinary matrix multiply instead.
+      bfloat16 (the GPU: the compute dtype), in a buffer kept for it (`scratch`: the size of the largest such layer),
+      for one ordinary matrix multiply instead.
     - int4 (`torch._weight_int4pack_mm_for_cpu`): the values are repacked at load into the kernel's own layout, which
       depends on the CPU's vector width, so checkpoints store the portable one. CPU only.
     Activations reach the CPU kernels in bfloat16 (in float32 they are several times slower) and leave in their own
@@ -1293,7 +1296,10 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scales", stored.scales.to(torch.bfloat16).contiguous())  # [N]
         else:
             self.group = self.in_features // stored.scales.shape[1]
-            packed = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(stored.q), 1)
+            # the kernel's layout packs blocks of 64 rows (or fewer) on their own, so packing a few blocks at a time
+            # gives the same bytes without unpacking the whole weight to int32 (8 bytes per stored byte) at once
+            rows = stored.q.split(PACKED_ROWS)
+            packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(part), 1) for part in rows])
             self.register_buffer("weight", packed)  # [N, K / 2] uint8, the kernel's layout
             self.register_buffer("scales", torch.stack([stored.scales, stored.zeros], dim=-1).transpose(0, 1)
                                  .to(torch.bfloat16).contiguous())  # [K / group, N, 2]
@@ -1310,8 +1316,23 @@ class QuantizedLinear(nn.Module):
         elif x.is_cpu and flat.shape[0] < DEQUANTIZE_ROWS:
             out = torch._weight_int8pack_mm(flat, self.weight, self.scales)
         else:
-            out = F.linear(flat, self.weight.to(compute) * self.scales.to(compute)[:, None])
+            weight = scratch(self.weight.shape, compute, x.device).copy_(self.weight)
+            out = F.linear(flat, weight.mul_(self.scales.to(compute)[:, None]))
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+_SCRATCH = {}  # (dtype, device) -> the buffer int8 weights are rebuilt in, as large as the largest so far
+
+
+def scratch(shape, dtype: torch.dtype, device: torch.device):
+    """A buffer of this shape, reused from call to call: on this CPU a fresh buffer of a large weight's size costs
+    page faults that take 8 times as long as rebuilding the weight in it (measured: 77 ms against 9.5 ms for an
+    8640 x 2 by 3200 weight)."""
+    numel = math.prod(shape)
+    buffer = _SCRATCH.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
 
 
 def aligned(tensor):
@@ -1473,8 +1494,7 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, quantize: Optional[str] = 
                          f"{str(dtype).removeprefix('torch.')}, {available / 2**30:.1f} GiB are free on {device}")
     path = ckpt_dir / "model.safetensors"
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            model = _read_weights(f, config, path, dtype, stored)
+        model = _read_weights(TensorFile(path, device), config, path, dtype, stored)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot read weights ({e})") from None
     if config.tie_word_embeddings and quantize:  # lm_head, not in the file, is the embedding quantized
@@ -1485,9 +1505,28 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, quantize: Optional[str] = 
     return model.eval()
 
 
-def _read_weights(f, config: LongLlamaConfig, path: Path, dtype: torch.dtype, stored: Optional[str]) -> LongLlama:
-    """The model of `config` with the weights of an open safetensors file, read one tensor at a time, so that peak
-    memory is the model plus one tensor. Linear layers become QuantizedLinear as they are read when config is
+class TensorFile:
+    """A safetensors file whose tensors are each read through a mapping of the file of their own, released with the
+    tensor. Loading then keeps resident only the pages of the tensors the model holds as they are stored, plus the
+    one being read: one mapping for the whole load would keep every page read resident until loading ends (for int4
+    weights, which are repacked as they load, a second copy of the model)."""
+
+    def __init__(self, path: Path, device: torch.device):
+        self.path, self.device = str(path), str(device)
+        with safe_open(self.path, framework="pt", device=self.device) as f:
+            self.names = set(f.keys())
+
+    def keys(self) -> set:
+        return self.names
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        with safe_open(self.path, framework="pt", device=self.device) as f:
+            return f.get_tensor(name)
+
+
+def _read_weights(f: TensorFile, config: LongLlamaConfig, path: Path, dtype: torch.dtype, stored: Optional[str]) -> LongLlama:
+    """The model of `config` with the weights of a safetensors file, read one tensor at a time, so that peak memory
+    is the model plus one tensor. Linear layers become QuantizedLinear as they are read when config is
     quantized: from their stored parts (`stored`), else quantized from float."""
     names = set(f.keys())
     if any(name.startswith("model.layers.") for name in names):
@@ -1519,7 +1558,7 @@ def _read_weights(f, config: LongLlamaConfig, path: Path, dtype: torch.dtype, st
     return model
 
 
-def _float_tensor(f, name: str, shape, path: Path):
+def _float_tensor(f: TensorFile, name: str, shape, path: Path):
     tensor = f.get_tensor(name)
     if tensor.shape != shape:
         raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(shape)}")
@@ -1528,7 +1567,7 @@ def _float_tensor(f, name: str, shape, path: Path):
     return tensor
 
 
-def _stored_weight(f, layer: str, shape, scheme: str, path: Path) -> QuantizedWeight:
+def _stored_weight(f: TensorFile, layer: str, shape, scheme: str, path: Path) -> QuantizedWeight:
     """A linear layer's QuantizedWeight as a quantized checkpoint stores it, checked against its [N, K] shape."""
     names = [f"{layer}.weight", f"{layer}.scales"] + ([f"{layer}.zeros"] if f"{layer}.zeros" in f.keys() else [])
     weight = QuantizedWeight(*(f.get_tensor(name) for name in names))

@@ -541,14 +541,27 @@ def test_a_quantized_model_is_not_saved(tmp_path):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("shape", [(96, 128), (61, 64), (48, 192)])
-def test_a_quantized_layer_multiplies_by_its_specified_weight_within_bfloat16_rounding(scheme, shape):
+@pytest.mark.parametrize("rows", [5, 20])  # 10 rows: the kernels; 40: int8 rebuilds its weight for one GEMM
+def test_a_quantized_layer_multiplies_by_its_specified_weight_within_bfloat16_rounding(scheme, shape, rows):
     """One layer, tightly: its output is x (in bfloat16) times the specified weight, rounded to bfloat16 once."""
     g = torch.Generator().manual_seed(shape[0])
-    weight, x = torch.randn(*shape, generator=g), torch.randn(2, 5, shape[1], generator=g)
+    weight, x = torch.randn(*shape, generator=g), torch.randn(2, rows, shape[1], generator=g)
     layer = longllama.QuantizedLinear.quantized(weight, scheme)
     assert layer.scheme == ("int8" if shape[0] % 16 else scheme)
     expected = x.bfloat16().double() @ dequantized_as_specified(weight, layer.scheme).T
     assert_close(layer(x), expected, atol=2**-7 * expected.abs().max().item())  # one bfloat16 step
+    assert rows * 2 < longllama.DEQUANTIZE_ROWS <= 40
+
+
+def test_an_int8_weight_mapped_at_an_odd_address_is_realigned_for_the_kernel():
+    """A checkpoint's tensors sit at any offset of the file they are mapped from; the int8 kernel crashes the process
+    on weights that are not 16-byte aligned."""
+    weight = longllama.quantize_weight(torch.randn(32, 64), "int8")
+    odd = torch.empty(32 * 64 + 1, dtype=torch.int8)[1:].view(32, 64).copy_(weight.q)
+    layer = longllama.QuantizedLinear(weight._replace(q=odd))
+    assert layer.weight.data_ptr() % 64 == 0
+    x = torch.randn(1, 64)
+    assert torch.equal(layer(x), longllama.QuantizedLinear(weight)(x))
 
 
 # ---------------------------------------------------------------------------------------------------- errors
