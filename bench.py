@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,7 @@ import generate
 import longllama
 import passkey
 
+LLAMA_CPP_PROMPT = 64  # tokens llama.cpp reads before its decode is timed
 # The CPU shape of --small: 8 layers, hidden 256, 8 heads, window 256, memory layers 2 and 5, vocab 32000.
 SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
              max_position_embeddings=256, mem_layers=[2, 5], last_context_length=128)
@@ -192,6 +194,46 @@ def measure_decode(model, memory_entries: int, device, repeats: int, steps: int 
     return statistics.median(decode() for _ in range(repeats)), decode_bytes(model, cache)
 
 
+def llama_cpp_rows(path, prefill: list, repeats: int, steps: int = 16) -> list:
+    """llama.cpp's prefill and decode figures for a GGUF file, through the llama_cpp package where it happens to be
+    installed (it never is required): the same prompt lengths of random tokens, each read in one batch, and decode
+    after a LLAMA_CPP_PROMPT-token prompt (llama.cpp has no FoT memory), with as many threads as torch uses."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("note: no llama.cpp rows: the llama_cpp package is not installed (pip install llama-cpp-python)")
+        return []
+    longest = max(prefill + [LLAMA_CPP_PROMPT])
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest + steps + 1, n_batch=longest, n_ubatch=longest,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    rng = random.Random(0)
+    ids = [rng.randrange(3, llm.n_vocab()) for _ in range(longest)]
+    cpu, rows = torch.device("cpu"), []
+
+    def read(tokens):
+        llm.reset()
+        llm.eval(ids[:tokens])
+
+    for tokens in prefill:
+        seconds = timed(lambda: read(tokens), cpu, repeats)
+        rows.append(dict(kernel="llama.cpp", work="prefill", tokens=tokens, seconds=seconds,
+                         tokens_per_s=tokens / seconds, of_bound=None, peak_gib=peak_gib(cpu)))
+
+    def decode():
+        read(LLAMA_CPP_PROMPT)
+        start = time.perf_counter()
+        for token in ids[:steps]:
+            llm.eval([token])
+        return (time.perf_counter() - start) / steps
+
+    decode()
+    seconds = statistics.median(decode() for _ in range(repeats))
+    rows.append(dict(kernel="llama.cpp", work="decode", memory=0, seconds=seconds, tokens_per_s=1 / seconds,
+                     of_bound=None, peak_gib=peak_gib(cpu)))
+    return rows
+
+
 def peak_of_reading(tokens: int) -> dict:
     """Read `tokens` tokens with the tiny shape in a fresh process: its peak RSS while reading (the high-water
     mark is reset once the model is built, so neither importing torch nor this parent process hides it) and the
@@ -237,6 +279,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda when present")
     p.add_argument("--compile", action="store_true", help="also time decode through torch.compile (fused kernels)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--llama-cpp", default=None, metavar="GGUF",
+                   help="also time llama.cpp on this GGUF file (the same shape, e.g. convert_weights.py --to gguf of "
+                        "--ckpt), where the llama_cpp package is installed: --prefill lengths and decode")
     generate.add_topk_arguments(p)
     generate.add_quantize_argument(p)
     args = p.parse_args(argv)
@@ -267,6 +312,8 @@ def main(argv=None):
 
 
 def run(args):
+    if args.llama_cpp and not Path(args.llama_cpp).is_file():
+        raise ValueError(f"--llama-cpp {args.llama_cpp}: no such file")
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.compile:
@@ -292,10 +339,10 @@ def run(args):
     flops, bandwidth = matmul_flops_per_second(device, dtype), copy_bytes_per_second(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, {dtype}: matmul {flops / 1e12:.2f} TFLOP/s, copy {bandwidth / 1e9:.1f} GB/s; "
-          f"{shape_name(args)}, {model.config.num_parameters / 1e6:.0f}M parameters in "
+          f"{shape_name(args, model)}, {model.config.num_parameters / 1e6:.0f}M parameters in "
           f"{weight_bytes(model) / 2**30:.2f} GiB, memory layers "
           f"{model.config.mem_layers}, memory in {model.config.mem_dtype}, {memory_reading(model.config)}")
-    print(f"{'kernel':<8} {'work':<28} {'time':>10} {'rate':>14} {'of bound':>9} {'peak':>10}")
+    print(f"{'kernel':<9} {'work':<27} {'time':>10} {'rate':>14} {'of bound':>9} {'peak':>10}")
     rows = []
     for kernel in args.kernel:
         model.attention_kernel = kernel
@@ -312,14 +359,17 @@ def run(args):
         model.attention_kernel = "fused"
         model.compile_decode()
         rows += [decode_row(model, "compiled", entries, device, args.repeats, bandwidth) for entries in args.decode_memory]
+    if args.llama_cpp:
+        rows += llama_cpp_rows(args.llama_cpp, args.prefill, args.repeats)
     for row in rows:
         work = (f"prefill {row['tokens']} tokens" if row["work"] == "prefill" else
                 f"decode, {row['memory']} in memory")
         time_text = f"{row['seconds']:.3f} s" if row["work"] == "prefill" else f"{row['seconds'] * 1e3:.2f} ms/tok"
         found = {True: "  passkey found", False: "  passkey missed"}.get(row.get("passkey"), "")
-        print(f"{row['kernel']:<8} {work:<28} {time_text:>10} {row['tokens_per_s']:>10.1f} tok/s {row['of_bound']:>8.1%} "
+        of_bound = "" if row["of_bound"] is None else f"{row['of_bound']:.1%}"
+        print(f"{row['kernel']:<9} {work:<27} {time_text:>10} {row['tokens_per_s']:>10.1f} tok/s {of_bound:>8} "
               f"{row['peak_gib']:>7.2f} GiB{found}")
-    summary = dict(device=name, dtype=str(dtype), shape=shape_name(args), memory=memory_reading(model.config),
+    summary = dict(device=name, dtype=str(dtype), shape=shape_name(args, model), memory=memory_reading(model.config),
                    weight_bytes=weight_bytes(model),
                    matmul_tflops=flops / 1e12, copy_gbps=bandwidth / 1e9, rows=rows)
     if "plain" in args.kernel and len({row["kernel"] for row in rows}) > 1:
@@ -340,10 +390,11 @@ def weight_bytes(model) -> int:
     return sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())
 
 
-def shape_name(args) -> str:
+def shape_name(args, model) -> str:
     name = f"checkpoint {args.ckpt}" if args.ckpt else f"{'small' if args.small else args.preset} shape"
     layers = f", {args.layers} layers" if args.layers and not args.ckpt else ""
-    return f"{name}{layers}{f', {args.quantize} weights' if args.quantize else ''}"
+    quantization = model.config.quantization
+    return f"{name}{layers}{f', {quantization} weights' if quantization else ''}"
 
 
 def memory_reading(config: longllama.LongLlamaConfig) -> str:

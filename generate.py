@@ -607,7 +607,8 @@ def config_overrides(args) -> dict:
 def add_quantize_argument(p):
     p.add_argument("--quantize", default=None, choices=longllama.QUANTIZATIONS,
                    help="linear layers' weights in int8 (per channel) or int4 (groups of 64), quantized as they load: "
-                        "decoding on a CPU reads a half or a quarter of bfloat16's bytes (README, Performance)")
+                        "decoding on a CPU reads a half or a quarter of bfloat16's bytes (README, Performance). A "
+                        "quantized checkpoint (convert_weights.py --quantize, or a GGUF quant) loads quantized without it")
 
 
 def add_topk_arguments(p):

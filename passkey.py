@@ -523,7 +523,7 @@ def run(args):
     print(decoy_table(summary) if args.task == "decoys" else table(summary))
     if args.out:
         config = model.config
-        memory = dict(quantize=args.quantize, mem_topk=config.mem_topk)
+        memory = dict(quantize=config.quantization, mem_topk=config.mem_topk)
         if config.mem_topk:
             memory |= dict(mem_retrieval=config.mem_retrieval, mem_block_size=config.mem_block_size)
         report = dict(checkpoint=str(args.ckpt), task=args.task, haystack=args.haystack or "filler", seed=args.seed,

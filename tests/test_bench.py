@@ -1,10 +1,12 @@
 """bench.py: its rows on a tiny shape and a trained checkpoint, with and without top-k memory, and its refusals."""
 
+import importlib.util
 import json
 
 import pytest
 
 import bench
+import convert_weights
 from conftest import ROOT
 from test_bad_input import exits_with_one_error_line
 
@@ -32,7 +34,24 @@ def test_bench_of_a_trained_checkpoint_reads_passkey_prompts_and_checks_the_answ
     assert summary["shape"].endswith("fot3")
 
 
+def test_bench_adds_llama_cpp_rows_for_the_same_gguf_where_the_package_is_installed(capsys, tmp_path):
+    """The llama.cpp rows are optional: timed where llama_cpp is installed, a note where it is not."""
+    ckpt = str(ROOT / "models" / "fot3")
+    convert_weights.main([ckpt, str(tmp_path / "fot3.gguf"), "--to", "gguf", "--type", "q8_0"])
+    capsys.readouterr()
+    bench.main(["--device", "cpu", "--repeats", "1", "--ckpt", ckpt, "--prefill", "256", "--decode-memory", "0",
+                "--quantize", "int8", "--llama-cpp", str(tmp_path / "fot3.gguf")])
+    out = capsys.readouterr().out
+    rows = [row for row in json.loads(out.strip().splitlines()[-1])["rows"] if row["kernel"] == "llama.cpp"]
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert rows == [] and "no llama.cpp rows: the llama_cpp package is not installed" in out
+    else:
+        assert [(row["work"], row.get("tokens")) for row in rows] == [("prefill", 256), ("decode", None)]
+        assert all(row["seconds"] > 0 for row in rows)
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--llama-cpp", "no/such.gguf"], "--llama-cpp no/such.gguf: no such file"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--kernel", "fast"], "--kernel must be one or more of fused, plain"),
     (["--prefill", "0"], "--prefill must be positive token counts"),
