@@ -275,7 +275,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-memory", default="16384", help="memory sizes to time decode at ('' for none)")
     p.add_argument("--kernel", default="fused", help="attention kernels to compare: fused, plain or fused,plain")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 on cuda, float32 on cpu")
+                   help="default: as generate.py's (bfloat16 on a GPU or a CPU with bfloat16 instructions)")
     p.add_argument("--device", default=None, help="default: cuda when present")
     p.add_argument("--compile", action="store_true", help="also time decode through torch.compile (fused kernels)")
     p.add_argument("--repeats", type=int, default=3)
@@ -315,7 +315,7 @@ def run(args):
     if args.llama_cpp and not Path(args.llama_cpp).is_file():
         raise ValueError(f"--llama-cpp {args.llama_cpp}: no such file")
     device = longllama.resolve_device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype) if args.dtype else generate.default_dtype(device)
     if args.compile:
         try:
             longllama.check_can_compile(device)

@@ -535,7 +535,8 @@ def parse_args(argv=None):
     add_topk_arguments(p)
     add_quantize_argument(p)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+                   help="compute dtype (default: bfloat16 on a GPU and on a CPU with bfloat16 instructions, "
+                        "AVX512-BF16 or AMX; float32 on other CPUs)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: the second token of an answer waits for compilation "
@@ -604,6 +605,16 @@ def config_overrides(args) -> dict:
     return overrides | topk_overrides(args)
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU and on a CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX): measured at LongLLaMA-3B's
+    width on an AVX512-BF16 CPU, it prefills 3-4x and decodes 1.8x as fast as float32. float32 on other CPUs, where
+    bfloat16 matrix products are emulated: the same CPU limited to AVX2 prefills 3x slower in bfloat16."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 def add_quantize_argument(p):
     p.add_argument("--quantize", default=None, choices=longllama.QUANTIZATIONS,
                    help="linear layers' weights in int8 (per channel) or int4 (groups of 64), quantized as they load: "
@@ -665,7 +676,7 @@ def write(text: str):
 
 def run(args):
     device = longllama.resolve_device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     prompts = None if args.load_memory else read_prompts(args)
     if args.compile:
         longllama.check_can_compile(device)

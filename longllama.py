@@ -1279,8 +1279,8 @@ class QuantizedLinear(nn.Module):
     weights' bytes: int8 halves bfloat16's, int4 quarters them.
 
     - int8 (`torch._weight_int8pack_mm`): for DEQUANTIZE_ROWS rows or more, and on a GPU, the weight is rebuilt in
-      bfloat16 (the GPU: the compute dtype), in a buffer kept for it (`scratch`: the size of the largest such layer),
-      for one ordinary matrix multiply instead.
+      the compute dtype, in a buffer kept for it (`scratch`: the size of the largest such layer), for one ordinary
+      matrix multiply instead.
     - int4 (`torch._weight_int4pack_mm_for_cpu`): the values are repacked at load into the kernel's own layout, which
       depends on the CPU's vector width, so checkpoints store the portable one. CPU only.
     Activations reach the CPU kernels in bfloat16 (in float32 they are several times slower) and leave in their own
@@ -1309,15 +1309,14 @@ class QuantizedLinear(nn.Module):
         return cls(quantize_weight(weight, scheme))
 
     def forward(self, x):
-        compute = torch.bfloat16 if x.is_cpu else x.dtype
-        flat = x.reshape(-1, self.in_features).to(compute)
-        if self.scheme == "int4":
-            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.scales)
-        elif x.is_cpu and flat.shape[0] < DEQUANTIZE_ROWS:
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+        flat = x.reshape(-1, self.in_features)
+        if self.scheme == "int8" and (not x.is_cpu or flat.shape[0] >= DEQUANTIZE_ROWS):
+            weight = scratch(self.weight.shape, x.dtype, x.device).copy_(self.weight)
+            out = F.linear(flat, weight.mul_(self.scales.to(x.dtype)[:, None]))
+        elif self.scheme == "int8":
+            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales)
         else:
-            weight = scratch(self.weight.shape, compute, x.device).copy_(self.weight)
-            out = F.linear(flat, weight.mul_(self.scales.to(compute)[:, None]))
+            out = torch._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.weight, self.group, self.scales)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 

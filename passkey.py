@@ -469,7 +469,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON file of every trial and the summary")
     p.add_argument("--plot", default=None, help="PNG heatmap of accuracy per length and depth")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+                   help="compute dtype (default: bfloat16 on cuda; float32 on cpu, so that results are the same on "
+                        "every CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     generate.add_topk_arguments(p)
     generate.add_quantize_argument(p)

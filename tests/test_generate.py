@@ -116,6 +116,15 @@ def test_cli_reads_the_prompt_from_stdin(checkpoint):
     assert f"document {len(tok.encode('héllo wörld 🙂'))} tokens" in result.stderr
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                        (False, False, torch.float32)])
+def test_the_default_dtype_is_bfloat16_where_the_cpu_multiplies_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert generate.default_dtype(torch.device("cpu")) == expected
+    assert generate.default_dtype(torch.device("cuda")) == torch.bfloat16
+
+
 def expect_error(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         generate.main(argv)

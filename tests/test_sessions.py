@@ -60,7 +60,7 @@ def session(tmp_path_factory):
         {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": LONGCHAT}))
     document = root / "paper.txt"
     document.write_text(synthetic_text(4, lines=14))
-    model = longllama.load(root / "ckpt")
+    model = longllama.load(root / "ckpt")  # float32: the command lines below say --dtype float32
     memory = root / "paper.mem"
     documents = generate.read(model, tok, document.read_text(), generate.INSTRUCT)
     fingerprint = generate.memory_fingerprint(model, checkpoint_tokenizer(root / "ckpt"), generate.INSTRUCT)
@@ -203,7 +203,7 @@ def other_tokenizer(session, tmp_path):
         "weights file", "text file", "missing"])
 def test_a_memory_file_read_otherwise_or_damaged_is_refused_in_one_line(session, tmp_path, capsys, change, message):
     flags = ["--ckpt", session.ckpt, "--load-memory", session.memory, "--template", "instruct", "--question", "x",
-             *change(session, tmp_path)]
+             "--dtype", "float32", *change(session, tmp_path)]  # the memory file was read in float32
     line = exits_with_one_error_line(capsys, generate.main, list(map(str, flags)))
     assert line.startswith("error: memory file ") and message in line
 
