@@ -285,8 +285,9 @@ def parse_args(argv=None):
     generate.add_topk_arguments(p)
     generate.add_quantize_argument(p)
     args = p.parse_args(argv)
-    if args.small:
+    if args.small:  # in float32 unless told otherwise: the README's figures for it are
         args.prefill, args.decode_memory, args.kernel, args.device = "4096", "4096", "fused,plain", "cpu"
+        args.dtype = args.dtype or "float32"
         args.compile, args.repeats = True, max(args.repeats, 5)
     try:
         args.prefill = [int(n) for n in args.prefill.split(",") if n]

@@ -391,6 +391,15 @@ def test_the_readme_states_the_quantized_quality_as_its_results_files_hold_it():
         row_start = f"| {weights} | {ppl:.3f}"
         assert row_start in readme and " | ".join(cells) in readme, (row_start, cells)
     assert f"| bfloat16 compute | {bf16:.3f} |" in readme
+    gguf_perplexity = json.loads((runs / "perplexity_fot3_gguf.json").read_text())
+    for label, name in [("GGUF Q8_0, kept as int8", "q8_0"), ("GGUF Q4_0, kept as int4", "q4_0"),
+                        ("GGUF Q4_K_M (here Q5_0 and Q8_0), kept as int8", "q4_k_m")]:
+        report = json.loads((runs / f"passkey_fot3_gguf_{name}.json").read_text())
+        assert report["quantize"] == label.rsplit(" ", 1)[-1]
+        cells = [passkey.with_interval(report["accuracy"][n], report["interval"][n]) for n in report["accuracy"]]
+        ppl = gguf_perplexity[name]["16"]
+        row = f"| {label} | {ppl:.3f} ({(ppl / bf16 - 1) * 100:+.2f}% on bfloat16) | {' | '.join(cells)} |"
+        assert row in readme, row
 
 
 def test_the_readme_states_the_top_k_comparison_as_its_results_files_hold_it():

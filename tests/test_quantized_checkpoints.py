@@ -5,6 +5,8 @@ dequantized_as_specified), or the gguf package's own dequantization of the file 
 """
 
 import shutil
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -14,9 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import convert_weights
 import longllama
+import passkey
 from test_convert import (fuse_by_hand, hf_config, llama_cpp_permute, logits_of, random_hf_tensors, write_gguf,
                           write_hf)
-from conftest import shared_tokenizer
+from conftest import ROOT, shared_tokenizer
 from test_model import dequantized_as_specified
 
 Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0 = (gguf.GGMLQuantizationType[name]
@@ -212,3 +215,14 @@ def test_a_damaged_quantized_checkpoint_is_refused_in_one_line(change, message, 
     save_file(tensors, tmp_path / "q" / "model.safetensors")
     with pytest.raises(ValueError, match=message):
         longllama.load(tmp_path / "q")
+
+
+def test_generate_answers_from_a_shipped_checkpoint_converted_to_int8(tmp_path):
+    """The command line a user runs: a trained checkpoint quantized by convert_weights.py, then generate.py on it."""
+    convert_weights.main([str(ROOT / "models" / "fot7"), str(tmp_path / "int8"), "--quantize", "int8"])
+    prompt = passkey.prompt_text(passkey.FILLER, passkey.FILLER, 31415)
+    result = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path / "int8"), "--prompt", prompt,
+                             "--temperature", "0", "--max-new-tokens", "6"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("31415")
