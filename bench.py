@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import convert_weights
 import generate
 import longllama
 import passkey
@@ -315,6 +316,8 @@ def main(argv=None):
 def run(args):
     if args.llama_cpp and not Path(args.llama_cpp).is_file():
         raise ValueError(f"--llama-cpp {args.llama_cpp}: no such file")
+    if args.llama_cpp:
+        convert_weights.read_gguf(Path(args.llama_cpp))  # refused now, not after our rows are timed
     device = longllama.resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else generate.default_dtype(device)
     if args.compile:

@@ -43,8 +43,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from longllama import (QUANTIZATIONS, LongLlamaConfig, QuantizedWeight, available_bytes, pack_nibbles,
-                       quantize_weight, write_atomically)
+from longllama import (QUANTIZATIONS, LongLlamaConfig, QuantizedWeight, available_bytes, check_stored_weight,
+                       pack_nibbles, quantize_weight, write_atomically)
 from tokenizer import (NORMAL, TOKENIZER_CONFIG, TOKENIZER_FILES, UNUSED, BPETokenizer, Tokenizer, bpe_tokenizer_json,
                        bpe_vocabulary, open_tokenizer, read_tokenizer_config, sentencepiece_model,
                        sentencepiece_vocabulary, tokenizer_file)
@@ -74,6 +74,7 @@ HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "LongLlamaForCausalLM": "longll
 # GGUF types whose blocks are an int4 QuantizedWeight in groups of 32, exactly (see gguf_int4_weight); others become
 # int8 (Q8_0, Q5_*, Q6_K: 5 or more bits) when a quantized GGUF converts to a quantized checkpoint
 GGUF_INT4 = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_K)
+GGUF_FLOATS = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 # --to gguf --type: what matrices are stored as
 GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -117,7 +118,10 @@ def first_names(names) -> str:
 
 
 def check_tensor(name: str, tensor, shape: tuple, source):
-    if not (isinstance(tensor, QuantizedWeight) or (isinstance(tensor, torch.Tensor) and tensor.is_floating_point())):
+    if isinstance(tensor, QuantizedWeight):
+        check_stored_weight(tensor, shape, None, f"{source}: {name}")
+        return
+    if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
         raise ValueError(f"{source}: {name} is not a floating-point tensor")
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, but the config implies {shape}")
@@ -673,19 +677,17 @@ def convert_gguf(src, out_dir, dtype=None, mem_layers=None, last_context_length=
     if mem_layers is None:
         values.update(gguf_memory_settings(reader, src))
     config = build_config(values, mem_layers, last_context_length, src)
-    floats = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
-    if quantize is None and dtype is None and any(t.tensor_type not in floats for t in reader.tensors):
-        quantize = "keep"
-    parts = tensor_parts(config)
-    config.quantization = "int4" if quantize == "keep" and any(
-        t.tensor_type in GGUF_INT4 for t in reader.tensors) else "int8" if quantize == "keep" else quantize
-    check_fits_in_memory(config, dtype or (torch.bfloat16 if quantize else torch.float32), src)
+    keep = quantize is None and dtype is None and any(t.tensor_type not in GGUF_FLOATS for t in reader.tensors)
+    scheme = "keep" if keep else quantize
+    config.quantization = "int8" if keep else quantize  # kept: int8, or int4 below where 4-bit layers stay
+    check_fits_in_memory(config, dtype or (torch.bfloat16 if scheme else torch.float32), src)
     tokenizer_files = (tokenizer_bytes(source_tokenizer(tokenizer, None)) if tokenizer
                        else gguf_tokenizer_files(reader, config, src))
-    tensors = gguf_tensors(reader, parts, config, src, keep_int4=quantize in ("keep", "int4"))
-    state = fuse(tensors, parts, dtype or (torch.bfloat16 if quantize else None), src, quantize)
-    if quantize == "keep" and not any(isinstance(t, QuantizedWeight) and t.scheme == "int4" for t in state.values()):
-        config.quantization = "int8"  # no layer's parts were all 4-bit alike
+    parts = tensor_parts(config)
+    tensors = gguf_tensors(reader, parts, config, src, keep_int4=scheme in ("keep", "int4"))
+    state = fuse(tensors, parts, dtype or (torch.bfloat16 if scheme else None), src, scheme)
+    if keep and any(isinstance(t, QuantizedWeight) and t.scheme == "int4" for t in state.values()):
+        config.quantization = "int4"
     write_checkpoint(out_dir, config.to_dict(), state, tokenizer_files)
     if not config.mem_layers and mem_layers is None:
         warnings.warn(f"{src.name} names no memory layers and no --mem-layers was given: {out_dir} is plain LLaMA "

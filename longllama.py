@@ -1199,9 +1199,9 @@ class LongLlama(nn.Module):
 INT4_GROUP = 64  # input channels sharing an int4 scale and zero point, where this project quantizes
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes (GGUF's 4-bit blocks are 32 wide)
 PACKED_ROWS = 1024  # rows of an int4 weight packed for the kernel at a time: a multiple of its 64-row blocks
-# int8 layers multiply this many rows or more (a prefill) by their weight rebuilt in bfloat16: one bfloat16 GEMM
-# then beats the int8 kernel, made for a few rows (measured at 3B's width: the kernel takes 0.5 ms per row of
-# 8640 x 2 by 3200, rebuilding 9.5 ms and the GEMM 8 ms for 32 rows, 76 ms for 512)
+# int8 layers multiply this many rows or more (a prefill) by their weight rebuilt in the compute dtype: one GEMM
+# then beats the int8 kernel, made for a few rows (measured at 3B's width in bfloat16: the kernel takes 0.5 ms per
+# row of 8640 x 2 by 3200; rebuilding takes 9.5 ms, and the GEMM 8 ms for 32 rows, 76 ms for 512)
 DEQUANTIZE_ROWS = 32
 
 
@@ -1523,7 +1523,8 @@ class TensorFile:
             return f.get_tensor(name)
 
 
-def _read_weights(f: TensorFile, config: LongLlamaConfig, path: Path, dtype: torch.dtype, stored: Optional[str]) -> LongLlama:
+def _read_weights(f: TensorFile, config: LongLlamaConfig, path: Path, dtype: torch.dtype,
+                  stored: Optional[str]) -> LongLlama:
     """The model of `config` with the weights of a safetensors file, read one tensor at a time, so that peak memory
     is the model plus one tensor. Linear layers become QuantizedLinear as they are read when config is
     quantized: from their stored parts (`stored`), else quantized from float."""
@@ -1569,7 +1570,13 @@ def _float_tensor(f: TensorFile, name: str, shape, path: Path):
 def _stored_weight(f: TensorFile, layer: str, shape, scheme: str, path: Path) -> QuantizedWeight:
     """A linear layer's QuantizedWeight as a quantized checkpoint stores it, checked against its [N, K] shape."""
     names = [f"{layer}.weight", f"{layer}.scales"] + ([f"{layer}.zeros"] if f"{layer}.zeros" in f.keys() else [])
-    weight = QuantizedWeight(*(f.get_tensor(name) for name in names))
+    return check_stored_weight(QuantizedWeight(*(f.get_tensor(name) for name in names)), shape, scheme,
+                               f"{path}: {layer}")
+
+
+def check_stored_weight(weight: QuantizedWeight, shape, scheme: Optional[str], where: str) -> QuantizedWeight:
+    """The weight, refused unless its parts are a stored int8 or int4 weight of this [N, K] shape: int4 only where
+    scheme allows it (None: either), in groups the int4 kernel takes."""
     parts = [part for part in weight if part is not None]
     rows, columns = shape
     groups = weight.scales.shape[-1] if weight.scales.dim() == 2 else 0
@@ -1580,10 +1587,10 @@ def _stored_weight(f: TensorFile, layer: str, shape, scheme: str, path: Path) ->
     found = (parts[0].dtype, tuple(parts[0].shape)), *(tuple(part.shape) for part in parts[1:])
     if found != expected or not all(part.is_floating_point() for part in parts[1:]):
         found = ", ".join(f"{str(part.dtype).removeprefix('torch.')} {tuple(part.shape)}" for part in parts)
-        raise ValueError(f"{path}: {layer} is not a stored {weight.scheme} weight of shape {tuple(shape)} "
-                         f"(found {found})")
-    if weight.scheme == "int4" and (scheme != "int4" or columns % groups or not int4_fits(rows, columns, columns // groups)):
-        raise ValueError(f"{path}: {layer} is stored as int4 in groups of {columns / groups:g}, which the "
-                         f"{scheme} checkpoint or the int4 kernel (groups of {', '.join(map(str, INT4_GROUPS))}, "
-                         "rows in multiples of 16) cannot take")
+        raise ValueError(f"{where} is not a stored {weight.scheme} weight of shape {tuple(shape)} (found {found})")
+    if weight.scheme == "int4" and scheme not in (None, "int4"):
+        raise ValueError(f"{where} is stored as int4 in an {scheme} checkpoint")
+    if weight.scheme == "int4" and (columns % groups or not int4_fits(rows, columns, columns // groups)):
+        raise ValueError(f"{where} is stored as int4 in groups of {columns / groups:g} over {rows} rows: the int4 "
+                         f"kernel takes groups of {', '.join(map(str, INT4_GROUPS))} and rows in multiples of 16")
     return weight

@@ -52,6 +52,7 @@ def test_bench_adds_llama_cpp_rows_for_the_same_gguf_where_the_package_is_instal
 
 @pytest.mark.parametrize("argv,message", [
     (["--llama-cpp", "no/such.gguf"], "--llama-cpp no/such.gguf: no such file"),
+    (["--llama-cpp", str(ROOT / "README.md")], "README.md: not a readable GGUF file"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--kernel", "fast"], "--kernel must be one or more of fused, plain"),
     (["--prefill", "0"], "--prefill must be positive token counts"),

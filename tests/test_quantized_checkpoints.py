@@ -226,3 +226,19 @@ def test_generate_answers_from_a_shipped_checkpoint_converted_to_int8(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("31415")
+
+
+def test_int4_weights_the_kernel_cannot_take_are_refused_in_one_line(tmp_path):
+    config = hf_config(hidden_size=64, intermediate_size=128)
+    write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), "--quantize", "int4"])
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    for part in ("scales", "zeros"):  # groups of 16 columns: not a group size the kernel takes
+        tensors[f"layers.0.mlp.gate_up.{part}"] = tensors[f"layers.0.mlp.gate_up.{part}"].repeat_interleave(4, 1)
+    save_file(tensors, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(ValueError, match="gate_up is stored as int4 in groups of 16 over 256 rows"):
+        longllama.load(tmp_path / "q")
+    config_path = tmp_path / "q" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"int4"', '"int8"'))
+    with pytest.raises(ValueError, match="is stored as int4 in an int8 checkpoint"):
+        longllama.load(tmp_path / "q")
