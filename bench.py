@@ -3,6 +3,7 @@
     python bench.py --small                          # CPU, about a minute: fused vs plain attention, compiled decode
     python bench.py --preset 3b --prefill 32768,131072 --decode-memory 16384,131072       # one GPU, bfloat16
     python bench.py --preset tiny --prefill 32768 --kernel fused,plain --repeats 1
+    python bench.py --ckpt ckpt/3b-8-q4_0 --prefill 512 --decode-memory 0 --compile --llama-cpp 3b-8.q4_0.gguf
 
 Nothing is downloaded: a named shape (longllama.PRESETS, or the small CPU shape below) gets random weights. Each
 figure is the median of --repeats timed runs after one warm-up, synchronised on GPU. Prefill is what generate.py
@@ -13,7 +14,9 @@ and attention FLOPs over the matmul rate, decode's bytes read per token (weights
 copy bandwidth. `--compile` also times decode through torch.compile (LongLlama.compile_decode), after its
 compilation, which is not timed. `--small` also reads 32k and then 64k tokens with the `tiny` shape, each in a fresh
 process, to show that peak memory grows with the memory's keys and values only, not with an attention workspace.
-The table goes to stdout, then one JSON line with every figure.
+`--quantize int8|int4` (or a quantized `--ckpt`) times quantized weights, `--layers N` a shape cut to N layers (3B's
+width on a CPU), and `--llama-cpp FILE.gguf` adds llama.cpp's rows for that file where the llama_cpp package is
+installed. The table goes to stdout, then one JSON line with every figure.
 """
 
 import argparse
