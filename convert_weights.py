@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from longllama import (QUANTIZATIONS, LongLlamaConfig, QuantizedWeight, available_bytes, check_stored_weight,
-                       pack_nibbles, quantize_weight, write_atomically)
+                       int4_fits, pack_nibbles, quantize_weight, write_atomically)
 from tokenizer import (NORMAL, TOKENIZER_CONFIG, TOKENIZER_FILES, UNUSED, BPETokenizer, Tokenizer, bpe_tokenizer_json,
                        bpe_vocabulary, open_tokenizer, read_tokenizer_config, sentencepiece_model,
                        sentencepiece_vocabulary, tokenizer_file)
@@ -409,7 +409,8 @@ def gguf_tokenizer_files(reader, config: LongLlamaConfig, source) -> dict:
 
 def gguf_tensors(reader, parts: dict, config: LongLlamaConfig, source, keep_int4: bool = False):
     """Yield (Hugging Face name, tensor) for each GGUF tensor, q/k rows back in HF order: float32, dequantized, or
-    with keep_int4 a linear layer's 4-bit blocks (Q4_0, Q4_1, Q4_K) as the int4 QuantizedWeight they are."""
+    with keep_int4 a linear layer's 4-bit blocks (Q4_0, Q4_1, Q4_K) as the int4 QuantizedWeight they are, where the
+    int4 kernel takes its rows (a multiple of 16; others are dequantized, and become int8)."""
     part_of = {part.gguf: part for group in parts.values() for part in group}
     for tensor in tqdm(reader.tensors, desc="reading", unit="tensor", disable=None, leave=False):
         part = part_of.get(tensor.name)
@@ -418,7 +419,8 @@ def gguf_tensors(reader, parts: dict, config: LongLlamaConfig, source, keep_int4
                              "supported from GGUF: convert the Hugging Face checkpoint instead")
         if part is None:
             raise ValueError(f"{source}: unexpected tensor {tensor.name}")
-        if keep_int4 and is_linear(part.ours) and tensor.tensor_type in GGUF_INT4:
+        rows, columns = part.shape[0], part.shape[-1]
+        if keep_int4 and is_linear(part.ours) and tensor.tensor_type in GGUF_INT4 and int4_fits(rows, columns, 32):
             weight = gguf_int4_weight(np.asarray(tensor.data), tensor.tensor_type)
         else:
             try:
@@ -642,6 +644,7 @@ def convert_ours(src: Path, out_dir: Path, dtype, mem_layers, last_context_lengt
     """One of our checkpoints -> another: quantized (or requantized) to `quantize`, else kept as quantized as it is;
     float tensors cast to dtype; memory settings replaced."""
     config = load_config(src, mem_layers, last_context_length)
+    quantized_source = config.quantization is not None
     config = replace(config, quantization=quantize or config.quantization)
     check_fits_in_memory(config, dtype, src)
     tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
@@ -650,6 +653,8 @@ def convert_ours(src: Path, out_dir: Path, dtype, mem_layers, last_context_lengt
     for name, tensor in checkpoint_tensors(src / "model.safetensors"):
         if name not in parts:
             raise ValueError(f"{src / 'model.safetensors'}: unexpected tensor {name}")
+        if isinstance(tensor, QuantizedWeight) and not quantized_source:
+            raise ValueError(f"{src}: {name} is stored quantized, but config.json names no quantization")
         check_tensor(name, tensor, (sum(p.shape[0] for p in parts[name]), *parts[name][0].shape[1:]), src)
         float_dtype = dtype or (torch.bfloat16 if config.quantization else tensor.dtype)
         state[name] = join([tensor], config.quantization if is_linear(name) else None, float_dtype)
@@ -702,16 +707,18 @@ def export_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=Non
     check_out_dir(out_dir, force)
     check_ours(src, "hf")
     config = load_config(src, mem_layers, last_context_length)
-    config = replace(config, quantization=None)  # quantized weights leave dequantized: to float32, or dtype
+    if config.quantization:  # quantized weights leave dequantized, in the dtype of the float tensors beside them
+        dtype = dtype or torch.bfloat16
+        config = replace(config, quantization=None)
     check_fits_in_memory(config, dtype, src)
     tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
     # clone: pieces of one tensor share memory otherwise
     state = {part.hf: (piece.dequantize() if isinstance(piece, QuantizedWeight) else piece).to(dtype=dtype).clone()
              for part, piece in checkpoint_parts(src, config)}
     architecture = "LongLlamaForCausalLM" if config.mem_layers else "LlamaForCausalLM"
+    values = {key: value for key, value in config.to_dict().items() if key != "quantization"}  # not an HF key
     hf_config = {"architectures": [architecture], "model_type": HF_ARCHITECTURES[architecture], "hidden_act": "silu",
-                 "torch_dtype": str(state["model.embed_tokens.weight"].dtype).removeprefix("torch."),
-                 **config.to_dict()}
+                 "torch_dtype": str(state["model.embed_tokens.weight"].dtype).removeprefix("torch."), **values}
     write_checkpoint(out_dir, hf_config, state, tokenizer_files)
     return config
 

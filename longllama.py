@@ -142,7 +142,8 @@ class LongLlamaConfig:
 
     def model_bytes(self, dtype: torch.dtype) -> int:
         """Memory a loaded model takes: its weights in dtype and the float32 rotary tables (cos, sin: W x head_dim).
-        Quantized, the linear layers (lm_head too, even when tied) take at most QUANTIZED_BYTES per weight."""
+        Quantized, the linear layers (lm_head too, even when tied) take QUANTIZED_BYTES per weight: an estimate, low
+        for an int4 checkpoint that holds some layers in int8 (a kept GGUF Q4_K_M)."""
         rope = 2 * self.max_position_embeddings * self.head_dim * 4
         if self.quantization is None:
             return self.num_parameters * dtype.itemsize + rope
@@ -196,8 +197,8 @@ class LongLlamaConfig:
 MEM_DTYPES = ("bfloat16", "float16", "float32", "float64")
 # how mem_topk chooses the memory entries a query attends to: see MemoryCache.select_blocks and topk_attention_and_lse
 MEM_RETRIEVALS = ("blocks", "exact")
-# how a checkpoint's linear layers may be quantized (QuantizedWeight), and the bytes per weight each takes at most,
-# scales included (int4: groups of 32, a bfloat16 scale and zero point each)
+# how a checkpoint's linear layers may be quantized (QuantizedWeight), and the bytes per weight each takes, scales
+# included (int4: groups of 32, a bfloat16 scale and zero point each)
 QUANTIZATIONS = ("int8", "int4")
 QUANTIZED_BYTES = {"int8": 1.01, "int4": 0.625}
 # No machine addresses more (x86-64 and arm64 use 48-bit virtual addresses): a config needing more is nonsense.
@@ -1580,6 +1581,9 @@ def check_stored_weight(weight: QuantizedWeight, shape, scheme: Optional[str], w
     parts = [part for part in weight if part is not None]
     rows, columns = shape
     groups = weight.scales.shape[-1] if weight.scales.dim() == 2 else 0
+    if weight.scheme == "int4" and groups == 0:
+        raise ValueError(f"{where} is not a stored int4 weight: its scales are {tuple(weight.scales.shape)}, not "
+                         "[rows, groups]")
     if weight.scheme == "int8":
         expected = (torch.int8, (rows, columns)), (rows,)
     else:

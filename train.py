@@ -705,6 +705,9 @@ def plan_model(s: Settings, out: Path, cluster: Cluster) -> ModelPlan:
         tokenizer_path = Path(s.tokenizer) if s.tokenizer else out / "tokenizer.model"
     if checkpoint is not None:
         config = longllama.LongLlamaConfig.from_json(checkpoint / "config.json", **overrides)
+        if config.quantization:  # the packed kernels have no backward, and a trained model is saved unquantized
+            raise ValueError(f"--init {checkpoint} holds {config.quantization} weights: train from the unquantized "
+                             "checkpoint")
     else:
         config = longllama.LongLlamaConfig(**{**longllama.PRESETS[s.preset], **overrides})
     window = config.max_position_embeddings

@@ -4,6 +4,7 @@ Each test checks against an independent computation: the quantization written ou
 dequantized_as_specified), or the gguf package's own dequantization of the file llama.cpp's way of writing made.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from safetensors.torch import load_file, save_file
 import convert_weights
 import longllama
 import passkey
+import train
 from test_convert import (fuse_by_hand, hf_config, llama_cpp_permute, logits_of, random_hf_tensors, write_gguf,
                           write_hf)
 from conftest import ROOT, shared_tokenizer
+from test_bad_input import exits_with_one_error_line, one_error_line
 from test_model import dequantized_as_specified
 
 Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0 = (gguf.GGMLQuantizationType[name]
@@ -65,7 +68,7 @@ def test_convert_quantize_stores_the_specified_quantization_and_loads_it_as_load
     # ours -> ours keeps it; back to Hugging Face, the weights leave dequantized
     convert_weights.main([str(tmp_path / "q"), str(tmp_path / "copy"), "--mem-layers", "0"])
     assert longllama.load(tmp_path / "copy").config.quantization == scheme
-    convert_weights.main([str(tmp_path / "q"), str(tmp_path / "back"), "--to", "hf"])
+    convert_weights.main([str(tmp_path / "q"), str(tmp_path / "back"), "--to", "hf", "--dtype", "float32"])
     back = load_file(tmp_path / "back" / "model.safetensors")
     assert torch.equal(back["model.layers.0.mlp.down_proj.weight"].double(),
                        stored["layers.0.mlp.down.weight"])
@@ -205,6 +208,9 @@ def test_int8_weights_export_to_q8_0_value_for_value(tmp_path):
     (lambda t: t.pop("layers.0.mlp.down.scales"), "missing tensors"),
     (lambda t: t.update({"layers.0.mlp.down.scales": t["layers.0.mlp.down.scales"][:3]}), "is not a stored int8"),
     (lambda t: t.update({"layers.0.mlp.down.zeros": t["layers.0.mlp.down.scales"].clone()}), "unexpected|not a stored"),
+    (lambda t: t.update({"layers.0.mlp.down.weight": torch.zeros(32, 64, dtype=torch.uint8),  # int4, no groups
+                         "layers.0.mlp.down.scales": torch.zeros(32, 0), "layers.0.mlp.down.zeros": torch.zeros(32, 0)}),
+     "not a stored int4 weight: its scales are"),
 ])
 def test_a_damaged_quantized_checkpoint_is_refused_in_one_line(change, message, tmp_path):
     config = hf_config(hidden_size=64, intermediate_size=128)
@@ -242,3 +248,38 @@ def test_int4_weights_the_kernel_cannot_take_are_refused_in_one_line(tmp_path):
     config_path.write_text(config_path.read_text().replace('"int4"', '"int8"'))
     with pytest.raises(ValueError, match="is stored as int4 in an int8 checkpoint"):
         longllama.load(tmp_path / "q")
+
+
+def test_what_cannot_use_quantized_weights_refuses_them_in_one_line(tmp_path, capsys):
+    """Training needs float weights (the packed kernels have no backward); a file whose weights are stored quantized
+    under a config that says nothing of it is damaged."""
+    config = hf_config(hidden_size=64, intermediate_size=128)
+    write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), "--quantize", "int8"])
+    capsys.readouterr()  # the converter's warning: no tokenizer
+    assert train.cli(["--init", str(tmp_path / "q"), "--out", str(tmp_path / "o"), "--max-steps", "1"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "holds int8 weights: train from the unquantized checkpoint" in line
+    config_path = tmp_path / "q" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"int8"', "null"))
+    line = exits_with_one_error_line(capsys, convert_weights.main, [str(tmp_path / "q"), str(tmp_path / "again")])
+    assert "is stored quantized, but config.json names no quantization" in line
+
+
+def test_a_quantized_checkpoint_goes_back_to_hugging_face_in_bfloat16(tmp_path):
+    config = hf_config(hidden_size=64, intermediate_size=128)
+    write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), "--quantize", "int4"])
+    convert_weights.main([str(tmp_path / "q"), str(tmp_path / "back"), "--to", "hf"])
+    assert {t.dtype for t in load_file(tmp_path / "back" / "model.safetensors").values()} == {torch.bfloat16}
+    hf_back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert "quantization" not in hf_back and hf_back["torch_dtype"] == "bfloat16"
+
+
+def test_4_bit_gguf_rows_the_int4_kernel_cannot_take_become_int8(tmp_path):
+    """A vocabulary of 72 rows in Q4_0 (llama.cpp's --pure): the int4 kernel needs rows in multiples of 16."""
+    config = hf_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, vocab_size=72)
+    write_gguf(tmp_path / "model.gguf", config, random_hf_tensors(config), Q4_0)
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "ours")])
+    model = longllama.load(tmp_path / "ours")
+    assert model.lm_head.scheme == "int8" and model.layers[0].mlp.down.scheme == "int4"
