@@ -142,15 +142,21 @@ class LongLlamaConfig:
 
     def model_bytes(self, dtype: torch.dtype) -> int:
         """Memory a loaded model takes: its weights in dtype and the float32 rotary tables (cos, sin: W x head_dim).
-        Quantized, the linear layers (lm_head too, even when tied) take QUANTIZED_BYTES per weight: an estimate, low
-        for an int4 checkpoint that holds some layers in int8 (a kept GGUF Q4_K_M)."""
-        rope = 2 * self.max_position_embeddings * self.head_dim * 4
+        Quantized, the linear layers (lm_head too, even when tied) take QUANTIZED_BYTES per weight: an estimate (low
+        for an int4 checkpoint that holds some layers in int8, a kept GGUF Q4_K_M), which load() replaces by the
+        stored checkpoint's own sizes (TensorFile.loaded_bytes)."""
+        rope = self.rope_bytes
         if self.quantization is None:
             return self.num_parameters * dtype.itemsize + rope
         hidden, layers = self.hidden_size, self.num_hidden_layers
         floats = self.vocab_size * hidden + (2 * layers + 1) * hidden  # the embedding and the norms
         linear = self.num_parameters - floats + (self.vocab_size * hidden if self.tie_word_embeddings else 0)
         return int(floats * dtype.itemsize + linear * QUANTIZED_BYTES[self.quantization]) + rope
+
+    @property
+    def rope_bytes(self) -> int:
+        """The float32 rotary tables' bytes (cos, sin: W x head_dim)."""
+        return 2 * self.max_position_embeddings * self.head_dim * 4
 
     @property
     def head_dim(self) -> int:
@@ -1488,13 +1494,15 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, quantize: Optional[str] = 
     config.quantization = quantize = quantize or stored
     if quantize is not None:
         check_quantization(quantize, device)
-    needed, available = config.model_bytes(dtype), available_bytes(device)
-    if needed > available:
-        raise ValueError(f"{ckpt_dir}: the model needs {needed / 2**30:.1f} GiB in "
-                         f"{str(dtype).removeprefix('torch.')}, {available / 2**30:.1f} GiB are free on {device}")
     path = ckpt_dir / "model.safetensors"
     try:
-        model = _read_weights(TensorFile(path, device), config, path, dtype, stored)
+        f = TensorFile(path, device)
+        needed = f.loaded_bytes(dtype) + config.rope_bytes if stored else config.model_bytes(dtype)
+        available = available_bytes(device)
+        if needed > available:
+            raise ValueError(f"{ckpt_dir}: the model needs {needed / 2**30:.1f} GiB in "
+                             f"{str(dtype).removeprefix('torch.')}, {available / 2**30:.1f} GiB are free on {device}")
+        model = _read_weights(f, config, path, dtype, stored)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot read weights ({e})") from None
     if config.tie_word_embeddings and quantize:  # lm_head, not in the file, is the embedding quantized
@@ -1518,6 +1526,14 @@ class TensorFile:
 
     def keys(self) -> set:
         return self.names
+
+    def loaded_bytes(self, dtype: torch.dtype) -> int:
+        """Memory the file's tensors take once loaded, from its header alone: integer tensors (quantized weights) as
+        stored, floating-point ones in dtype (bfloat16 scales and zero points too: they are small)."""
+        with safe_open(self.path, framework="pt") as f:
+            slices = [f.get_slice(name) for name in self.names]
+            return sum(math.prod(s.get_shape()) * (1 if s.get_dtype() in ("I8", "U8") else dtype.itemsize)
+                       for s in slices)
 
     def get_tensor(self, name: str) -> torch.Tensor:
         with safe_open(self.path, framework="pt", device=self.device) as f:

@@ -283,3 +283,17 @@ def test_4_bit_gguf_rows_the_int4_kernel_cannot_take_become_int8(tmp_path):
     convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "ours")])
     model = longllama.load(tmp_path / "ours")
     assert model.lm_head.scheme == "int8" and model.layers[0].mlp.down.scheme == "int4"
+
+
+def test_a_quantized_checkpoint_is_refused_where_its_stored_size_does_not_fit(tmp_path, monkeypatch):
+    """The memory check of a quantized checkpoint counts its stored tensors (header sizes), not an estimate."""
+    config = hf_config(hidden_size=64, intermediate_size=128)
+    write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
+    convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), "--quantize", "int4"])
+    model = longllama.load(tmp_path / "q", dtype=torch.bfloat16)
+    held = sum(t.nbytes for t in model.state_dict().values()) + model.config.rope_bytes
+    monkeypatch.setattr(longllama, "available_bytes", lambda device: held - 1)
+    with pytest.raises(ValueError, match="the model needs"):
+        longllama.load(tmp_path / "q", dtype=torch.bfloat16)
+    monkeypatch.setattr(longllama, "available_bytes", lambda device: held + 4096)
+    longllama.load(tmp_path / "q", dtype=torch.bfloat16)
