@@ -75,6 +75,9 @@ HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "LongLlamaForCausalLM": "longll
 # int8 (Q8_0, Q5_*, Q6_K: 5 or more bits) when a quantized GGUF converts to a quantized checkpoint
 GGUF_INT4 = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_K)
 GGUF_FLOATS = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+# the dtype of a quantized checkpoint's float tensors (embedding, norms) unless --dtype says otherwise: the kernels'
+# activation dtype
+QUANTIZED_FLOATS = torch.bfloat16
 # --to gguf --type: what matrices are stored as
 GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -595,17 +598,24 @@ def stored_tensors(state: dict) -> dict:
     return stored
 
 
-def checkpoint_parts(src: Path, config: LongLlamaConfig):
-    """Yield (Part, tensor) for every Hugging Face / GGUF tensor of our checkpoint directory: fused tensors split."""
+def checked_tensors(src: Path, config: LongLlamaConfig):
+    """Yield (name, its parts, tensor) for every tensor of our checkpoint directory, each checked against config;
+    a tensor the config does not have, or lacks, is refused."""
     parts, path = tensor_parts(config), src / "model.safetensors"
     for name, fused in checkpoint_tensors(path):
         group = parts.pop(name, None)
         if group is None:
             raise ValueError(f"{path}: unexpected tensor {name}")
         check_tensor(name, fused, (sum(p.shape[0] for p in group), *group[0].shape[1:]), path)
-        yield from zip(group, split_rows(fused, [p.shape[0] for p in group]))
+        yield name, group, fused
     if parts:
         raise ValueError(f"{path}: missing tensors {first_names(list(parts))}")
+
+
+def checkpoint_parts(src: Path, config: LongLlamaConfig):
+    """Yield (Part, tensor) for every Hugging Face / GGUF tensor of our checkpoint directory: fused tensors split."""
+    for _, group, fused in checked_tensors(src, config):
+        yield from zip(group, split_rows(fused, [p.shape[0] for p in group]))
 
 
 def write_gguf_file(writer: gguf.GGUFWriter, path: Path):
@@ -635,7 +645,7 @@ def convert_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=No
     tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
     tensors = (item for path in tqdm(files, desc="reading", unit="shard", disable=None, leave=False)
                for item in read_weights(path))
-    state = fuse(tensors, tensor_parts(config), dtype or (torch.bfloat16 if quantize else None), src, quantize)
+    state = fuse(tensors, tensor_parts(config), dtype or (QUANTIZED_FLOATS if quantize else None), src, quantize)
     write_checkpoint(out_dir, config.to_dict(), state, tokenizer_files)
     return config
 
@@ -648,19 +658,12 @@ def convert_ours(src: Path, out_dir: Path, dtype, mem_layers, last_context_lengt
     config = replace(config, quantization=quantize or config.quantization)
     check_fits_in_memory(config, dtype, src)
     tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
-    parts = tensor_parts(config)
     state = {}
-    for name, tensor in checkpoint_tensors(src / "model.safetensors"):
-        if name not in parts:
-            raise ValueError(f"{src / 'model.safetensors'}: unexpected tensor {name}")
+    for name, _, tensor in checked_tensors(src, config):
         if isinstance(tensor, QuantizedWeight) and not quantized_source:
             raise ValueError(f"{src}: {name} is stored quantized, but config.json names no quantization")
-        check_tensor(name, tensor, (sum(p.shape[0] for p in parts[name]), *parts[name][0].shape[1:]), src)
-        float_dtype = dtype or (torch.bfloat16 if config.quantization else tensor.dtype)
+        float_dtype = dtype or (QUANTIZED_FLOATS if config.quantization else tensor.dtype)
         state[name] = join([tensor], config.quantization if is_linear(name) else None, float_dtype)
-    missing = [name for name in parts if name not in state]
-    if missing:
-        raise ValueError(f"{src / 'model.safetensors'}: missing tensors {first_names(missing)}")
     write_checkpoint(out_dir, config.to_dict(), state, tokenizer_files)
     return config
 
@@ -685,12 +688,13 @@ def convert_gguf(src, out_dir, dtype=None, mem_layers=None, last_context_length=
     keep = quantize is None and dtype is None and any(t.tensor_type not in GGUF_FLOATS for t in reader.tensors)
     scheme = "keep" if keep else quantize
     config.quantization = "int8" if keep else quantize  # kept: int8, or int4 below where 4-bit layers stay
-    check_fits_in_memory(config, dtype or (torch.bfloat16 if scheme else torch.float32), src)
+    float_dtype = dtype or (QUANTIZED_FLOATS if scheme else None)  # None: as dequantized, float32
+    check_fits_in_memory(config, float_dtype or torch.float32, src)
     tokenizer_files = (tokenizer_bytes(source_tokenizer(tokenizer, None)) if tokenizer
                        else gguf_tokenizer_files(reader, config, src))
     parts = tensor_parts(config)
     tensors = gguf_tensors(reader, parts, config, src, keep_int4=scheme in ("keep", "int4"))
-    state = fuse(tensors, parts, dtype or (torch.bfloat16 if scheme else None), src, scheme)
+    state = fuse(tensors, parts, float_dtype, src, scheme)
     if keep and any(isinstance(t, QuantizedWeight) and t.scheme == "int4" for t in state.values()):
         config.quantization = "int4"
     write_checkpoint(out_dir, config.to_dict(), state, tokenizer_files)
@@ -708,7 +712,7 @@ def export_hf(src, out_dir, dtype=None, mem_layers=None, last_context_length=Non
     check_ours(src, "hf")
     config = load_config(src, mem_layers, last_context_length)
     if config.quantization:  # quantized weights leave dequantized, in the dtype of the float tensors beside them
-        dtype = dtype or torch.bfloat16
+        dtype = dtype or QUANTIZED_FLOATS
         config = replace(config, quantization=None)
     check_fits_in_memory(config, dtype, src)
     tokenizer_files = tokenizer_bytes(source_tokenizer(tokenizer, src))
