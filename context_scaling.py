@@ -17,9 +17,10 @@ the passkey (`train.py --passkey-layout`), differing only in cross-batch attenti
 Then, for each model:
 - passkey retrieval at prompt lengths far beyond the 256-token training rows (passkey.py), in LongLLaMA's filler
   and in held-out standard-library code;
-- the distraction experiment: a passkey prompt read into memory after 0 .. 256k tokens of decoys (other keys said
-  as the pass key is, under similar names), accuracy and the memory layer's attention on the passkey's document
-  (passkey.py --task decoys);
+- the distraction experiment: a one-window passkey prompt read into memory after 0 .. 256k tokens of other
+  documents (held-out standard-library code, then training code in four random orders: passkey.py --task
+  documents) or of decoys (other keys said as the pass key is, under similar names, --task decoys): accuracy, and
+  the memory layer's attention on the passkey's document;
 - held-out perplexity of standard-library code with 0 .. 16 earlier windows in memory (train.py's eval).
 Training and trials run as their own processes, each command printed first, so any step can be rerun alone; a
 finished step is skipped and an unfinished training run resumed. On CPU two processes run side by side with one
@@ -29,12 +30,15 @@ to OUT/*.png.
 
 import argparse
 import json
+import math
 import os
+import random
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import generate
 import longllama
@@ -57,18 +61,19 @@ SIZES = {
         fot=[*ROWS, "--passkey-docs", "6000", "--passkey-layout", "far,decoy,near", "--lr", "1e-3", "--min-lr",
              "1e-4", "--warmup-steps", "50", "--max-steps", "1500"],
         lengths=dict(fot="1k,4k,16k,64k,256k", other="1k,4k,16k,64k", code="1k,4k,16k,64k"),
-        depths="0.1,0.37,0.63,0.9", trials=5, decoys="0,4k,16k,64k,256k", decoy_trials=20, eval_spans=8,
-        side_by_side=2),
+        depths="0.1,0.37,0.63,0.9", trials=5, documents="0,4k,8k,16k,32k,64k,256k", decoys="0,4k,16k,64k,256k",
+        distraction_trials=20, document_orders=4, eval_spans=8, side_by_side=2),
     "gpu": dict(
         base=["--preset", "small", *GPU_ROWS, "--passkey-docs", "20000", "--passkey-layout", "near", "--lr", "1e-3",
               "--min-lr", "1e-4", "--max-steps", "4000"],
         fot=[*GPU_ROWS, "--passkey-docs", "20000", "--passkey-layout", "far,decoy,near", "--lr", "5e-4", "--min-lr",
              "5e-5", "--max-steps", "3000"],
         lengths=dict(fot="1k,4k,16k,64k,256k", other="1k,4k,16k,64k,256k", code="1k,4k,16k,64k,256k"),
-        depths="0,0.25,0.5,0.75,1", trials=10, decoys="0,16k,64k,256k,1m", decoy_trials=50, eval_spans=32,
-        side_by_side=1),
+        depths="0,0.25,0.5,0.75,1", trials=10, documents="0,16k,64k,256k,1m", decoys="0,16k,64k,256k,1m",
+        distraction_trials=50, document_orders=4, eval_spans=32, side_by_side=1),
 }
 EVAL_MEMORY = [0, 1, 2, 4, 8, 16]
+DISTRACTIONS = ["documents", "decoys"]  # passkey.py --task: what fills the memory before the passkey
 
 
 def run(commands: list, side_by_side: int = 1):
@@ -115,16 +120,42 @@ def train_all(out: Path, size: dict):
 
 def held_out_code(out: Path) -> Path:
     """The held-out standard-library documents as one file: a haystack no model was trained on."""
-    path = out / "haystack_held_out.py"
+    _, held_out = training.split_held_out(training.stdlib_documents(), training.Settings().holdout)
+    return code_file(out / "haystack_held_out.py", held_out)
+
+
+def training_code(out: Path, order: int, tokens: int) -> Path:
+    """Standard-library training documents in a random order (seed `order`) as one file, enough of them for
+    `tokens` tokens (a token is about 2.5 characters): other documents of the kind the models trained on."""
+    documents, _ = training.split_held_out(training.stdlib_documents(), training.Settings().holdout)
+    random.Random(order).shuffle(documents)
+    return code_file(out / f"documents_order{order}.py", documents, characters=4 * tokens)
+
+
+def code_file(path: Path, documents, characters: float = math.inf) -> Path:
+    """The documents' text as one file, written once, the documents in turn until `characters` are there."""
     if not path.is_file():
-        _, held_out = training.split_held_out(training.stdlib_documents(), training.Settings().holdout)
-        text = "\n".join(training.read_document(doc)[1] for doc in held_out)
-        longllama.write_atomically({path: lambda tmp: tmp.write_text(text)})
+        texts, length = [], 0
+        for doc in documents:
+            if length >= characters:
+                break
+            texts.append(training.read_document(doc)[1])
+            length += len(texts[-1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        longllama.write_atomically({path: lambda tmp: tmp.write_text("\n".join(texts))})
     return path
 
 
+def distraction_flags(task: str, out: Path, size: dict, haystack: Optional[Path] = None) -> list:
+    """passkey.py's flags for the distraction experiment with other documents (held-out code unless `haystack` is
+    given) or with decoys in memory."""
+    haystack = ["--haystack", str(haystack or held_out_code(out))] if task == "documents" else []
+    return ["--task", task, *haystack, "--lengths", size[task], "--trials", str(size["distraction_trials"])]
+
+
 def trial_commands(out: Path, size: dict) -> list:
-    """passkey.py runs whose results file is missing: passkey in the filler, passkey in held-out code, decoys."""
+    """passkey.py runs whose results file is missing: passkey in the filler, passkey in held-out code, other
+    documents (held-out code, then training code in each order) and decoys in memory."""
     commands = []
     for name in SETUPS:
         ckpt = ["--ckpt", str(out / name)]
@@ -133,8 +164,11 @@ def trial_commands(out: Path, size: dict) -> list:
                                          *passkey_flags],
                 f"passkey_code_{name}.json": [*ckpt, "--lengths", size["lengths"]["code"], *passkey_flags,
                                               "--haystack", str(held_out_code(out))],
-                f"decoys_{name}.json": [*ckpt, "--task", "decoys", "--lengths", size["decoys"], "--trials",
-                                        str(size["decoy_trials"])]}
+                **{f"{task}_{name}.json": [*ckpt, *distraction_flags(task, out, size)] for task in DISTRACTIONS}}
+        most = max(passkey.parse_length(n, 0) for n in size["documents"].split(","))
+        runs |= {f"documents_{name}_order{order}.json":
+                 [*ckpt, *distraction_flags("documents", out, size, training_code(out, order, most))]
+                 for order in range(size["document_orders"])}
         commands += [[sys.executable, "passkey.py", *flags, "--out", str(out / file)]
                      for file, flags in runs.items() if not (out / file).is_file()]
     return commands
@@ -176,7 +210,7 @@ def topk_settings() -> dict:
 def topk_commands(models: Path, out: Path, size: dict) -> list:
     """passkey.py runs of the top-k comparison whose results file is missing: passkey in the filler for every
     setting of the FoT models, and for all of memory and K = 128 (blocks) of the others; in held-out code for the
-    FoT models and among decoys for every model, with all of memory and K = 128."""
+    FoT models, and after other documents and decoys for every model, with all of memory and K = 128."""
     commands, flags = [], ["--depths", size["depths"], "--trials", str(size["trials"])]
     for name in SETUPS:
         ckpt = ["--ckpt", str(models / name)]
@@ -188,8 +222,8 @@ def topk_commands(models: Path, out: Path, size: dict) -> list:
                 runs[f"passkey_code_{name}_{setting}.json"] = [*ckpt, "--lengths", TOPK_CODE, *flags, "--haystack",
                                                                str(held_out_code(out)), *topk]
             if setting in ("all", "blocks128"):
-                runs[f"decoys_{name}_{setting}.json"] = [*ckpt, "--task", "decoys", "--lengths", size["decoys"],
-                                                         "--trials", str(size["decoy_trials"]), *topk]
+                runs |= {f"{task}_{name}_{setting}.json": [*ckpt, *distraction_flags(task, out, size), *topk]
+                         for task in DISTRACTIONS}
             commands += [[sys.executable, "passkey.py", *run_flags, "--out", str(out / file)]
                          for file, run_flags in runs.items() if not (out / file).is_file()]
     return commands
@@ -206,7 +240,8 @@ def topk_experiment(models: Path, out: Path, size: dict) -> dict:
     for name in SETUPS:
         setup = results[name] = {}
         for setting, flags in topk_settings().items():
-            found = {key: summary(out / f"{key}_{name}_{setting}.json") for key in ("passkey", "passkey_code", "decoys")
+            found = {key: summary(out / f"{key}_{name}_{setting}.json")
+                     for key in ("passkey", "passkey_code", *DISTRACTIONS)
                      if (out / f"{key}_{name}_{setting}.json").is_file()}
             if name in FOT and setting in ("all", *(f"blocks{k}" for k in TOPK)):
                 topk = {} if setting == "all" else dict(mem_topk=int(flags[1]), mem_retrieval=flags[3])
@@ -219,7 +254,7 @@ def topk_experiment(models: Path, out: Path, size: dict) -> dict:
 
 def topk_tables(results: dict) -> str:
     """The README's tables of the top-k comparison: passkey (filler and code) and perplexity for each setting
-    measured, then decoys for every setup with all of memory and with K = 128."""
+    measured, then other documents and decoys in memory for every setup with all of memory and with K = 128."""
     settings = topk_settings()
     label = lambda setting: (f"top {settings[setting][1]} ({settings[setting][3]})" if settings[setting]
                              else "all of memory")
@@ -238,15 +273,18 @@ def topk_tables(results: dict) -> str:
             change = f"{ppl['16'] / ppl['0'] - 1:+.1%}" if ppl else "-"
             cells = [cell(found.get("passkey"), n) for n in lengths] + [cell(found.get("passkey_code"), code), change]
             lines.append(f"| {LABELS[name]} | {label(setting)} | {' | '.join(cells)} |")
-    sizes = sorted({int(n) for setup in results.values() for found in setup.values() if "decoys" in found
-                    for n in found["decoys"]["accuracy"]})
-    lines += ["", f"| setup | memory attention | {' | '.join(f'decoys: {size_label(n)}' for n in sizes)} |",
-              "| --- | --- |" + " ---: |" * len(sizes)]
-    for name, setup in results.items():
-        for setting, found in setup.items():
-            if "decoys" in found:
-                lines.append(f"| {LABELS[name]} | {label(setting)} | "
-                             f"{' | '.join(cell(found['decoys'], n) for n in sizes)} |")
+    for task in DISTRACTIONS:
+        sizes = sorted({int(n) for setup in results.values() for found in setup.values() if task in found
+                        for n in found[task]["accuracy"]})
+        if not sizes:
+            continue
+        lines += ["", f"| setup | memory attention | {' | '.join(f'{task}: {size_label(n)}' for n in sizes)} |",
+                  "| --- | --- |" + " ---: |" * len(sizes)]
+        for name, setup in results.items():
+            for setting, found in setup.items():
+                if task in found:
+                    lines.append(f"| {LABELS[name]} | {label(setting)} | "
+                                 f"{' | '.join(cell(found[task], n) for n in sizes)} |")
     return "\n".join(lines)
 
 
@@ -298,13 +336,14 @@ def draw(results: dict, out: Path):
         plot_lines({label(n): s[key]["accuracy"] for n, s in setups.items()}, out / file, "prompt length (tokens)",
                    "passkey accuracy", f"Passkey in {haystack}, trained on rows of {results['train_tokens']} tokens",
                    percent=True, intervals={label(n): s[key]["interval"] for n, s in setups.items()})
-    plot_lines({label(n): s["decoys"]["accuracy"] for n, s in setups.items()}, out / "distraction.png",
-               "tokens of decoy documents in memory", "passkey accuracy",
-               "The passkey among decoys (the distraction issue)", percent=True,
-               intervals={label(n): s["decoys"]["interval"] for n, s in setups.items()})
-    plot_lines({label(n): s["decoys"]["relevant_attention"] for n, s in setups.items()}, out / "attention.png",
-               "tokens of decoy documents in memory", "attention on the passkey's document",
-               "Memory-layer attention on the relevant document", percent=True)
+    for task, prefix, material in [("documents", "", "other documents"), ("decoys", "decoys_", "decoy documents")]:
+        plot_lines({label(n): s[task]["accuracy"] for n, s in setups.items()}, out / f"{prefix}distraction.png",
+                   f"tokens of {material} in memory", "passkey accuracy",
+                   f"The passkey after {material} (the distraction issue)", percent=True,
+                   intervals={label(n): s[task]["interval"] for n, s in setups.items()})
+        plot_lines({label(n): s[task]["relevant_attention"] for n, s in setups.items()},
+                   out / f"{prefix}attention.png", f"tokens of {material} in memory",
+                   "attention on the passkey's document", f"Memory-layer attention after {material}", percent=True)
     plot_lines({label(n): s["perplexity"] for n, s in setups.items()}, out / "perplexity.png",
                f"earlier windows of {results['window']} tokens in memory", "held-out perplexity",
                "Perplexity of standard-library code vs memory")
@@ -314,7 +353,8 @@ def draw(results: dict, out: Path):
 
 def tables(results: dict) -> str:
     """The README's tables of an experiment: passkey accuracy in the filler and in held-out code, accuracy and
-    attention among decoys, perplexity against memory; '-' where a setup was not measured."""
+    attention after other documents and after decoys, perplexity against memory; '-' where a setup was not
+    measured."""
     setups, label = results["setups"], lambda name: LABELS.get(name, name)
 
     def accuracy_table(key: str, header: str) -> list:
@@ -328,14 +368,17 @@ def tables(results: dict) -> str:
         return lines + [""]
 
     lines = accuracy_table("passkey", "passkey,") + accuracy_table("passkey_code", "in code,")
-    lines += accuracy_table("decoys", "decoys:")
-    sizes = list(next(iter(setups.values()))["decoys"]["relevant_attention"])
-    lines += [f"| setup | {' | '.join(f'attention, {size_label(int(n))}' for n in sizes)} |",
-              "| --- |" + " ---: |" * len(sizes)]
-    for name, setup in setups.items():
-        shares = [f"{setup['decoys']['relevant_attention'][n]:.1%}" for n in sizes]
-        lines.append(f"| {label(name)} | {' | '.join(shares)} |")
-    lines.append("")
+    for task in DISTRACTIONS:
+        lines += accuracy_table(task, f"{task}:")
+        sizes = list(next(iter(setups.values()))[task]["relevant_attention"])
+        lines += [f"| setup | {' | '.join(f'attention, {size_label(int(n))}' for n in sizes)} |",
+                  "| --- |" + " ---: |" * len(sizes)]
+        for name, setup in setups.items():
+            shares = [f"{setup[task]['relevant_attention'][n]:.1%}" for n in sizes]
+            lines.append(f"| {label(name)} | {' | '.join(shares)} |")
+        lines.append("")
+        if task == "documents":
+            lines += orders_table(setups)
     memory = list(next(iter(setups.values()))["perplexity"])
     lines += [f"| setup | perplexity with {' / '.join(memory)} windows in memory | {memory[-1]} vs 0 |",
               "| --- | --- | ---: |"]
@@ -344,6 +387,23 @@ def tables(results: dict) -> str:
         lines.append(f"| {label(name)} | {' / '.join(f'{p:.2f}' for p in ppl.values())} | "
                      f"{ppl[memory[-1]] / ppl['0'] - 1:+.1%} |")
     return "\n".join(lines)
+
+
+ORDER_SIZES = [4096, 16384, 32768, 65536]  # the columns of orders_table's cells
+
+
+def orders_table(setups: dict) -> list:
+    """Accuracy after other documents, one column for each text in memory: held-out code, then training code in
+    each order; a cell gives the accuracy at each of ORDER_SIZES tokens."""
+    texts = {"held-out code": lambda setup: setup["documents"]}
+    texts |= {f"training code, order {k}": lambda setup, k=k: setup["documents_orders"][k]
+              for k in next(iter(setups.values())).get("documents_orders", {})}
+    lines = [f"| setup | {' | '.join(texts)} |", "| --- |" + " ---: |" * len(texts)]
+    for name, setup in setups.items():
+        cells = [" / ".join(passkey.percent(part(setup)["accuracy"].get(str(n))) for n in ORDER_SIZES)
+                 for part in texts.values()]
+        lines.append(f"| {LABELS.get(name, name)} | {' | '.join(cells)} |")
+    return lines + [""]
 
 
 def size_label(tokens: int) -> str:
@@ -357,8 +417,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/scaling", help="directory for the runs, results.json and plots")
     p.add_argument("--only-draw", action="store_true", help="redraw the plots from OUT/results.json")
     p.add_argument("--topk", action="store_true",
-                   help="instead: top-k memory against all of memory on the trained models (passkey, code, decoys, "
-                        "perplexity), runs and OUT/topk.json in OUT/topk")
+                   help="instead: top-k memory against all of memory on the trained models (passkey, code, other "
+                        "documents, decoys, perplexity), runs and OUT/topk.json in OUT/topk")
     p.add_argument("--models", default=None,
                    help="with --topk: where the trained models are (default OUT; models/ holds the shipped ones)")
     return p.parse_args(argv)
@@ -392,7 +452,9 @@ def experiment(args):
                    train_tokens=int(size["base"][size["base"].index("--seq-len") + 1]),
                    setups={name: dict(cross_batch_range=d, passkey=summary(out / f"passkey_{name}.json"),
                                       passkey_code=summary(out / f"passkey_code_{name}.json"),
-                                      decoys=summary(out / f"decoys_{name}.json"),
+                                      **{task: summary(out / f"{task}_{name}.json") for task in DISTRACTIONS},
+                                      documents_orders={str(k): summary(out / f"documents_{name}_order{k}.json")
+                                                        for k in range(size["document_orders"])},
                                       perplexity=memory_perplexity(out / name, size["eval_spans"]))
                            for name, d in SETUPS.items()})
     results["seconds"] = dict(training=round(trained_at - started), total=round(time.time() - started))

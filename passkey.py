@@ -3,6 +3,7 @@ experiment.
 
     python passkey.py --ckpt models/fot7 --lengths 1k,4k,16k,64k --depths 0.1,0.5,0.9 --trials 5 --out runs/pk.json
     python passkey.py --ckpt models/fot7 --lengths 4k,64k --trials 20 --haystack some_code.py
+    python passkey.py --ckpt models/fot7 --task documents --haystack some_code.py --lengths 0,16k,64k --trials 20
     python passkey.py --ckpt models/fot7 --task decoys --lengths 0,4k,64k,256k --trials 20
     python passkey.py --ckpt ckpt/long_llama_3b_v1_1 --lengths 32k,100k,256k --trials 20 --out 3b.json
 
@@ -13,10 +14,13 @@ then decodes greedily as many tokens as the answer has; an answer is correct whe
 passkey's. Only memory can carry the passkey once the prompt is longer than the local window, so accuracy against
 prompt length shows how far the memory layers reach.
 
---task decoys shows FoT's distraction issue: the passkey prompt goes into memory after a growing number of decoys,
-keys said exactly as the pass key is under similar names ("The door key is N."). A memory whose keys do not stay
-distinguishable retrieves a decoy's number; `relevant_attention` measures the share of the memory layer's
-attention that stays on the passkey's own document.
+Two tasks show FoT's distraction issue: a one-window passkey prompt goes into memory after a growing amount of
+other material, and the question follows in the local window.
+- --task documents: other documents (the --haystack file's text, from its start): the memory of a long session.
+  The answer is in one document among many, as in FoT's training, where other documents are the negatives.
+- --task decoys: decoy documents, keys said exactly as the pass key is under similar names ("The door key is N.").
+A memory whose keys do not stay distinguishable retrieves some other number; `relevant_attention` measures the
+share of the memory layer's attention that stays on the passkey's own document.
 
 The training documents of `train.py --passkey-docs N` are made of the same sentences (`training_document`). The
 results go to stdout (a table, with Wilson 95% intervals), a JSON file (every trial) and, with --plot, a PNG
@@ -46,6 +50,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION = "What is the pass key? The pass key is"
 MAX_PASSKEY = 50000
 LAYOUTS = ("far", "near", "decoy")  # training documents (training_document)
+TASKS = ["passkey", "documents", "decoys"]  # --task
 TRAINING_QUESTIONS = 4  # per "far" or "decoy" training document
 TRAINING_GAP_WINDOWS = 3  # longest haystack gap before a question of a "far" training document, in training windows
 
@@ -194,7 +199,7 @@ def answer(model, tokenizer, prompt: str, length: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Decoys in memory: FoT's distraction issue
+# Other documents or decoys in memory: FoT's distraction issue
 
 
 DECOYS_PER_WINDOW = 6  # decoy lines in each window of a distractor document
@@ -206,57 +211,73 @@ def decoy_document(rng: random.Random, window: int, haystack: Haystack) -> str:
     return "\n".join(line for decoy in decoy_lines(rng, DECOYS_PER_WINDOW) for line in (haystack.piece(rng, gap), decoy))
 
 
-def decoy_trials(model, tokenizer, memory_sizes, trials: int, seed: int, log=print) -> list[dict]:
-    """The passkey among decoys, FoT's distraction experiment in this project's text.
+def distraction_trials(model, tokenizer, distractors: list, memory_sizes, trials: int, seed: int,
+                       log=print) -> list[dict]:
+    """The passkey after other material in memory, FoT's distraction experiment in this project's text.
 
     For each trial: a passkey prompt of one window (task line, filler, the passkey line at a random depth) is read
-    into memory after `size` tokens of decoy documents (filler and lines that say other keys exactly as the pass
-    key is said, under names that share its words), then the question is read into the local window and answered
-    greedily. The decoys are read once, growing from one size to the next, and every trial starts from a copy of
-    their cache, as generate.py's questions do. Besides the answer, each trial records `relevant_attention`: the
-    share of the memory layers' attention (mean over heads and memory layers) that the question's last token puts
-    on its own document's entries, among everything it sees.
+    into memory after the first `size` tokens of `distractors` (token ids, BOS first: decoy_stream or
+    document_stream), then the question is read into the local window, with the space its answer starts with, and
+    the passkey's digits are decoded greedily. The distractors are read once, growing from one size to the next, and
+    every trial starts from a copy of their cache, as generate.py's questions do. Besides the answer, each trial
+    records `relevant_attention`: the share of the memory layers' attention (mean over heads and memory layers) that
+    the query which retrieves the passkey's first digit puts on its own document's entries, among everything it
+    sees.
     """
+    if len(distractors) < max(memory_sizes):
+        raise ValueError(f"{len(distractors)} tokens of distractors, {max(memory_sizes)} asked for")
     window = model.config.max_position_embeddings
     builder = PromptBuilder(tokenizer)
-    rng = random.Random(f"{seed} decoys")
+    rng = random.Random(f"{seed} decoys")  # the same passkey prompts for both kinds of distractors
     question = tokenizer.encode("\n" + QUESTION, bos=False)
     cases = []
     for _ in range(trials):
         passkey = rng.randint(1, MAX_PASSKEY)
         prompt = builder.build(window + len(question), rng.random(), passkey)
         document = tokenizer.encode(prompt.text[:-len(QUESTION) - 1], bos=False)  # the prompt without its question
-        cases.append((document, prompt.answer, passkey))
-    distractors = distractor_stream(random.Random(f"{seed} distractors"), tokenizer, window, builder.haystack,
-                                    max(memory_sizes))
+        lead = next(i for i in range(len(prompt.answer)) if tokenizer.decode(prompt.answer[:i + 1]).strip())
+        cases.append((document, prompt.answer[:lead], prompt.answer, passkey))
     results, cache, read = [], None, 0
     device = model.embed.weight.device
     for size in sorted(memory_sizes):
         if size > read:  # the distractors grow: read the next ones into the same memory
             _, cache = model(torch.tensor([distractors[read:size]], device=device), cache=cache, last_logits_only=True)
             read = size
-        for document, answer, passkey in cases:
+        for document, lead, answer, passkey in cases:
             start = time.perf_counter()
-            got, share = answer_after(model, cache, document, question, len(answer))
+            got, share = answer_after(model, cache, document, question + lead, len(answer) - len(lead))
+            got = lead + got
             results.append(dict(length=size, depth=0.0, column="all", passkey=passkey,
                                 answer=tokenizer.decode(got).strip(), correct=got == answer,
                                 relevant_attention=share, seconds=round(time.perf_counter() - start, 3)))
-        log(f"{size} tokens of decoys: {sum(r['correct'] for r in results[-trials:])} of {trials} correct, "
+        log(f"{size} tokens of distractors: {sum(r['correct'] for r in results[-trials:])} of {trials} correct, "
             f"{sum(r['relevant_attention'] for r in results[-trials:]) / trials:.1%} of attention on the document")
     return results
 
 
-def distractor_stream(rng: random.Random, tokenizer, window: int, haystack: Haystack, tokens: int) -> list:
-    """`tokens` token ids of decoy documents, BOS first (none for 0)."""
+def decoy_stream(tokenizer, window: int, tokens: int, seed: int) -> list:
+    """`tokens` token ids of decoy documents in the filler, BOS first (none for 0)."""
+    rng, haystack = random.Random(f"{seed} distractors"), Haystack.filler(tokenizer)
     ids = [tokenizer.bos_id]
     while len(ids) < tokens:
         ids += tokenizer.encode("\n" + decoy_document(rng, window, haystack), bos=False)
     return ids[:tokens]
 
 
+def document_stream(haystack: Haystack, tokens: int) -> list:
+    """`tokens` token ids of the haystack's text from its first line on, BOS first (none for 0). A text shorter
+    than that is taken again from its start, as a haystack is."""
+    ids, asked = [haystack.tokenizer.bos_id], tokens
+    while len(ids) < tokens:  # take() comes near its count from either side: ask for more until there is enough
+        ids = [haystack.tokenizer.bos_id] + haystack.tokenizer.encode(haystack.text(haystack.take(asked)), bos=False)
+        asked += tokens - len(ids) + 1
+    return ids[:tokens]
+
+
 def answer_after(model, distractors, document: list, question: list, length: int) -> tuple[list, float]:
     """Read the document into memory (after a copy of the distractors' cache) and the question into the local
-    window; returns the greedy answer of `length` tokens and the question's attention share on the document."""
+    window; returns the greedy answer of `length` tokens and the attention share on the document of the question's
+    last token, the query that finds the answer's first token."""
     cache = distractors.copy() if distractors is not None else None
     first_entry = cache.memory_size if cache is not None else 0
     inputs = {}  # memory layer: the input of its attention while the question is read
@@ -371,7 +392,7 @@ def summarize(results) -> dict:
     by_length = {n: [r for r in results if r["length"] == n] for n in sorted({r["length"] for r in results})}
     columns = list(dict.fromkeys(r["column"] for r in sorted(results, key=lambda r: r["depth"])))
     summary = {}
-    if all("relevant_attention" in r for r in results):  # decoys
+    if all("relevant_attention" in r for r in results):  # documents or decoys
         summary["relevant_attention"] = {str(n): sum(r["relevant_attention"] for r in cell) / len(cell)
                                          for n, cell in by_length.items()}
     return dict(**summary, accuracy={str(n): accuracy(cell) for n, cell in by_length.items()},
@@ -403,8 +424,8 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def decoy_table(summary: dict) -> str:
-    lines = ["| decoys in memory (tokens) | accuracy (95% interval) | attention on the document | trials |",
+def distraction_table(summary: dict) -> str:
+    lines = ["| distractors in memory (tokens) | accuracy (95% interval) | attention on the document | trials |",
              "| ---: | ---: | ---: | ---: |"]
     for size, share in summary["relevant_attention"].items():
         lines.append(f"| {int(size):,} | {with_interval(summary['accuracy'][size], summary['interval'][size])} | "
@@ -453,17 +474,20 @@ def parse_args(argv=None):
     p.error = fail
     p.add_argument("--ckpt", required=True, help="checkpoint directory, as generate.py takes it")
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the checkpoint's")
-    p.add_argument("--task", choices=["passkey", "decoys"], default="passkey",
-                   help="passkey: one passkey in a haystack; decoys: a one-window passkey prompt read into memory "
-                        "after --lengths tokens of decoy documents (the distraction experiment)")
+    p.add_argument("--task", choices=TASKS, default="passkey",
+                   help="passkey: one passkey in a haystack; documents: a one-window passkey prompt read into "
+                        "memory after --lengths tokens of other documents (the --haystack file's text); decoys: "
+                        "the same after decoy documents (the distraction experiment, both)")
     p.add_argument("--lengths", default="1k,4k,16k,64k",
-                   help="prompt lengths in tokens, e.g. 1k,4k,16k,64k (decoys: tokens of decoys, 0 allowed)")
+                   help="prompt lengths in tokens, e.g. 1k,4k,16k,64k (documents, decoys: tokens of them in memory, "
+                        "0 allowed)")
     p.add_argument("--depths", default=None,
                    help="passkey depths in [0, 1] (0: right after the task line, 1: just before the question); "
                         "default: uniform, reported by quarter")
     p.add_argument("--haystack", default=None,
                    help="a UTF-8 text file whose lines (taken in turn, from a different line for each trial) hide "
-                        "the passkey (default: LongLLaMA's filler sentences)")
+                        "the passkey (default: LongLLaMA's filler sentences); --task documents: the other documents, "
+                        "read from the file's first line on")
     p.add_argument("--trials", type=int, default=5, help="prompts per length and depth")
     p.add_argument("--seed", type=int, default=0, help="passkeys and depths")
     p.add_argument("--out", default=None, help="JSON file of every trial and the summary")
@@ -475,9 +499,13 @@ def parse_args(argv=None):
     generate.add_topk_arguments(p)
     generate.add_quantize_argument(p)
     args = p.parse_args(argv)
-    if args.task == "decoys" and (args.haystack or args.depths):  # decoy prompts are one window, in the filler
-        fail("--task decoys takes neither --haystack nor --depths")
-    minimum = 0 if args.task == "decoys" else 1
+    if args.task != "passkey" and args.depths:  # the passkey prompt is one window, at a random depth
+        fail(f"--task {args.task} takes no --depths")
+    if args.task == "decoys" and args.haystack:  # decoy documents are in the filler
+        fail("--task decoys takes no --haystack")
+    if args.task == "documents" and not args.haystack:
+        fail("--task documents reads its other documents from --haystack FILE")
+    minimum = 1 if args.task == "passkey" else 0
     args.lengths = [parse_length(n, minimum) for n in args.lengths.split(",")]
     if args.depths is not None:
         try:
@@ -514,14 +542,17 @@ def run(args):
                                                 **generate.topk_overrides(args))
     generate.check_memory(model, [max(args.lengths)])  # refused now, not when the longest prompt comes
     log = lambda line: print(line, file=sys.stderr)
-    if args.task == "decoys":
-        results = decoy_trials(model, tokenizer, args.lengths, args.trials, args.seed, log)
-    else:
-        haystack = Haystack.from_text(tokenizer, haystack_text, Path(args.haystack).name) if haystack_text else None
+    haystack = Haystack.from_text(tokenizer, haystack_text, Path(args.haystack).name) if haystack_text else None
+    if args.task == "passkey":
         results = run_trials(model, PromptBuilder(tokenizer, haystack), args.lengths, args.depths, args.trials,
                              args.seed, log)
+    else:
+        tokens, window = max(args.lengths), model.config.max_position_embeddings
+        distractors = (document_stream(haystack, tokens) if args.task == "documents"
+                       else decoy_stream(tokenizer, window, tokens, args.seed))
+        results = distraction_trials(model, tokenizer, distractors, args.lengths, args.trials, args.seed, log)
     summary = summarize(results)
-    print(decoy_table(summary) if args.task == "decoys" else table(summary))
+    print(table(summary) if args.task == "passkey" else distraction_table(summary))
     if args.out:
         config = model.config
         memory = dict(quantize=config.quantization, mem_topk=config.mem_topk)

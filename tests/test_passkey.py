@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,8 +179,18 @@ def test_decoy_documents_say_keys_as_the_pass_key_is_said_and_never_the_pass_key
     text = passkey.decoy_document(random.Random(3), 256, passkey.Haystack.filler(tokenizer))
     said = [line for line in text.split("\n") if " is " in line and line.split(" is ")[1][:1].isdigit()]
     assert len(said) == passkey.DECOYS_PER_WINDOW and "pass key" not in text
-    stream = passkey.distractor_stream(random.Random(3), tokenizer, 256, passkey.Haystack.filler(tokenizer), 1000)
-    assert len(stream) == 1000 and stream[0] == tokenizer.bos_id
+    stream = passkey.decoy_stream(tokenizer, 256, 1000, seed=3)
+    assert len(stream) == 1000 and stream[0] == tokenizer.bos_id and "pass key" not in tokenizer.decode(stream)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_other_documents_are_the_haystack_text_from_its_start_and_again_when_it_runs_out(tokenizer, tokens):
+    lines = ["def first(a):", "    return a + 1", "", "x = first(41)  # 42"]
+    haystack = passkey.Haystack.from_text(tokenizer, "\n".join(lines), "code")
+    stream = passkey.document_stream(haystack, tokens)
+    text = "\n".join(line for line in lines if line)
+    expected = [tokenizer.bos_id] + tokenizer.encode("\n".join([text] * 40), bos=False)
+    assert stream == expected[:tokens]
 
 
 def test_lengths_parse_with_k_and_m_suffixes():
@@ -223,7 +234,8 @@ def test_uniform_depths_are_reported_by_quarter_and_a_quarter_without_trials_is_
                                    ["--lengths", "4000m"],  # more memory than the machine has
                                    ["--lengths", "0"], ["--haystack", "/nonexistent"], ["--haystack", "/dev/null"],
                                    ["--task", "other"], ["--task", "decoys", "--depths", "0.5"],
-                                   ["--task", "decoys", "--haystack", "README.md"]])
+                                   ["--task", "decoys", "--haystack", "README.md"], ["--task", "documents"],
+                                   ["--task", "documents", "--haystack", "README.md", "--depths", "0.5"]])
 def test_bad_input_is_one_error_line(checkpoint, flags):
     result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), *flags], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
@@ -255,12 +267,12 @@ def test_the_experiment_plots_draw_from_a_small_results_file(tmp_path):
                           by_depth={"0": {"all": 1.0}, "4096": {"all": 0.5}})
     results = dict(size="cpu", window=256, train_tokens=256, setups={
         name: dict(cross_batch_range=d, passkey=passkey_summary, passkey_code=passkey_summary, decoys=decoy_summary,
-                   perplexity={"0": 30.0, "4": 29.0 - d, "16": 28.0 - d})
+                   documents=decoy_summary, perplexity={"0": 30.0, "4": 29.0 - d, "16": 28.0 - d})
         for name, d in context_scaling.SETUPS.items()})
     (tmp_path / "results.json").write_text(json.dumps(results))
     context_scaling.main(["--out", str(tmp_path), "--only-draw"])
-    for name in ["passkey.png", "passkey_code.png", "distraction.png", "attention.png", "perplexity.png",
-                 f"heatmap_{next(iter(context_scaling.SETUPS))}.png"]:
+    for name in ["passkey.png", "passkey_code.png", "distraction.png", "attention.png", "decoys_distraction.png",
+                 "decoys_attention.png", "perplexity.png", f"heatmap_{next(iter(context_scaling.SETUPS))}.png"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -288,10 +300,22 @@ def test_the_experiment_runs_only_the_trials_whose_results_are_missing(tmp_path)
     (tmp_path / "decoys_fot7.json").write_text("{}")
     commands = context_scaling.trial_commands(tmp_path, context_scaling.SIZES["cpu"])
     outs = [c[c.index("--out") + 1] for c in commands]
-    assert str(tmp_path / "decoys_fot7.json") not in outs and len(outs) == 3 * len(context_scaling.SETUPS) - 1
-    assert all(c[c.index("--haystack") + 1] == str(tmp_path / "haystack_held_out.py")
-               for c in commands if "passkey_code_" in c[c.index("--out") + 1])
+    orders = context_scaling.SIZES["cpu"]["document_orders"]
+    assert str(tmp_path / "decoys_fot7.json") not in outs
+    assert len(outs) == (4 + orders) * len(context_scaling.SETUPS) - 1
+    kind = lambda out: "_".join(part for part in Path(out).stem.split("_") if part not in context_scaling.SETUPS)
+    haystacks = {(kind(out), c[c.index("--haystack") + 1] if "--haystack" in c else None)
+                 for c, out in zip(commands, outs)}
+    held_out = str(tmp_path / "haystack_held_out.py")  # passkey in code, other documents in memory
+    assert haystacks == {("passkey", None), ("passkey_code", held_out), ("documents", held_out), ("decoys", None),
+                         *((f"documents_order{k}", str(tmp_path / f"documents_order{k}.py")) for k in range(orders))}
     assert "def " in (tmp_path / "haystack_held_out.py").read_text()  # held-out standard-library code
+    _, held_out_documents = train.split_held_out(train.stdlib_documents(), train.Settings().holdout)
+    held_out_texts = [train.read_document(doc)[1] for doc in held_out_documents]
+    for k in range(orders):  # training code, a different text in each order, enough for the largest memory
+        text = (tmp_path / f"documents_order{k}.py").read_text()
+        assert len(text) >= 4 * 262144 and not any(held in text for held in held_out_texts)
+        assert text[:1000] != (tmp_path / f"documents_order{(k + 1) % orders}.py").read_text()[:1000]
 
 
 def test_the_top_k_comparison_runs_each_setting_once_with_its_own_flags(tmp_path):
@@ -300,7 +324,8 @@ def test_the_top_k_comparison_runs_each_setting_once_with_its_own_flags(tmp_path
     runs = {c[c.index("--out") + 1]: c for c in commands}
     settings = len(context_scaling.TOPK) * len(longllama.MEM_RETRIEVALS) + 1  # and all of memory
     fot, setups = len(context_scaling.FOT), len(context_scaling.SETUPS)
-    assert len(runs) == len(commands) == fot * settings - 1 + (setups - fot) * 2 + fot * 3 + setups * 2
+    distractions = setups * 2 * len(context_scaling.DISTRACTIONS)  # all of memory and K = 128 (blocks)
+    assert len(runs) == len(commands) == fot * settings - 1 + (setups - fot) * 2 + fot * 3 + distractions
     assert str(tmp_path / "passkey_fot3_blocks128.json") not in runs
     for out, command in runs.items():
         setting = out.rsplit("_", 1)[1].removesuffix(".json")
@@ -347,6 +372,14 @@ def test_decoy_and_haystack_commands_write_their_reports(checkpoint, tmp_path):
     report = json.loads(out.read_text())
     assert report["task"] == "decoys" and set(report["relevant_attention"]) == {"0", "100"}
     assert "| 100 |" in result.stdout and "attention on the document" in result.stdout
+    out = tmp_path / "documents.json"
+    result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), "--task", "documents",
+                             "--haystack", str(tmp_path / "hay.txt"), "--lengths", "0,300", "--trials", "2", "--out",
+                             str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["task"] == "documents" and report["haystack"] == str(tmp_path / "hay.txt")
+    assert [r["length"] for r in report["results"]] == [0, 0, 300, 300]
 
 
 @pytest.mark.parametrize("run", ["context_scaling_cpu", "context_scaling_cpu_long"])
@@ -371,11 +404,17 @@ def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
     readme = (ROOT / "README.md").read_text()
     for line in context_scaling.tables(results).splitlines():
         assert line in readme, line
-    for name in context_scaling.SETUPS:  # and the summary is what the trials say
-        trials = json.loads((FOT_RUN / f"passkey_{name}.json").read_text())["results"]
-        for length, accuracy in results["setups"][name]["passkey"]["accuracy"].items():
-            hits = [t["correct"] for t in trials if t["length"] == int(length)]
-            assert len(hits) >= 20 and accuracy == sum(hits) / len(hits)
+    for name, setup in results["setups"].items():  # and each summary is what its trials say
+        parts = {f"{key}_{name}": setup[key] for key in ("passkey", "passkey_code", "documents", "decoys")}
+        parts |= {f"documents_{name}_order{k}": part for k, part in setup["documents_orders"].items()}
+        for file, part in parts.items():
+            trials = json.loads((FOT_RUN / f"{file}.json").read_text())["results"]
+            for length, accuracy in part["accuracy"].items():
+                cell = [t for t in trials if t["length"] == int(length)]
+                assert len(cell) >= 20 and accuracy == sum(t["correct"] for t in cell) / len(cell)
+                if "relevant_attention" in part:
+                    share = sum(t["relevant_attention"] for t in cell) / len(cell)
+                    assert part["relevant_attention"][length] == pytest.approx(share)
 
 
 def test_the_readme_states_the_quantized_quality_as_its_results_files_hold_it():
@@ -409,7 +448,7 @@ def test_the_readme_states_the_top_k_comparison_as_its_results_files_hold_it():
         assert line in readme, line
     for name, settings in results.items():  # and each summary is what its trials say
         for setting, found in settings.items():
-            for key in ("passkey", "passkey_code", "decoys"):
+            for key in ("passkey", "passkey_code", *context_scaling.DISTRACTIONS):
                 if key in found:
                     trials = json.loads((ROOT / "docs" / "topk" / f"{key}_{name}_{setting}.json").read_text())
                     flags = context_scaling.topk_settings()[setting]  # the run was read as its name says
