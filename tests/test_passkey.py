@@ -473,6 +473,26 @@ def test_a_shipped_checkpoint_gives_the_answers_its_trials_file_recorded(name):
         assert (trial["passkey"], trial["answer"]) == (expected["passkey"], expected["answer"])
 
 
+@pytest.mark.parametrize("task", context_scaling.DISTRACTIONS)
+def test_a_shipped_checkpoint_answers_after_other_material_as_its_trials_file_recorded(task, tmp_path):
+    """The first two trials with 0 and 4k tokens of other documents (held-out code) or decoys in memory, rerun on
+    models/fot3, answer as the run recorded, with the same attention share."""
+    report = json.loads((FOT_RUN / f"{task}_fot3.json").read_text())
+    model = longllama.load(MODELS / "fot3")
+    tokenizer = checkpoint_tokenizer(MODELS / "fot3")
+    if task == "documents":
+        text = context_scaling.held_out_code(tmp_path).read_text()
+        distractors = passkey.document_stream(passkey.Haystack.from_text(tokenizer, text, "code"), 4096)
+    else:
+        distractors = passkey.decoy_stream(tokenizer, 256, 4096, report["seed"])
+    rerun = passkey.distraction_trials(model, tokenizer, distractors, [0, 4096], 2, report["seed"], lambda _: None)
+    for size in (0, 4096):
+        recorded = [r for r in report["results"] if r["length"] == size][:2]
+        got = [r for r in rerun if r["length"] == size]
+        assert [(r["passkey"], r["answer"]) for r in got] == [(r["passkey"], r["answer"]) for r in recorded]
+        assert [r["relevant_attention"] for r in got] == pytest.approx([r["relevant_attention"] for r in recorded])
+
+
 def test_generate_runs_on_a_shipped_checkpoint():
     result = subprocess.run([sys.executable, "generate.py", "--ckpt", str(MODELS / "fot7"), "--prompt",
                              passkey.prompt_text(passkey.FILLER, passkey.FILLER, 31415), "--temperature", "0",
