@@ -125,11 +125,15 @@ def held_out_code(out: Path) -> Path:
 
 
 def training_code(out: Path, order: int, tokens: int) -> Path:
-    """Standard-library training documents in a random order (seed `order`) as one file, enough of them for
-    `tokens` tokens (a token is about 2.5 characters): other documents of the kind the models trained on."""
+    """Standard-library training documents in a random order (seed `order`) as one file of `tokens` tokens or more:
+    other documents of the kind the models trained on, never the same text twice."""
     documents, _ = training.split_held_out(training.stdlib_documents(), training.Settings().holdout)
     random.Random(order).shuffle(documents)
-    return code_file(out / f"documents_order{order}.py", documents, characters=4 * tokens)
+    characters = 4 * tokens  # a token of code is about 2.5 characters: 4 leave a margin
+    path = code_file(out / f"documents_order{order}_{size_label(tokens)}.py", documents, characters)
+    if len(path.read_text()) < characters:
+        raise ValueError(f"the standard library has less than {tokens} tokens of training documents")
+    return path
 
 
 def code_file(path: Path, documents, characters: float = math.inf) -> Path:
@@ -156,6 +160,8 @@ def distraction_flags(task: str, out: Path, size: dict, haystack: Optional[Path]
 def trial_commands(out: Path, size: dict) -> list:
     """passkey.py runs whose results file is missing: passkey in the filler, passkey in held-out code, other
     documents (held-out code, then training code in each order) and decoys in memory."""
+    most = max(passkey.parse_length(n, 0) for n in size["documents"].split(","))
+    orders = [training_code(out, order, most) for order in range(size["document_orders"])]
     commands = []
     for name in SETUPS:
         ckpt = ["--ckpt", str(out / name)]
@@ -165,10 +171,8 @@ def trial_commands(out: Path, size: dict) -> list:
                 f"passkey_code_{name}.json": [*ckpt, "--lengths", size["lengths"]["code"], *passkey_flags,
                                               "--haystack", str(held_out_code(out))],
                 **{f"{task}_{name}.json": [*ckpt, *distraction_flags(task, out, size)] for task in DISTRACTIONS}}
-        most = max(passkey.parse_length(n, 0) for n in size["documents"].split(","))
-        runs |= {f"documents_{name}_order{order}.json":
-                 [*ckpt, *distraction_flags("documents", out, size, training_code(out, order, most))]
-                 for order in range(size["document_orders"])}
+        runs |= {f"documents_{name}_order{order}.json": [*ckpt, *distraction_flags("documents", out, size, code)]
+                 for order, code in enumerate(orders)}
         commands += [[sys.executable, "passkey.py", *flags, "--out", str(out / file)]
                      for file, flags in runs.items() if not (out / file).is_file()]
     return commands
@@ -337,6 +341,8 @@ def draw(results: dict, out: Path):
                    "passkey accuracy", f"Passkey in {haystack}, trained on rows of {results['train_tokens']} tokens",
                    percent=True, intervals={label(n): s[key]["interval"] for n, s in setups.items()})
     for task, prefix, material in [("documents", "", "other documents"), ("decoys", "decoys_", "decoy documents")]:
+        if task not in measured_distractions(setups):
+            continue
         plot_lines({label(n): s[task]["accuracy"] for n, s in setups.items()}, out / f"{prefix}distraction.png",
                    f"tokens of {material} in memory", "passkey accuracy",
                    f"The passkey after {material} (the distraction issue)", percent=True,
@@ -349,6 +355,11 @@ def draw(results: dict, out: Path):
                "Perplexity of standard-library code vs memory")
     first = next(iter(setups))
     passkey.plot_heatmap(setups[first]["passkey"], out / f"heatmap_{first}.png", f"passkey retrieval: {label(first)}")
+
+
+def measured_distractions(setups: dict) -> list:
+    """The distraction tasks a results file holds (one from before a task was added lacks it)."""
+    return [task for task in DISTRACTIONS if task in next(iter(setups.values()))]
 
 
 def tables(results: dict) -> str:
@@ -368,7 +379,7 @@ def tables(results: dict) -> str:
         return lines + [""]
 
     lines = accuracy_table("passkey", "passkey,") + accuracy_table("passkey_code", "in code,")
-    for task in DISTRACTIONS:
+    for task in measured_distractions(setups):
         lines += accuracy_table(task, f"{task}:")
         sizes = list(next(iter(setups.values()))[task]["relevant_attention"])
         lines += [f"| setup | {' | '.join(f'attention, {size_label(int(n))}' for n in sizes)} |",
@@ -389,20 +400,19 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
-ORDER_SIZES = [4096, 16384, 32768, 65536]  # the columns of orders_table's cells
-
-
 def orders_table(setups: dict) -> list:
-    """Accuracy after other documents, one column for each text in memory: held-out code, then training code in
-    each order; a cell gives the accuracy at each of ORDER_SIZES tokens."""
+    """Accuracy after other documents for each text in memory (held-out code, then training code in each order)
+    and each setup, at every size measured but 0."""
     texts = {"held-out code": lambda setup: setup["documents"]}
     texts |= {f"training code, order {k}": lambda setup, k=k: setup["documents_orders"][k]
               for k in next(iter(setups.values())).get("documents_orders", {})}
-    lines = [f"| setup | {' | '.join(texts)} |", "| --- |" + " ---: |" * len(texts)]
-    for name, setup in setups.items():
-        cells = [" / ".join(passkey.percent(part(setup)["accuracy"].get(str(n))) for n in ORDER_SIZES)
-                 for part in texts.values()]
-        lines.append(f"| {LABELS.get(name, name)} | {' | '.join(cells)} |")
+    sizes = [n for n in next(iter(setups.values()))["documents"]["accuracy"] if n != "0"]
+    lines = [f"| other documents | setup | {' | '.join(size_label(int(n)) for n in sizes)} |",
+             "| --- | --- |" + " ---: |" * len(sizes)]
+    for text, part in texts.items():
+        for name, setup in setups.items():
+            cells = [passkey.percent(part(setup)["accuracy"].get(n)) for n in sizes]
+            lines.append(f"| {text} | {LABELS.get(name, name)} | {' | '.join(cells)} |")
     return lines + [""]
 
 

@@ -752,6 +752,10 @@ def as_command(job):
             sys.exit(130)
         except torch.OutOfMemoryError:
             fail("out of memory while generating: try --dtype bfloat16 or a shorter prompt")
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e):  # the CPU allocator's words when RAM runs out
+                raise
+            fail("out of memory while generating: try --dtype bfloat16 or a shorter prompt")
         except torch._dynamo.exc.BackendCompilerFailed as e:
             fail(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run without --compile")
         except (ValueError, OSError) as e:

@@ -265,8 +265,8 @@ def decoy_stream(tokenizer, window: int, tokens: int, seed: int) -> list:
 
 
 def document_stream(haystack: Haystack, tokens: int) -> list:
-    """`tokens` token ids of the haystack's text from its first line on, BOS first (none for 0). A text shorter
-    than that is taken again from its start, as a haystack is."""
+    """`tokens` token ids of the haystack's text from its first line on, BOS first (none for 0): its non-blank lines,
+    one after another, and the text again from its start when it is shorter, as a haystack is taken."""
     ids, asked = [haystack.tokenizer.bos_id], tokens
     while len(ids) < tokens:  # take() comes near its count from either side: ask for more until there is enough
         ids = [haystack.tokenizer.bos_id] + haystack.tokenizer.encode(haystack.text(haystack.take(asked)), bos=False)
@@ -274,11 +274,11 @@ def document_stream(haystack: Haystack, tokens: int) -> list:
     return ids[:tokens]
 
 
-def answer_after(model, distractors, document: list, question: list, length: int) -> tuple[list, float]:
+def answer_after(model, distractor_cache, document: list, question: list, length: int) -> tuple[list, float]:
     """Read the document into memory (after a copy of the distractors' cache) and the question into the local
     window; returns the greedy answer of `length` tokens and the attention share on the document of the question's
     last token, the query that finds the answer's first token."""
-    cache = distractors.copy() if distractors is not None else None
+    cache = distractor_cache.copy() if distractor_cache is not None else None
     first_entry = cache.memory_size if cache is not None else 0
     inputs = {}  # memory layer: the input of its attention while the question is read
     hooks = [model.layers[i].attention.register_forward_pre_hook(
@@ -506,7 +506,7 @@ def parse_args(argv=None):
     if args.task == "documents" and not args.haystack:
         fail("--task documents reads its other documents from --haystack FILE")
     minimum = 1 if args.task == "passkey" else 0
-    args.lengths = [parse_length(n, minimum) for n in args.lengths.split(",")]
+    args.lengths = list(dict.fromkeys(parse_length(n, minimum) for n in args.lengths.split(",")))  # each once
     if args.depths is not None:
         try:
             args.depths = [float(d) for d in args.depths.split(",")]
@@ -540,7 +540,8 @@ def run(args):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype, quantize=args.quantize,
                                                 **generate.topk_overrides(args))
-    generate.check_memory(model, [max(args.lengths)])  # refused now, not when the longest prompt comes
+    # refused now, not when the longest prompt comes; a distraction trial copies the distractors' memory
+    generate.check_memory(model, [max(args.lengths)] * (1 if args.task == "passkey" else 2))
     log = lambda line: print(line, file=sys.stderr)
     haystack = Haystack.from_text(tokenizer, haystack_text, Path(args.haystack).name) if haystack_text else None
     if args.task == "passkey":

@@ -165,6 +165,23 @@ def test_bad_inputs_give_one_clear_line_and_a_non_zero_exit(checkpoint, tmp_path
     expect_error(capsys, ["--ckpt", ckpt, "--prompt", "word " * 500], "needs about")
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't "
+                                                "allocate memory: you tried to allocate 8589934592 bytes.")])
+def test_running_out_of_memory_in_a_command_is_one_error_line(capsys, error):
+    def job():
+        raise error
+    with pytest.raises(SystemExit) as exit_:
+        generate.as_command(job)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: out of memory") and err.count("\n") == 1
+
+
+def test_other_runtime_errors_in_a_command_are_not_called_a_lack_of_memory():
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        generate.as_command(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+
+
 def test_prompt_memory_estimate_is_the_memory_plus_a_workspace_bounded_by_the_window():
     config = longllama.LongLlamaConfig(**longllama.PRESETS["3b"])
     kv_bytes = 3 * 2 * 3200 * 2  # 3 memory layers x (key + value) x hidden x bfloat16

@@ -307,15 +307,16 @@ def test_the_experiment_runs_only_the_trials_whose_results_are_missing(tmp_path)
     haystacks = {(kind(out), c[c.index("--haystack") + 1] if "--haystack" in c else None)
                  for c, out in zip(commands, outs)}
     held_out = str(tmp_path / "haystack_held_out.py")  # passkey in code, other documents in memory
+    training_code = {k: tmp_path / f"documents_order{k}_256k.py" for k in range(orders)}  # the largest memory
     assert haystacks == {("passkey", None), ("passkey_code", held_out), ("documents", held_out), ("decoys", None),
-                         *((f"documents_order{k}", str(tmp_path / f"documents_order{k}.py")) for k in range(orders))}
+                         *((f"documents_order{k}", str(path)) for k, path in training_code.items())}
     assert "def " in (tmp_path / "haystack_held_out.py").read_text()  # held-out standard-library code
     _, held_out_documents = train.split_held_out(train.stdlib_documents(), train.Settings().holdout)
     held_out_texts = [train.read_document(doc)[1] for doc in held_out_documents]
-    for k in range(orders):  # training code, a different text in each order, enough for the largest memory
-        text = (tmp_path / f"documents_order{k}.py").read_text()
+    for k, path in training_code.items():  # a different text in each order, enough for the largest memory
+        text = path.read_text()
         assert len(text) >= 4 * 262144 and not any(held in text for held in held_out_texts)
-        assert text[:1000] != (tmp_path / f"documents_order{(k + 1) % orders}.py").read_text()[:1000]
+        assert text[:1000] != training_code[(k + 1) % orders].read_text()[:1000]
 
 
 def test_the_top_k_comparison_runs_each_setting_once_with_its_own_flags(tmp_path):
@@ -374,12 +375,12 @@ def test_decoy_and_haystack_commands_write_their_reports(checkpoint, tmp_path):
     assert "| 100 |" in result.stdout and "attention on the document" in result.stdout
     out = tmp_path / "documents.json"
     result = subprocess.run([sys.executable, "passkey.py", "--ckpt", str(checkpoint), "--task", "documents",
-                             "--haystack", str(tmp_path / "hay.txt"), "--lengths", "0,300", "--trials", "2", "--out",
+                             "--haystack", str(tmp_path / "hay.txt"), "--lengths", "0,300,0", "--trials", "2", "--out",
                              str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["task"] == "documents" and report["haystack"] == str(tmp_path / "hay.txt")
-    assert [r["length"] for r in report["results"]] == [0, 0, 300, 300]
+    assert [r["length"] for r in report["results"]] == [0, 0, 300, 300]  # a length given twice runs once
 
 
 @pytest.mark.parametrize("run", ["context_scaling_cpu", "context_scaling_cpu_long"])
