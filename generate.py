@@ -750,14 +750,12 @@ def as_command(job):
             job()
         except KeyboardInterrupt:
             sys.exit(130)
-        except torch.OutOfMemoryError:
-            fail("out of memory while generating: try --dtype bfloat16 or a shorter prompt")
-        except RuntimeError as e:
-            if "can't allocate memory" not in str(e):  # the CPU allocator's words when RAM runs out
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # a RuntimeError: caught before the next clause
+            fail(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run without --compile")
+        except RuntimeError as e:  # out of GPU memory, or the CPU allocator's words when RAM runs out
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                 raise
             fail("out of memory while generating: try --dtype bfloat16 or a shorter prompt")
-        except torch._dynamo.exc.BackendCompilerFailed as e:
-            fail(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run without --compile")
         except (ValueError, OSError) as e:
             fail(str(e))
 

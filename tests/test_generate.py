@@ -177,6 +177,15 @@ def test_running_out_of_memory_in_a_command_is_one_error_line(capsys, error):
     assert exit_.value.code == 1 and err.startswith("error: out of memory") and err.count("\n") == 1
 
 
+def test_a_failed_compilation_in_a_command_is_one_error_line_not_taken_for_a_lack_of_memory(capsys):
+    def job():
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler"), None)
+    with pytest.raises(SystemExit) as exit_:
+        generate.as_command(job)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: torch.compile failed") and err.count("\n") == 1
+
+
 def test_other_runtime_errors_in_a_command_are_not_called_a_lack_of_memory():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         generate.as_command(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
