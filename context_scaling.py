@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import generate
 import longllama
@@ -120,27 +120,34 @@ def train_all(out: Path, size: dict):
 
 def held_out_code(out: Path) -> Path:
     """The held-out standard-library documents as one file: a haystack no model was trained on."""
-    _, held_out = training.split_held_out(training.stdlib_documents(), training.Settings().holdout)
-    return code_file(out / "haystack_held_out.py", held_out)
+    return code_file(out / "haystack_held_out.py", lambda: stdlib_split()[1])
 
 
 def training_code(out: Path, order: int, tokens: int) -> Path:
     """Standard-library training documents in a random order (seed `order`) as one file of `tokens` tokens or more:
     other documents of the kind the models trained on, never the same text twice."""
-    documents, _ = training.split_held_out(training.stdlib_documents(), training.Settings().holdout)
-    random.Random(order).shuffle(documents)
+    def shuffled():
+        documents = stdlib_split()[0]
+        random.Random(order).shuffle(documents)
+        return documents
     characters = 4 * tokens  # a token of code is about 2.5 characters: 4 leave a margin
-    path = code_file(out / f"documents_order{order}_{size_label(tokens)}.py", documents, characters)
+    path = code_file(out / f"documents_order{order}_{size_label(tokens)}.py", shuffled, characters)
     if len(path.read_text()) < characters:
         raise ValueError(f"the standard library has less than {tokens} tokens of training documents")
     return path
 
 
-def code_file(path: Path, documents, characters: float = math.inf) -> Path:
-    """The documents' text as one file, written once, the documents in turn until `characters` are there."""
+def stdlib_split() -> tuple[list, list]:
+    """(training, held-out) standard-library documents, as train.py's default --holdout splits them."""
+    return training.split_held_out(training.stdlib_documents(), training.Settings().holdout)
+
+
+def code_file(path: Path, documents: Callable[[], list], characters: float = math.inf) -> Path:
+    """The text of documents() as one file, the documents in turn until `characters` are there. Written once: an
+    existing file is the answer, and the standard library is not walked again."""
     if not path.is_file():
         texts, length = [], 0
-        for doc in documents:
+        for doc in documents():
             if length >= characters:
                 break
             texts.append(training.read_document(doc)[1])
