@@ -486,9 +486,10 @@ def check_memory(model, lengths: list):
     for where, needed in ([(torch.device("cpu"), memory), (device, rest)] if host else [(device, memory + rest)]):
         available = available_bytes(where)
         if needed > 0.9 * available:
-            what = f"a prompt of {longest} tokens" if len(lengths) == 1 else f"{len(lengths)} prompts of {longest}"
+            what = (f"a prompt of {longest} tokens needs" if len(lengths) == 1
+                    else f"{len(lengths)} prompts of {longest} tokens need")
             of = " of host RAM" if host and where.type == "cpu" else ""
-            raise ValueError(f"{what} needs about {needed / 2**30:.1f} GiB more{of}, {available / 2**30:.1f} GiB are "
+            raise ValueError(f"{what} about {needed / 2**30:.1f} GiB more{of}, {available / 2**30:.1f} GiB are "
                              f"free: try {hint}")
 
 
