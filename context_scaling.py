@@ -1,7 +1,7 @@
 """FoT's two claims, end to end: memory reaches far beyond the training context, and cross-batch training keeps
 retrieval working as unrelated material fills the memory (the distraction issue).
 
-    python context_scaling.py --size cpu --out runs/scaling          # 2 CPU cores, under an hour (see README)
+    python context_scaling.py --size cpu --out runs/scaling          # 2 CPU cores, about an hour (see README)
     python context_scaling.py --size gpu --out runs/scaling          # one GPU: a larger model, longer training
 
 The recipe follows LongLLaMA's own path. One base model is trained first, without memory (d = 0), on the embedded
@@ -50,27 +50,27 @@ SETUPS = {"fot7": 7, "fot3": 3, "d1": 1, "d0": 0}  # name: cross-batch range d o
 LABELS = {"fot7": "FoT (d = 7)", "fot3": "FoT (d = 3)", "d1": "d = 1", "d0": "d = 0 (no cross-batch)"}
 FOT = [name for name, d in SETUPS.items() if d > 1]
 
-ROWS = ["--seq-len", "256", "--batch-size", "16", "--packing", "4"]  # the tiny preset's window, 4,096 tokens a step
+ROWS = ["--seq-len", "256", "--batch-size", "16", "--packing", "4"]  # the tiny presets' window, 4,096 tokens a step
 GPU_ROWS = ["--seq-len", "1024", "--batch-size", "16", "--packing", "4"]
 SIZES = {
     "cpu": dict(
-        # the memory layer is layer 1, where the base's copying circuit forms (README: the recipe)
-        base=["--preset", "tiny", "--vocab-size", "1024", "--mem-layers", "1", *ROWS, "--passkey-docs", "6000",
+        # the preset's memory layer is layer 4, the last that the base's copying circuit needs (README: the recipe)
+        base=["--preset", "tiny6", "--vocab-size", "1024", *ROWS, "--passkey-docs", "6000",
               "--passkey-layout", "near", "--lr", "2e-3", "--min-lr", "1e-4", "--warmup-steps", "100",
               "--lr-decay-steps", "3000", "--max-steps", "1500"],
         fot=[*ROWS, "--passkey-docs", "6000", "--passkey-layout", "far,decoy,near", "--lr", "1e-3", "--min-lr",
-             "1e-4", "--warmup-steps", "50", "--max-steps", "1500"],
-        lengths=dict(fot="1k,4k,16k,64k,256k", other="1k,4k,16k,64k", code="1k,4k,16k,64k"),
-        depths="0.1,0.37,0.63,0.9", trials=5, documents="0,4k,8k,16k,32k,64k,256k", decoys="0,4k,16k,64k,256k",
-        distraction_trials=20, document_orders=4, eval_spans=8, side_by_side=2),
+             "1e-4", "--warmup-steps", "50", "--max-steps", "1000"],
+        lengths="1k,4k,16k,64k,256k", code_lengths="1k,4k,16k,64k", depths="0.1,0.37,0.63,0.9", trials=5,
+        documents="0,4k,8k,16k,32k,64k,256k", decoys="0,4k,16k,64k,256k", distraction_trials=20,
+        document_orders=4, eval_spans=8, side_by_side=2),
     "gpu": dict(
         base=["--preset", "small", *GPU_ROWS, "--passkey-docs", "20000", "--passkey-layout", "near", "--lr", "1e-3",
               "--min-lr", "1e-4", "--max-steps", "4000"],
         fot=[*GPU_ROWS, "--passkey-docs", "20000", "--passkey-layout", "far,decoy,near", "--lr", "5e-4", "--min-lr",
              "5e-5", "--max-steps", "3000"],
-        lengths=dict(fot="1k,4k,16k,64k,256k", other="1k,4k,16k,64k,256k", code="1k,4k,16k,64k,256k"),
-        depths="0,0.25,0.5,0.75,1", trials=10, documents="0,16k,64k,256k,1m", decoys="0,16k,64k,256k,1m",
-        distraction_trials=50, document_orders=4, eval_spans=32, side_by_side=1),
+        lengths="1k,4k,16k,64k,256k", code_lengths="1k,4k,16k,64k,256k", depths="0,0.25,0.5,0.75,1", trials=10,
+        documents="0,16k,64k,256k,1m", decoys="0,16k,64k,256k,1m", distraction_trials=50,
+        document_orders=4, eval_spans=32, side_by_side=1),
 }
 EVAL_MEMORY = [0, 1, 2, 4, 8, 16]
 DISTRACTIONS = ["documents", "decoys"]  # passkey.py --task: what fills the memory before the passkey
@@ -173,9 +173,8 @@ def trial_commands(out: Path, size: dict) -> list:
     for name in SETUPS:
         ckpt = ["--ckpt", str(out / name)]
         passkey_flags = ["--depths", size["depths"], "--trials", str(size["trials"])]
-        runs = {f"passkey_{name}.json": [*ckpt, "--lengths", size["lengths"]["fot" if name in FOT else "other"],
-                                         *passkey_flags],
-                f"passkey_code_{name}.json": [*ckpt, "--lengths", size["lengths"]["code"], *passkey_flags,
+        runs = {f"passkey_{name}.json": [*ckpt, "--lengths", size["lengths"], *passkey_flags],
+                f"passkey_code_{name}.json": [*ckpt, "--lengths", size["code_lengths"], *passkey_flags,
                                               "--haystack", str(held_out_code(out))],
                 **{f"{task}_{name}.json": [*ckpt, *distraction_flags(task, out, size)] for task in DISTRACTIONS}}
         runs |= {f"documents_{name}_order{order}.json": [*ckpt, *distraction_flags("documents", out, size, code)]

@@ -253,6 +253,10 @@ _HF_BOOKKEEPING = {"architectures", "model_type", "torch_dtype", "dtype", "trans
 PRESETS = {
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                  max_position_embeddings=256, mem_layers=[2], last_context_length=128, vocab_size=4096),
+    # tiny, deeper: the CPU reproduction's shape (context_scaling.py), whose memory layer 4 gets keys built by
+    # four layers of attention, the depth its copying by content needs
+    "tiny6": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=6, num_attention_heads=4,
+                  max_position_embeddings=256, mem_layers=[4], last_context_length=128, vocab_size=4096),
     "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                   max_position_embeddings=1024, mem_layers=[4, 8], last_context_length=512),
     "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,

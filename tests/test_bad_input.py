@@ -397,7 +397,7 @@ def with_setting(**settings):
     (with_setting(batch_size="4"), "is damaged: settings.batch_size must be an integer in [1, "),
     (with_setting(lr=float("nan")), "is damaged: settings.lr must be a finite number >= 0"),
     (with_setting(data="corpus"), "is damaged: settings.data must be a list of paths"),
-    (with_setting(preset="huge"), "is damaged: settings.preset must be one of tiny, small"),
+    (with_setting(preset="huge"), "is damaged: settings.preset must be one of tiny, tiny6, small"),
 ])
 def test_resume_refuses_a_damaged_train_state(trained_run, tmp_path, capsys, change, message):
     out = damaged_run(trained_run, tmp_path, "train_state.json", change)

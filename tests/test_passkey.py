@@ -494,6 +494,19 @@ def test_a_shipped_checkpoint_answers_after_other_material_as_its_trials_file_re
         assert [r["relevant_attention"] for r in got] == pytest.approx([r["relevant_attention"] for r in recorded])
 
 
+def test_the_shipped_checkpoints_have_the_shape_the_cpu_recipe_trains():
+    """models/ is what `context_scaling.py --size cpu` builds: its preset's shape, its vocabulary, its steps."""
+    base, fot = context_scaling.SIZES["cpu"]["base"], context_scaling.SIZES["cpu"]["fot"]
+    vocab_size = int(base[base.index("--vocab-size") + 1])
+    shape = longllama.PRESETS[base[base.index("--preset") + 1]] | {"vocab_size": vocab_size}
+    for name in ["base", *context_scaling.SETUPS]:
+        config = longllama.LongLlamaConfig.from_json(MODELS / name / "config.json")
+        assert {key: getattr(config, key) for key in shape} == shape
+        steps = [json.loads(line)["step"] for line in (MODELS / name / "log.jsonl").read_text().splitlines() if line]
+        flags = base if name == "base" else fot
+        assert steps[-1] == int(flags[flags.index("--max-steps") + 1])
+
+
 def test_generate_runs_on_a_shipped_checkpoint():
     result = subprocess.run([sys.executable, "generate.py", "--ckpt", str(MODELS / "fot7"), "--prompt",
                              passkey.prompt_text(passkey.FILLER, passkey.FILLER, 31415), "--temperature", "0",
