@@ -54,7 +54,7 @@ ROWS = ["--seq-len", "256", "--batch-size", "16", "--packing", "4"]  # the tiny 
 GPU_ROWS = ["--seq-len", "1024", "--batch-size", "16", "--packing", "4"]
 SIZES = {
     "cpu": dict(
-        # the preset's memory layer is layer 4, the last that the base's copying circuit needs (README: the recipe)
+        # the preset's memory layer is layer 4, the last that the base's copying circuit needs (docs/exploration.md)
         base=["--preset", "tiny6", "--vocab-size", "1024", *ROWS, "--passkey-docs", "6000",
               "--passkey-layout", "near", "--lr", "2e-3", "--min-lr", "1e-4", "--warmup-steps", "100",
               "--lr-decay-steps", "3000", "--max-steps", "1500"],
