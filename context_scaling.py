@@ -96,9 +96,14 @@ def run(commands: list, side_by_side: int = 1):
         raise ValueError("a step above failed: rerun the experiment to go on from the last finished step")
 
 
+def flag(flags: list, name: str) -> str:
+    """The value a command line's flags give `name` (e.g. "--max-steps")."""
+    return flags[flags.index(name) + 1]
+
+
 def trained(run_dir: Path, flags: list) -> bool:
     state = run_dir / "train_state.json"
-    steps = int(flags[flags.index("--max-steps") + 1])
+    steps = int(flag(flags, "--max-steps"))
     return state.is_file() and json.loads(state.read_text()).get("step", 0) >= steps
 
 
@@ -465,7 +470,7 @@ def experiment(args):
     run(trial_commands(out, size), size["side_by_side"])
     config = longllama.LongLlamaConfig.from_json(out / "base" / "config.json")
     results = dict(size=args.size, window=config.max_position_embeddings,
-                   train_tokens=int(size["base"][size["base"].index("--seq-len") + 1]),
+                   train_tokens=int(flag(size["base"], "--seq-len")),
                    setups={name: dict(cross_batch_range=d, passkey=summary(out / f"passkey_{name}.json"),
                                       passkey_code=summary(out / f"passkey_code_{name}.json"),
                                       **{task: summary(out / f"{task}_{name}.json") for task in DISTRACTIONS},

@@ -497,8 +497,8 @@ def test_a_shipped_checkpoint_answers_after_other_material_as_its_trials_file_re
 def test_the_shipped_checkpoints_have_the_shape_the_cpu_recipe_trains():
     """models/ is what `context_scaling.py --size cpu` builds: its preset's shape, its vocabulary, its steps."""
     base, fot = context_scaling.SIZES["cpu"]["base"], context_scaling.SIZES["cpu"]["fot"]
-    vocab_size = int(base[base.index("--vocab-size") + 1])
-    shape = longllama.PRESETS[base[base.index("--preset") + 1]] | {"vocab_size": vocab_size}
+    vocab_size = int(context_scaling.flag(base, "--vocab-size"))
+    shape = longllama.PRESETS[context_scaling.flag(base, "--preset")] | {"vocab_size": vocab_size}
     for name in ["base", *context_scaling.SETUPS]:
         config = longllama.LongLlamaConfig.from_json(MODELS / name / "config.json")
         assert {key: getattr(config, key) for key in shape} == shape
