@@ -9,7 +9,8 @@ experiment.
 
 The prompt is the one LongLLaMA's evaluation uses (after Landmark Attention): a task line, filler sentences (or a
 file's lines, --haystack), the passkey line at a chosen depth, more filler, and the question. The model reads the
-prompt as generate.py does (everything but the last `last_context_length` tokens into memory, window by window),
+prompt as generate.py does (everything but the last `last_context_length` tokens into memory, window by window;
+the whole windows that a cell's prompts share, the filler before the passkey, are read once and copied for each),
 then decodes greedily as many tokens as the answer has; an answer is correct when its tokens are exactly the
 passkey's. Only memory can carry the passkey once the prompt is longer than the local window, so accuracy against
 prompt length shows how far the memory layers reach.
@@ -31,6 +32,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -191,9 +193,41 @@ def decoy_lines(rng: random.Random, count: int) -> list[str]:
     return [decoy_line(decoy, rng.randint(1, MAX_PASSKEY)) for decoy in rng.sample(DECOYS, count)]
 
 
-def answer(model, tokenizer, prompt: str, length: int) -> list[int]:
-    """Greedy decoding of `length` tokens after reading the prompt into memory, exactly as generate.py does."""
-    documents = generate.read(model, tokenizer, prompt)
+class SharedStart(NamedTuple):
+    """The whole memory windows that several prompts begin with, read once (tokens: 0 and no cache when none)."""
+    tokens: int
+    cache: Optional[longllama.Cache]
+
+
+def read_shared_start(model, prompts: list) -> SharedStart:
+    """Read the whole memory windows that all `prompts` (token ids) begin with into memory, once: the prompts of
+    a cell in the filler are the same text up to the passkey line.
+
+    Alone, a prompt is read in windows of W tokens from its start, and a window sees only the memory before it. So
+    a prompt that continues a copy of this cache is cut at the same places and reads the same memory: its answer is
+    the same, bit for bit, and a cell of 5 prompts at depth 0.9 costs about 1.4 readings instead of 5."""
+    window, last_context_length = model.config.max_position_embeddings, model.config.last_context_length
+    common = len(os.path.commonprefix(prompts))
+    tokens = min(common, min(map(len, prompts)) - last_context_length) // window * window
+    if len(prompts) < 2 or tokens <= 0:
+        return SharedStart(0, None)
+    ids = torch.tensor([prompts[0][:tokens]], device=model.embed.weight.device)
+    _, cache = model(ids, use_cache=True, last_context_length=0, last_logits_only=True)
+    return SharedStart(tokens, cache)
+
+
+def answer(model, tokenizer, prompt: Prompt, length: int, start: SharedStart = SharedStart(0, None)) -> list[int]:
+    """Greedy decoding of `length` tokens after reading the prompt into memory, exactly as generate.py does; the
+    reading continues a copy of `start`'s cache where the prompt shares its first windows with others."""
+    if start.cache is None:
+        documents = generate.read(model, tokenizer, prompt.text)
+    else:
+        generate.check_memory(model, [len(prompt.ids)])
+        ids = torch.tensor([prompt.ids], device=model.embed.weight.device)  # [1, L]
+        logits, cache = generate.prefill(model, ids[:, start.tokens:], start.cache.copy(),
+                                         last_context_length=model.config.last_context_length)
+        documents = generate.Documents(cache, logits, ids, torch.ones_like(ids, dtype=torch.bool),
+                                       generate.PromptFormat())
     greedy = generate.Sampling(max_new_tokens=length, temperature=0, seed=0)
     return generate.answer(model, tokenizer, documents, sampling=greedy).tokens[0]
 
@@ -342,20 +376,24 @@ def parse_length(text: str, minimum: int = 1) -> int:
 def run_trials(model, builder: PromptBuilder, lengths, depths, trials: int, seed: int, log=print) -> list[dict]:
     """`trials` prompts per length and depth (depths None: each at a uniform depth), one result dict each.
 
-    Every (length, depth) cell draws from its own seeded stream, so adding a length changes no other cell."""
+    Every (length, depth) cell draws from its own seeded stream, so adding a length changes no other cell. A
+    result's seconds are its own reading and answering: the cell's shared_tokens were read once before it."""
     results = []
     for length in lengths:
         for depth in depths or [None]:
             rng = random.Random(f"{seed} {length} {depth}")
+            cell = []
             for _ in range(trials):
                 at = rng.random() if depth is None else depth
                 passkey = rng.randint(1, MAX_PASSKEY)
                 first_unit = rng.randrange(len(builder.haystack.units))  # the filler has one unit: always 0
-                prompt = builder.build(length, at, passkey, first_unit)
+                cell.append((at, passkey, builder.build(length, at, passkey, first_unit)))
+            shared = read_shared_start(model, [prompt.ids for _, _, prompt in cell])
+            for at, passkey, prompt in cell:
                 start = time.perf_counter()
-                got = answer(model, builder.tokenizer, prompt.text, len(prompt.answer))
+                got = answer(model, builder.tokenizer, prompt, len(prompt.answer), shared)
                 results.append(dict(length=length, depth=at, column=depth_column(at, depths),
-                                    prompt_tokens=len(prompt.ids), passkey=passkey,
+                                    prompt_tokens=len(prompt.ids), shared_tokens=shared.tokens, passkey=passkey,
                                     answer=builder.tokenizer.decode(got).strip(), correct=got == prompt.answer,
                                     seconds=round(time.perf_counter() - start, 3)))
             log(f"{length} tokens, depth {'uniform' if depth is None else depth}: "

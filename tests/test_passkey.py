@@ -15,7 +15,7 @@ import longllama
 import passkey
 import train
 from conftest import ROOT, shared_tokenizer
-from test_generate import checkpoint  # noqa: F401 (a tiny random checkpoint, window 32)
+from test_generate import checkpoint, greedy_by_hand  # noqa: F401 (checkpoint: tiny, random, window 32)
 from test_train import assets, small_run  # noqa: F401 (assets: test_train's tiny corpus and checkpoint)
 from tokenizer import Tokenizer, checkpoint_tokenizer
 
@@ -139,6 +139,32 @@ def test_a_decoy_trial_reads_its_passkey_prompt_after_a_copy_of_the_decoys_cache
         expected.append(int(logits[0, -1].argmax()))
     assert got == expected and 0 < share < 1
     assert cache.memory_size == 100  # the decoys' cache itself is left as it was
+
+
+def test_prompts_that_share_their_start_read_it_once_and_answer_as_each_read_alone(checkpoint):
+    """A cell's prompts in the filler are the same text up to the passkey line: its whole windows are read once and
+    each prompt continues a copy. Every answer must be the one greedy decoding gives the prompt read alone."""
+    model = longllama.load(checkpoint)
+    builder = passkey.PromptBuilder(Tokenizer(checkpoint / "tokenizer.model"))
+    prompts = [builder.build(400, 0.9, key) for key in (7, 31415, 2718)]
+    start = passkey.read_shared_start(model, [prompt.ids for prompt in prompts])
+    window = model.config.max_position_embeddings
+    assert start.tokens >= 300 and start.tokens % window == 0 and start.cache.memory_size == start.tokens
+    for prompt in prompts:
+        got = passkey.answer(model, builder.tokenizer, prompt, 12, start)
+        assert got == greedy_by_hand(model, prompt.ids, 12) == passkey.answer(model, builder.tokenizer, prompt, 12)
+    assert start.cache.memory_size == start.tokens  # each prompt continued a copy
+
+
+def test_only_prompts_that_share_whole_windows_share_a_reading(checkpoint):
+    model = longllama.load(checkpoint)
+    builder = passkey.PromptBuilder(Tokenizer(checkpoint / "tokenizer.model"))
+    assert passkey.read_shared_start(model, [builder.build(400, 0.9, 7).ids]) == (0, None)  # nothing to share with
+    code = passkey.PromptBuilder(builder.tokenizer, passkey.Haystack.from_text(
+        builder.tokenizer, (ROOT / "passkey.py").read_text(), "code"))
+    results = passkey.run_trials(model, code, [300], [0.9], 2, seed=0, log=lambda _: None)
+    # each trial's haystack starts at its own line, so only the task line's window (31 tokens and a few more) is common
+    assert [r["shared_tokens"] for r in results] == [model.config.max_position_embeddings] * 2
 
 
 @pytest.mark.parametrize("topk", [{}, dict(mem_topk=5, mem_retrieval="exact"),
