@@ -530,7 +530,7 @@ def test_the_shipped_checkpoints_have_the_shape_the_cpu_recipe_trains():
         assert {key: getattr(config, key) for key in shape} == shape
         steps = [json.loads(line)["step"] for line in (MODELS / name / "log.jsonl").read_text().splitlines() if line]
         flags = base if name == "base" else fot
-        assert steps[-1] == int(flags[flags.index("--max-steps") + 1])
+        assert steps[-1] == int(context_scaling.flag(flags, "--max-steps"))
 
 
 def test_generate_runs_on_a_shipped_checkpoint():
