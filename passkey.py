@@ -214,7 +214,7 @@ def read_shared_start(model, prompts: list) -> SharedStart:
     if tokens <= 0:
         return SharedStart(0, None)
     ids = torch.tensor([prompts[0][:tokens]], device=model.embed.weight.device)
-    _, cache = model(ids, use_cache=True, last_context_length=0, last_logits_only=True)
+    _, cache = generate.prefill(model, ids, last_context_length=0)
     return SharedStart(tokens, cache)
 
 
