@@ -449,7 +449,10 @@ def test_an_interrupted_run_exits_130_without_a_traceback_and_its_checkpoint_loa
     out = tmp_path / "run"
     command = [sys.executable, str(ROOT / "train.py"),
                *small_run(assets, out, "--max-steps", "100000", "--save-every", "1")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # Ctrl-C as a terminal sends it: a suite started in the background without job control (`cmd &` in a script)
+    # runs with SIGINT ignored, which the child would inherit and keep
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()):  # the first step is logged
