@@ -32,9 +32,14 @@ from pathlib import Path
 import torch
 
 import convert_weights
-import generate
 import longllama
 import passkey
+from checkpoint import resolve_device
+from checks import check_can_compile, check_values
+from cli import (add_quantize_argument, add_topk_arguments, as_command, default_dtype, fail, load_checkpoint,
+                 topk_overrides)
+from quantize import quantize
+from topk import PROBES, TopkMemory
 
 LLAMA_CPP_PROMPT = 64  # tokens llama.cpp reads before its decode is timed
 # The CPU shape of --small: 8 layers, hidden 256, 8 heads, window 256, memory layers 2 and 5, vocab 32000.
@@ -112,12 +117,12 @@ def prefill_flops(config: longllama.LongLlamaConfig, tokens: int) -> float:
 
 def memory_attention_flops(config: longllama.LongLlamaConfig, queries: int, memory: int) -> float:
     """One memory layer's attention from `queries` queries to a memory of `memory` entries: all of them, or with
-    top-k blocks the chosen blocks and the blocks' bounds, scored by at most longllama.PROBES queries (a dot product
+    top-k blocks the chosen blocks and the blocks' bounds, scored by at most topk.PROBES queries (a dot product
     of 2 x head_dim per head). Exact top-k scores every entry."""
     h = config.hidden_size
     if config.mem_topk is None or config.mem_retrieval == "exact":
         return 4 * queries * memory * h
-    scoring = 4 * min(queries, longllama.PROBES) * -(-memory // config.mem_block_size) * h
+    scoring = 4 * min(queries, PROBES) * -(-memory // config.mem_block_size) * h
     return 4 * queries * chosen_entries(config, memory) * h + scoring
 
 
@@ -136,7 +141,7 @@ def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
     memory = 0
     for m in cache.memory.values():
         entry = m.keys[:, :, :1].nbytes * 2  # one entry's key and value, every head
-        if m.block_size:
+        if isinstance(m, TopkMemory) and m.block_size:
             blocks = -(-m.length // m.block_size)
             memory += m.block_bounds[:, :, :blocks].nbytes + chosen_entries(config, m.length) * entry
         else:
@@ -263,7 +268,7 @@ print(json.dumps(dict(peak=int(status["VmHWM"].split()[0]) * 1024,
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.error = generate.fail  # a bad flag: one line, status 1, as the other commands
+    p.error = fail  # a bad flag: one line, status 1, as the other commands
     p.add_argument("--small", action="store_true",
                    help="the CPU comparison: small shape, fused vs plain, compiled decode, peak memory")
     p.add_argument("--preset", default="3b", choices=list(longllama.PRESETS), help="model shape (random weights)")
@@ -286,8 +291,8 @@ def parse_args(argv=None):
     p.add_argument("--llama-cpp", default=None, metavar="GGUF",
                    help="also time llama.cpp on this GGUF file (the same shape, e.g. convert_weights.py --to gguf of "
                         "--ckpt), where the llama_cpp package is installed: --prefill lengths and decode")
-    generate.add_topk_arguments(p)
-    generate.add_quantize_argument(p)
+    add_topk_arguments(p)
+    add_quantize_argument(p)
     args = p.parse_args(argv)
     if args.small:  # in float32 unless told otherwise: the README's figures for it are
         args.prefill, args.decode_memory, args.kernel, args.device = "4096", "4096", "fused,plain", "cpu"
@@ -301,7 +306,7 @@ def parse_args(argv=None):
     except ValueError:
         p.error("--prefill, --decode-memory and --mem-layers take comma-separated integers")
     args.kernel = args.kernel.split(",")
-    longllama.check_values(vars(args), [
+    check_values(vars(args), [
         (["kernel"], lambda v: v and set(v) <= set(longllama.ATTENTION_KERNELS),
          f"one or more of {', '.join(longllama.ATTENTION_KERNELS)}"),
         (["repeats"], lambda v: v >= 1, "at least 1"),
@@ -313,7 +318,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    generate.as_command(lambda: run(parse_args(argv)))
+    as_command(lambda: run(parse_args(argv)))
 
 
 def run(args):
@@ -321,28 +326,27 @@ def run(args):
         raise ValueError(f"--llama-cpp {args.llama_cpp}: no such file")
     if args.llama_cpp:
         convert_weights.read_gguf(Path(args.llama_cpp))  # refused now, not after our rows are timed
-    device = longllama.resolve_device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else generate.default_dtype(device)
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     if args.compile:
         try:
-            longllama.check_can_compile(device)
+            check_can_compile(device)
         except ValueError as e:
             if not args.small:
                 raise
             print(f"note: no compiled row: {e}")  # --small's other figures need no compiler
             args.compile = False
-    overrides = generate.topk_overrides(args) | ({} if args.mem_layers is None else dict(mem_layers=args.mem_layers))
+    overrides = topk_overrides(args) | ({} if args.mem_layers is None else dict(mem_layers=args.mem_layers))
     tokenizer = None
     if args.ckpt:
-        model, tokenizer = generate.load_checkpoint(args.ckpt, None, device, dtype, quantize=args.quantize,
-                                                    **overrides)
+        model, tokenizer = load_checkpoint(args.ckpt, None, device, dtype, quantize=args.quantize, **overrides)
     else:
         shape = (SMALL if args.small else longllama.PRESETS[args.preset]) | overrides
         if args.layers is not None:
             shape |= dict(num_hidden_layers=args.layers, mem_layers=[i for i in shape["mem_layers"] if i < args.layers])
         model = build_model(shape, device, dtype)
         if args.quantize:
-            longllama.quantize(model, args.quantize)
+            quantize(model, args.quantize)
     flops, bandwidth = matmul_flops_per_second(device, dtype), copy_bytes_per_second(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, {dtype}: matmul {flops / 1e12:.2f} TFLOP/s, copy {bandwidth / 1e9:.1f} GB/s; "

@@ -40,10 +40,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import generate
 import longllama
 import passkey
 import train as training
+from checkpoint import load, resolve_device, write_atomically
+from checks import MEM_RETRIEVALS
+from cli import as_command, fail, parse_length
+from documents import eval_spans, read_document, split_held_out, stdlib_documents
 from tokenizer import open_tokenizer, tokenizer_file
 
 SETUPS = {"fot7": 7, "fot3": 3, "d1": 1, "d0": 0}  # name: cross-batch range d of the FoT stage
@@ -144,7 +147,7 @@ def training_code(out: Path, order: int, tokens: int) -> Path:
 
 def stdlib_split() -> tuple[list, list]:
     """(training, held-out) standard-library documents, as train.py's default --holdout splits them."""
-    return training.split_held_out(training.stdlib_documents(), training.Settings().holdout)
+    return split_held_out(stdlib_documents(), training.Settings().holdout)
 
 
 def code_file(path: Path, documents: Callable[[], list], characters: float = math.inf) -> Path:
@@ -155,10 +158,10 @@ def code_file(path: Path, documents: Callable[[], list], characters: float = mat
         for doc in documents():
             if length >= characters:
                 break
-            texts.append(training.read_document(doc)[1])
+            texts.append(read_document(doc)[1])
             length += len(texts[-1])
         path.parent.mkdir(parents=True, exist_ok=True)
-        longllama.write_atomically({path: lambda tmp: tmp.write_text("\n".join(texts))})
+        write_atomically({path: lambda tmp: tmp.write_text("\n".join(texts))})
     return path
 
 
@@ -172,7 +175,7 @@ def distraction_flags(task: str, out: Path, size: dict, haystack: Optional[Path]
 def trial_commands(out: Path, size: dict) -> list:
     """passkey.py runs whose results file is missing: passkey in the filler, passkey in held-out code, other
     documents (held-out code, then training code in each order) and decoys in memory."""
-    most = max(passkey.parse_length(n, 0) for n in size["documents"].split(","))
+    most = max(parse_length(n, 0) for n in size["documents"].split(","))
     orders = [training_code(out, order, most) for order in range(size["document_orders"])]
     commands = []
     for name in SETUPS:
@@ -194,16 +197,16 @@ def memory_perplexity(run_dir: Path, spans: int, **overrides) -> dict:
     the documents its --holdout keeps out of training (the default where the run's state is not at hand, as for
     models/), {windows in memory: perplexity}. overrides: load()'s, e.g. mem_topk."""
     print(f"# perplexity vs memory: {run_dir} {overrides or ''}", flush=True)
-    device = longllama.resolve_device()
-    model = longllama.load(run_dir, device=device, **overrides)
+    device = resolve_device()
+    model = load(run_dir, device=device, **overrides)
     tokenizer = open_tokenizer(tokenizer_file(run_dir))
     state = run_dir / "train_state.json"
     settings = json.loads(state.read_text()).get("settings", {}) if state.is_file() else {}
     holdout = settings.get("holdout", training.Settings().holdout)
-    _, held_out = training.split_held_out(training.stdlib_documents(), holdout)
+    _, held_out = split_held_out(stdlib_documents(), holdout)
     window = model.config.max_position_embeddings
-    eval_spans = training.eval_spans(held_out, tokenizer, window, EVAL_MEMORY, spans)
-    return training.evaluate(model, eval_spans, window, EVAL_MEMORY, 8, device, training.autocast_for(device))
+    held_out_spans = eval_spans(held_out, tokenizer, window, EVAL_MEMORY, spans)
+    return training.evaluate(model, held_out_spans, window, EVAL_MEMORY, 8, device, training.autocast_for(device))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -217,7 +220,7 @@ def topk_settings() -> dict:
     """{name: passkey.py flags}: all of memory, then each retrieval at each K."""
     settings = {"all": []}
     for k in TOPK:
-        for retrieval in longllama.MEM_RETRIEVALS:
+        for retrieval in MEM_RETRIEVALS:
             settings[f"{retrieval}{k}"] = ["--mem-topk", str(k), "--mem-retrieval", retrieval]
     return settings
 
@@ -263,7 +266,7 @@ def topk_experiment(models: Path, out: Path, size: dict) -> dict:
                 found["perplexity"] = memory_perplexity(models / name, size["eval_spans"], **topk)
             if found:
                 setup[setting] = found
-    longllama.write_atomically({out / "topk.json": lambda tmp: tmp.write_text(json.dumps(results, indent=1))})
+    write_atomically({out / "topk.json": lambda tmp: tmp.write_text(json.dumps(results, indent=1))})
     return results
 
 
@@ -273,8 +276,8 @@ def topk_tables(results: dict) -> str:
     settings = topk_settings()
     label = lambda setting: (f"top {settings[setting][1]} ({settings[setting][3]})" if settings[setting]
                              else "all of memory")
-    lengths = [passkey.parse_length(n) for n in TOPK_LENGTHS.split(",")]
-    code = passkey.parse_length(TOPK_CODE)
+    lengths = [parse_length(n) for n in TOPK_LENGTHS.split(",")]
+    code = parse_length(TOPK_CODE)
     lines = [f"| model | memory attention | {' | '.join(f'passkey, {size_label(n)}' for n in lengths)} | "
              f"in code, {size_label(code)} | perplexity, 16 windows vs 0 |",
              "| --- | --- |" + " ---: |" * (len(lengths) + 2)]
@@ -433,7 +436,7 @@ def size_label(tokens: int) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.error = generate.fail
+    p.error = fail
     p.add_argument("--size", choices=list(SIZES), default="cpu")
     p.add_argument("--out", default="runs/scaling", help="directory for the runs, results.json and plots")
     p.add_argument("--only-draw", action="store_true", help="redraw the plots from OUT/results.json")
@@ -446,7 +449,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    generate.as_command(lambda: experiment(parse_args(argv)))
+    as_command(lambda: experiment(parse_args(argv)))
 
 
 def experiment(args):
@@ -479,7 +482,7 @@ def experiment(args):
                                       perplexity=memory_perplexity(out / name, size["eval_spans"]))
                            for name, d in SETUPS.items()})
     results["seconds"] = dict(training=round(trained_at - started), total=round(time.time() - started))
-    longllama.write_atomically({out / "results.json": lambda tmp: tmp.write_text(json.dumps(results, indent=1))})
+    write_atomically({out / "results.json": lambda tmp: tmp.write_text(json.dumps(results, indent=1))})
     draw(results, out)
     print(tables(results))
     print(f"done in {results['seconds']['total']} s ({results['seconds']['training']} s of training): "

@@ -43,8 +43,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from longllama import (QUANTIZATIONS, LongLlamaConfig, QuantizedWeight, available_bytes, check_stored_weight,
-                       int4_fits, pack_nibbles, quantize_weight, write_atomically)
+from checkpoint import available_bytes, write_atomically
+from checks import model_bytes
+from longllama import LongLlamaConfig
+from quantize import QUANTIZATIONS, QuantizedWeight, check_stored_weight, int4_fits, pack_nibbles, quantize_weight
 from tokenizer import (NORMAL, TOKENIZER_CONFIG, TOKENIZER_FILES, UNUSED, BPETokenizer, Tokenizer, bpe_tokenizer_json,
                        bpe_vocabulary, open_tokenizer, read_tokenizer_config, sentencepiece_model,
                        sentencepiece_vocabulary, tokenizer_file)
@@ -483,7 +485,7 @@ def check_fits_in_memory(config: LongLlamaConfig, dtype, source):
     """The converted weights stay in memory until written, and load() will need them with the rotary tables of the
     window: refuse, before reading, a config that cannot fit (the source's dtype is only known once read: at least
     2 bytes per weight). A window too long to load (max_position_embeddings) is refused here, not at load time."""
-    needed, available = config.model_bytes(dtype or torch.bfloat16), available_bytes(torch.device("cpu"))
+    needed, available = model_bytes(config, dtype or torch.bfloat16), available_bytes(torch.device("cpu"))
     if needed > available:
         window, rope = config.max_position_embeddings, 2 * config.max_position_embeddings * config.head_dim * 4
         why = (f" (max_position_embeddings={window}: the rotary tables of that window alone take "

@@ -26,7 +26,6 @@ import re
 import resource
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -35,9 +34,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import checkpoint
+import checks
 import longllama
-from longllama import available_bytes
-from tokenizer import checkpoint_tokenizer, read_chat_template, render_chat, utf8_text
+from checkpoint import available_bytes
+from cli import (add_quantize_argument, add_topk_arguments, as_command, default_dtype, fail,
+                 load_checkpoint, topk_overrides)
+from tokenizer import read_chat_template, render_chat, utf8_text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -375,13 +378,13 @@ def save_memory(path, documents: Documents, fingerprint: dict, names: list):
     """Write documents' cache, logits and tokens to a safetensors file, atomically, with the fingerprint."""
     path = check_writable(path)
     cache = documents.cache
-    tensors = {f"cache.{name}": tensor for name, tensor in cache.tensors().items()}
+    tensors = {f"cache.{name}": tensor for name, tensor in checkpoint.cache_tensors(cache).items()}
     tensors |= {"logits": documents.logits.contiguous(), "ids": documents.ids, "mask": documents.mask}
     metadata = {"format": MEMORY_FORMAT, **fingerprint, "position": str(cache.position),
                 "padding": str(int(cache.padding)), "names": json.dumps(names)}
     try:
-        longllama.write_atomically({path: lambda tmp: save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp),
-                                                                metadata=metadata)})
+        checkpoint.write_atomically({path: lambda tmp: save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp),
+                                                                 metadata=metadata)})
     except OSError as e:
         raise ValueError(f"cannot write memory file {path}: {e.strerror or e}") from None
 
@@ -404,7 +407,7 @@ def load_memory(path, model, fingerprint: dict, template: PromptFormat) -> tuple
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         logits, ids, mask = (tensors.pop(name, None) for name in ("logits", "ids", "mask"))
         check_documents(logits, ids, mask, model.config.vocab_size)
-        cache = model.cache_from_tensors({name.removeprefix("cache."): t for name, t in tensors.items()},
+        cache = checkpoint.cache_from_tensors(model, {name.removeprefix("cache."): t for name, t in tensors.items()},
                                          ids.shape[0], int(metadata["position"]), metadata["padding"] == "1")
         names = json.loads(metadata["names"])
     except (SafetensorError, OSError) as e:
@@ -544,7 +547,7 @@ def parse_args(argv=None):
                         "(seconds; needs a C++ compiler on CPU), the rest come faster (README, Performance)")
     args = p.parse_args(argv)
     # comparisons with NaN are false, so NaN fails every rule; sizes the checkpoint bounds are checked by its config
-    longllama.check_values(vars(args), [
+    checks.check_values(vars(args), [
         (["max_new_tokens", "top_k"], lambda v: v >= 0, ">= 0"),
         (["temperature"], lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 is greedy)"),
         (["top_p"], lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -606,43 +609,6 @@ def config_overrides(args) -> dict:
     return overrides | topk_overrides(args)
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on a GPU and on a CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX): measured at LongLLaMA-3B's
-    width on an AVX512-BF16 CPU, it prefills 3-4x and decodes 1.8x as fast as float32. float32 on other CPUs, where
-    bfloat16 matrix products are emulated: the same CPU limited to AVX2 prefills 3x slower in bfloat16."""
-    if device.type == "cuda":
-        return torch.bfloat16
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native else torch.float32
-
-
-def add_quantize_argument(p):
-    p.add_argument("--quantize", default=None, choices=longllama.QUANTIZATIONS,
-                   help="linear layers' weights in int8 (per channel) or int4 (groups of 64), quantized as they load: "
-                        "decoding on a CPU reads a half or a quarter of bfloat16's bytes (README, Performance). A "
-                        "quantized checkpoint (convert_weights.py --quantize, or a GGUF quant) loads quantized without it")
-
-
-def add_topk_arguments(p):
-    """--mem-topk and how it retrieves, for every command that reads into memory."""
-    p.add_argument("--mem-topk", type=int, default=None, metavar="K",
-                   help="memory-layer queries attend to K memory entries, not all of memory: reading and answering "
-                        "then cost far less than quadratic time, and memory is held in --mem-dtype (default: all)")
-    p.add_argument("--mem-retrieval", default=None, choices=longllama.MEM_RETRIEVALS,
-                   help="how --mem-topk chooses: blocks (scalable: the best blocks of --mem-block-size entries, by "
-                        "bounds on their keys) or exact (the K best entries of each query: as slow as all of memory)")
-    p.add_argument("--mem-block-size", type=int, default=None, metavar="N", help="entries per block (default: 64)")
-
-
-def topk_overrides(args) -> dict:
-    """The config overrides of add_topk_arguments' flags; retrieval settings without --mem-topk are refused."""
-    given = {key: value for key in ("mem_topk", "mem_retrieval", "mem_block_size")
-             if (value := getattr(args, key)) is not None}
-    if given and "mem_topk" not in given:
-        raise ValueError("--mem-retrieval and --mem-block-size choose how --mem-topk retrieves: add --mem-topk K")
-    return given
-
-
 def questions(args) -> Iterator[str]:
     """--question ones, then with --interactive one a line of stdin until EOF. Each shows as "Q: ..." on stdout before
     its answer; at a terminal the prompt and the typing show it, with line editing (readline)."""
@@ -676,11 +642,11 @@ def write(text: str):
 
 
 def run(args):
-    device = longllama.resolve_device(args.device)
+    device = checkpoint.resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     prompts = None if args.load_memory else read_prompts(args)
     if args.compile:
-        longllama.check_can_compile(device)
+        checks.check_can_compile(device)
     if args.save_memory:
         check_writable(args.save_memory)  # before reading, which can take minutes
     model, tokenizer = load_checkpoint(args.ckpt, args.tokenizer, device, dtype, quantize=args.quantize,
@@ -727,43 +693,8 @@ def print_answer(model, tokenizer, documents, question, sampling, names, newline
     print(result.stats_line(peak_memory(documents.ids.device)), file=sys.stderr)
 
 
-def load_checkpoint(ckpt, tokenizer_override, device, dtype, **overrides):
-    """(model, tokenizer) of a checkpoint directory, refused with one line when missing or mismatched; overrides:
-    load()'s (config keys, quantize)."""
-    if not Path(ckpt).is_dir():
-        raise ValueError(f"checkpoint directory {ckpt} does not exist")
-    tokenizer = checkpoint_tokenizer(ckpt, tokenizer_override)
-    model = longllama.load(ckpt, device=device, dtype=dtype, **overrides)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
-    return model, tokenizer
-
-
 def main(argv=None):
     as_command(lambda: run(parse_args(argv)))
-
-
-def as_command(job):
-    """Run a command's job: bad input, lack of memory and Ctrl-C end with one line on stderr, never a traceback."""
-    with warnings.catch_warnings():  # warnings as one plain line each, like errors
-        warnings.showwarning = lambda warning, *_: print(f"warning: {warning}", file=sys.stderr)
-        try:
-            job()
-        except KeyboardInterrupt:
-            sys.exit(130)
-        except torch._dynamo.exc.BackendCompilerFailed as e:  # a RuntimeError: caught before the next clause
-            fail(f"torch.compile failed ({str(e).strip().splitlines()[0]}): run without --compile")
-        except RuntimeError as e:  # out of GPU memory, or the CPU allocator's words when RAM runs out
-            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-                raise
-            fail("out of memory while generating: try --dtype bfloat16 or a shorter prompt")
-        except (ValueError, OSError) as e:
-            fail(str(e))
-
-
-def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

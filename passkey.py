@@ -23,7 +23,7 @@ other material, and the question follows in the local window.
 A memory whose keys do not stay distinguishable retrieves some other number; `relevant_attention` measures the
 share of the memory layer's attention that stays on the passkey's own document.
 
-The training documents of `train.py --passkey-docs N` are made of the same sentences (`training_document`). The
+The training documents of `train.py --passkey-docs N` are made of the same sentences (documents.py). The
 results go to stdout (a table, with Wilson 95% intervals), a JSON file (every trial) and, with --plot, a PNG
 heatmap of accuracy per prompt length x depth.
 """
@@ -43,77 +43,13 @@ import torch
 
 import generate
 import longllama
-from generate import fail
+from checkpoint import resolve_device, write_atomically
+from cli import (add_quantize_argument, add_topk_arguments, as_command, fail, load_checkpoint, parse_length,
+                 topk_overrides)
+from documents import MAX_PASSKEY, QUESTION, TASK, Haystack, decoy_lines, passkey_line
 from tokenizer import Tokenizer, utf8_text
 
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = "What is the pass key? The pass key is"
-MAX_PASSKEY = 50000
-LAYOUTS = ("far", "near", "decoy")  # training documents (training_document)
 TASKS = ["passkey", "documents", "decoys"]  # --task
-TRAINING_QUESTIONS = 4  # per "far" or "decoy" training document
-TRAINING_GAP_WINDOWS = 3  # longest haystack gap before a question of a "far" training document, in training windows
-
-# Decoys: keys said exactly as the pass key is, under names that share its words. Only the name tells a decoy
-# line from the passkey line, so retrieving the passkey among many decoys needs keys that stay distinguishable.
-DECOYS = ("pass code", "door key", "pass word", "car key", "key code", "gate key", "pass card", "house key",
-          "bus pass", "safe code", "lock code", "room key", "key card", "pass phrase", "desk key", "box code")
-
-
-def passkey_line(passkey: int) -> str:
-    return f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
-
-
-def decoy_line(decoy: str, number: int) -> str:
-    return passkey_line(number).replace("pass key", decoy)
-
-
-class Haystack:
-    """The text a passkey hides in: units (LongLLaMA's filler block, or the lines of a file) taken in turn, from
-    any unit on and round again, as many as a length in tokens needs. A unit's cost in tokens is measured the
-    first time it is used."""
-
-    def __init__(self, tokenizer, units: list[str], separator: str, name: str):
-        if not units:
-            raise ValueError(f"haystack {name} has no text")
-        self.tokenizer, self.units, self.separator, self.name = tokenizer, units, separator, name
-        self._costs = {}
-
-    @classmethod
-    def filler(cls, tokenizer) -> "Haystack":
-        return cls(tokenizer, [FILLER], " ", "filler")
-
-    @classmethod
-    def from_text(cls, tokenizer, text: str, name: str) -> "Haystack":
-        """A haystack of the text's non-blank lines (numbers in it stay: they are distractors the filler lacks)."""
-        return cls(tokenizer, [line for line in text.splitlines() if line.strip()], "\n", name)
-
-    def cost(self, unit: int) -> int:
-        """Tokens the unit adds after another one (as it does inside a prompt, where tokens may merge across the
-        separator)."""
-        if unit not in self._costs:
-            text, encode = self.units[unit], lambda s: len(self.tokenizer.encode(s, bos=False))
-            self._costs[unit] = encode(text + self.separator + text) - encode(text)
-        return self._costs[unit]
-
-    def take(self, tokens: int, start: int = 0) -> list[int]:
-        """Unit indices from `start` on whose costs add up to the nearest total to `tokens`."""
-        taken, total = [], 0
-        while True:
-            unit = (start + len(taken)) % len(self.units)
-            if total + self.cost(unit) / 2 > tokens:
-                return taken
-            taken.append(unit)
-            total += self.cost(unit)
-
-    def text(self, units: list[int]) -> str:
-        return self.separator.join(self.units[i] for i in units)
-
-    def piece(self, rng: random.Random, tokens: int) -> str:
-        """About `tokens` tokens of haystack from a random place (training documents)."""
-        return self.text(self.take(tokens, rng.randrange(len(self.units))))
 
 
 def prompt_text(before: str, after: str, passkey: int) -> str:
@@ -151,46 +87,6 @@ class Prompt(NamedTuple):
     text: str
     ids: list  # as the model reads it, BOS first
     answer: list  # the passkey's tokens as they follow the question
-
-
-def training_document(rng: random.Random, window: int, haystacks: list, layout: str = "far") -> str:
-    """A passkey document for training, its haystack drawn from `haystacks`, in one of three layouts:
-
-    - "near": 3-8 passkeys, each asked for once or twice after at most half a window of haystack: the copy itself,
-      learned inside the local window (a base model's lesson, no memory needed);
-    - "far": one passkey, then TRAINING_QUESTIONS questions, each after a gap of 0 to TRAINING_GAP_WINDOWS windows
-      of haystack, the last at least one window long. Short gaps keep the copy practised inside the local window;
-      gaps of a window or more put the passkey's last mention in an earlier training row, where only cross-batch
-      attention reaches it: a curriculum of distances in every document;
-    - "decoy": as "far", with 2-6 decoy lines (DECOYS: other keys said the same way) around the passkey line, so
-      that the copy must tell the pass key from keys that look like it.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"a training document's layout is one of {', '.join(LAYOUTS)}, got {layout!r}")
-    haystack = rng.choice(haystacks)
-    lines = [TASK]
-    if layout == "near":
-        for _ in range(rng.randint(3, 8)):
-            passkey = rng.randint(1, MAX_PASSKEY)
-            lines += [haystack.piece(rng, rng.randint(0, window // 4)), passkey_line(passkey)]
-            for _ in range(rng.randint(1, 2)):
-                lines += [haystack.piece(rng, rng.randint(0, window // 2)), f"{QUESTION} {passkey}."]
-        return "\n".join(lines)
-    passkey = rng.randint(1, MAX_PASSKEY)
-    said = [passkey_line(passkey)]
-    if layout == "decoy":
-        said += decoy_lines(rng, rng.randint(2, 6))
-        rng.shuffle(said)
-    for line in said:
-        lines += [haystack.piece(rng, rng.randint(0, window // len(said))), line]
-    for i in range(TRAINING_QUESTIONS):
-        shortest = window if i == TRAINING_QUESTIONS - 1 else 0
-        lines += [haystack.piece(rng, rng.randint(shortest, TRAINING_GAP_WINDOWS * window)), f"{QUESTION} {passkey}."]
-    return "\n".join(lines)
-
-
-def decoy_lines(rng: random.Random, count: int) -> list[str]:
-    return [decoy_line(decoy, rng.randint(1, MAX_PASSKEY)) for decoy in rng.sample(DECOYS, count)]
 
 
 class SharedStart(NamedTuple):
@@ -342,7 +238,7 @@ def attention_weights(model, layer: int, x, cache, local_length: int):
     mem_topk only the entries the layer chooses get weight): the plain formula of memory-layer attention, with its
     weights kept."""
     attention = model.layers[layer].attention
-    q, _, _ = attention._project(x)  # [1, H, 1, D]
+    q, _, _ = attention.project(x)  # [1, H, 1, D]
     if attention.rotary:
         slot = slice(local_length - 1, local_length)
         q = longllama.apply_rope(q, model.rope_cos[slot], model.rope_sin[slot])
@@ -351,7 +247,7 @@ def attention_weights(model, layer: int, x, cache, local_length: int):
     keys = torch.cat([local_keys, mem_keys.to(q.dtype)], dim=2).float()  # [1, Hkv, S+M, D]
     keys = keys.repeat_interleave(attention.heads // attention.kv_heads, dim=1)  # [1, H, S+M, D]
     scores = (q.float() @ keys.transpose(-1, -2)).squeeze(2) / math.sqrt(attention.head_dim)  # [1, H, S+M]
-    seen = attention.memory_seen(q, cache.memory[layer])[:, :, 0]  # [1, H, M]
+    seen = cache.memory[layer].entries_seen(q)[:, :, 0]  # [1, H, M]
     local_valid = cache.local_valid[:, None, :local_length].expand(-1, seen.shape[1], -1)
     visible = torch.cat([local_valid, seen], dim=-1)  # [1, H, S+M]
     return scores.masked_fill(~visible, -math.inf).softmax(-1)
@@ -361,18 +257,6 @@ def relevant_share(model, layer: int, x, cache, first_entry: int, local_length: 
     """The share of attention_weights, mean over heads, on the memory entries from first_entry on."""
     weights = attention_weights(model, layer, x, cache, local_length)
     return float(weights[..., local_length + first_entry:].sum(-1).mean())
-
-
-def parse_length(text: str, minimum: int = 1) -> int:
-    """'4096', '4k' (4096) or '1m' (1048576) tokens, at least `minimum`."""
-    scale = {"k": 2**10, "m": 2**20}.get(text[-1:].lower(), 1)
-    try:
-        value = int(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        raise ValueError(f"a prompt length is a number of tokens like 4096, 4k or 1m, got {text!r}") from None
-    if value < minimum:
-        raise ValueError(f"a length in tokens must be at least {minimum}, got {text!r}")
-    return value
 
 
 def run_trials(model, builder: PromptBuilder, lengths, depths, trials: int, seed: int, log=print) -> list[dict]:
@@ -505,7 +389,7 @@ def plot_heatmap(summary: dict, path, title: str):
 def save_figure(fig, path):
     """A PNG written atomically (never a half-drawn file), then the figure freed."""
     fig.tight_layout()
-    longllama.write_atomically({Path(path): lambda tmp: fig.savefig(tmp, dpi=120, format="png")})
+    write_atomically({Path(path): lambda tmp: fig.savefig(tmp, dpi=120, format="png")})
     pyplot().close(fig)
 
 
@@ -536,8 +420,8 @@ def parse_args(argv=None):
                    help="compute dtype (default: bfloat16 on cuda; float32 on cpu, so that results are the same on "
                         "every CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
-    generate.add_topk_arguments(p)
-    generate.add_quantize_argument(p)
+    add_topk_arguments(p)
+    add_quantize_argument(p)
     args = p.parse_args(argv)
     if args.task != "passkey" and args.depths:  # the passkey prompt is one window, at a random depth
         fail(f"--task {args.task} takes no --depths")
@@ -576,10 +460,10 @@ def run(args):
     if args.plot:
         pyplot()
     haystack_text = read_haystack(args.haystack) if args.haystack else None
-    device = longllama.resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model, tokenizer = generate.load_checkpoint(args.ckpt, args.tokenizer, device, dtype, quantize=args.quantize,
-                                                **generate.topk_overrides(args))
+    model, tokenizer = load_checkpoint(args.ckpt, args.tokenizer, device, dtype, quantize=args.quantize,
+                                       **topk_overrides(args))
     # refused now, not when the longest prompt comes; a distraction trial copies the distractors' memory
     generate.check_memory(model, [max(args.lengths)] * (1 if args.task == "passkey" else 2))
     log = lambda line: print(line, file=sys.stderr)
@@ -601,13 +485,13 @@ def run(args):
             memory |= dict(mem_retrieval=config.mem_retrieval, mem_block_size=config.mem_block_size)
         report = dict(checkpoint=str(args.ckpt), task=args.task, haystack=args.haystack or "filler", seed=args.seed,
                       trials_per_cell=args.trials, **memory, **summary, results=results)
-        longllama.write_atomically({Path(args.out): lambda tmp: tmp.write_text(json.dumps(report, indent=1))})
+        write_atomically({Path(args.out): lambda tmp: tmp.write_text(json.dumps(report, indent=1))})
     if args.plot:
         plot_heatmap(summary, args.plot, f"passkey retrieval: {Path(args.ckpt).name}")
 
 
 def main(argv=None):
-    generate.as_command(lambda: run(parse_args(argv)))
+    as_command(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 
 import sentencepiece as spm
 
-from longllama import write_atomically
+from checkpoint import write_atomically
 
 # A checkpoint's tokenizer is whichever of these files it has (looked for in this order), with the Hugging Face
 # tokenizer_config.json beside it when there is one (BPE special tokens, chat template).

@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to the project and to ../shared (tokenizers), and running commands that fork."""
+"""Shared test fixtures: paths to the project and to the test data (tokenizers), and running commands that fork."""
 import os
 import signal
 import subprocess
@@ -8,16 +8,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZERS = ROOT.parent / "shared" / "tokenizers"
+TEST_DATA = Path(__file__).resolve().parent / "data"
 sys.path.insert(0, str(ROOT))
 
 
-def shared_tokenizer(name: str) -> Path:
-    """Path of an OpenLLaMA tokenizer from ../shared, or skip the test when it is absent."""
-    path = SHARED_TOKENIZERS / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return path
+def openllama_tokenizer(name: str) -> Path:
+    """Path of an OpenLLaMA tokenizer in tests/data (see its README.md)."""
+    return TEST_DATA / name
 
 
 def run_process_group(command, timeout: float, **kwargs) -> subprocess.CompletedProcess:

@@ -19,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import convert_weights
+import documents
 import generate
 import longllama
 import train
@@ -162,13 +164,13 @@ def test_load_overrides_are_checked_like_config_json(assets, overrides, message)
 @pytest.mark.parametrize("change", [dict(max_position_embeddings=10**12), dict(num_hidden_layers=10**6),
                                     dict(hidden_size=2**20, intermediate_size=2**20)])
 def test_load_refuses_a_model_bigger_than_free_memory_before_allocating_it(assets, tmp_path, change, monkeypatch):
-    monkeypatch.setattr(longllama, "available_bytes", lambda device: 2**34)  # 16 GiB free, whatever this machine has
+    monkeypatch.setattr(checkpoint, "available_bytes", lambda device: 2**34)  # 16 GiB free, whatever this machine has
     with pytest.raises(ValueError, match=r"the model needs [\d.]+ GiB in float32, 16.0 GiB are free on cpu"):
         longllama.load(bad_checkpoint(assets, tmp_path, **change))
 
 
 def test_load_compares_the_layers_before_building_a_model_of_them(assets, tmp_path, monkeypatch):
-    monkeypatch.setattr(longllama, "available_bytes", lambda device: 2**50)  # not refused for memory first
+    monkeypatch.setattr(checkpoint, "available_bytes", lambda device: 2**50)  # not refused for memory first
     started = time.perf_counter()
     with pytest.raises(ValueError, match=r"missing tensors \['layers.10.\*', 'layers.100.\*'"):
         longllama.load(bad_checkpoint(assets, tmp_path, num_hidden_layers=200_000))  # minutes to build
@@ -204,7 +206,7 @@ NOT_HERE = ["tpu9", "meta", "cuda:x", "cuda:99"] + ([] if torch.cuda.is_availabl
 @pytest.mark.parametrize("name", NOT_HERE)
 def test_a_device_that_is_not_here_is_refused(name):
     with pytest.raises(ValueError, match=f"device '{name}': "):
-        longllama.resolve_device(name)
+        checkpoint.resolve_device(name)
 
 
 @pytest.mark.parametrize("command", ["generate.py", "train.py", "convert_weights.py"])
@@ -427,7 +429,7 @@ def test_resume_drops_a_log_line_cut_short_by_a_kill(trained_run, tmp_path):
 def test_a_jsonl_record_nested_thousands_deep_is_malformed(tmp_path):
     (tmp_path / "deep.jsonl").write_bytes(b'{"text": "fine"}\n' + DEEP_JSON + b"\n")
     with pytest.raises(ValueError, match=r"deep\.jsonl:2: malformed JSON"):
-        train.scan_paths([tmp_path / "deep.jsonl"])
+        documents.scan_paths([tmp_path / "deep.jsonl"])
 
 
 def test_a_corpus_too_small_for_the_vocabulary_size_gives_a_warning_naming_both_sizes(assets, tmp_path, capsys):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import convert_weights
 import longllama
-from conftest import ROOT, shared_tokenizer
+from conftest import ROOT, openllama_tokenizer
 
 # Most toy checkpoints here come without a tokenizer.model; test_missing_tokenizer_is_a_warning covers the warning.
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no tokenizer.model")
@@ -185,7 +185,7 @@ def test_tied_embeddings_store_no_lm_head_and_give_the_same_logits(tmp_path):
 
 
 def test_tokenizer_model_is_copied(tmp_path):
-    tokenizer = shared_tokenizer("open_llama_v1.model")
+    tokenizer = openllama_tokenizer("open_llama_v1.model")
     config = hf_config()
     write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
     shutil.copy(tokenizer, tmp_path / "hf" / "tokenizer.model")
@@ -412,7 +412,7 @@ def test_gguf_without_flags_warns_of_plain_llama_and_of_the_missing_tokenizer(tm
 
 
 def test_gguf_takes_the_tokenizer_flag(tmp_path):
-    tokenizer = shared_tokenizer("open_llama_v1.model")
+    tokenizer = openllama_tokenizer("open_llama_v1.model")
     config = hf_config()
     write_gguf(tmp_path / "model.gguf", config, random_hf_tensors(config), gguf.GGMLQuantizationType.F16)
     convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "ours"), "--mem-layers", "1",

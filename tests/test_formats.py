@@ -21,7 +21,7 @@ import convert_weights
 import generate
 import longllama
 import train
-from conftest import shared_tokenizer
+from conftest import openllama_tokenizer
 from test_convert import (fuse_by_hand, hand_loaded_model, hf_config, llama_config, logits_of, quantized,
                           random_hf_tensors, write_gguf, write_hf)
 from test_generate import greedy_by_hand
@@ -136,7 +136,7 @@ def assert_encodes_like_tokenizers(ckpt, source: tokenizers.Tokenizer):
 @pytest.mark.parametrize("name, normalizer_keys", [("open_llama_v1.model", True), ("open_llama_v2.model", False)])
 def test_gguf_sentencepiece_vocabulary_becomes_a_tokenizer_model_that_encodes_like_the_original(tmp_path, name,
                                                                                                   normalizer_keys):
-    model_path = shared_tokenizer(name)
+    model_path = openllama_tokenizer(name)
     config = hf_config(vocab_size=32000)
     write_gguf(tmp_path / "model.gguf", config, random_hf_tensors(config), Q8_0,
                vocabulary=sentencepiece_vocabulary(model_path, 32000, normalizer_keys))
@@ -158,7 +158,7 @@ def test_gguf_bpe_vocabulary_becomes_a_tokenizer_json_that_encodes_like_the_orig
 
 
 def test_tokenizer_flag_overrides_the_gguf_vocabulary(tmp_path):
-    v1, v2 = shared_tokenizer("open_llama_v1.model"), shared_tokenizer("open_llama_v2.model")
+    v1, v2 = openllama_tokenizer("open_llama_v1.model"), openllama_tokenizer("open_llama_v2.model")
     config = hf_config(vocab_size=32000)
     write_gguf(tmp_path / "model.gguf", config, random_hf_tensors(config), F16,
                vocabulary=sentencepiece_vocabulary(v1, 32000, True))
@@ -183,7 +183,7 @@ def test_a_known_longllama_name_selects_its_memory_layers_with_a_line_on_stderr(
 
 @pytest.mark.parametrize("gguf_type, qtype", [("f16", F16), ("q8_0", Q8_0)])
 def test_gguf_export_loads_back_to_the_logits_of_the_rounded_weights_and_the_same_tokenizer(tmp_path, gguf_type, qtype):
-    model_path = shared_tokenizer("open_llama_v2.model")
+    model_path = openllama_tokenizer("open_llama_v2.model")
     config = hf_config(vocab_size=32000, num_key_value_heads=2, mem_layers=[1], mem_dtype="float32")
     hf = random_hf_tensors(config)
     write_hf(tmp_path / "hf", config, hf, "safetensors")
@@ -297,7 +297,7 @@ def test_llama3_checkpoint_exports_to_gguf_with_its_bpe_vocabulary(tmp_path):
 def test_code_7b_shaped_checkpoint_converts_generates_and_exports(tmp_path, capsys):
     """LongLLaMA-Code-7B scaled down: vocabulary 32016 (more rows than its tokenizer's 32000 pieces), rope_theta 1e6,
     rms_norm_eps 1e-5, memory layers in every layer but the first (8/16/24 of 32)."""
-    model_path = shared_tokenizer("open_llama_v2.model")  # stands in for Code Llama's tokenizer
+    model_path = openllama_tokenizer("open_llama_v2.model")  # stands in for Code Llama's tokenizer
     config = hf_config(vocab_size=32016, rope_theta=1e6, rms_norm_eps=1e-5, num_hidden_layers=4, mem_layers=[1, 2, 3],
                        mem_dtype="float32")
     hf = random_hf_tensors(config)
@@ -375,7 +375,7 @@ def test_llama31_checkpoint_keeps_its_rope_scaling_and_other_scalings_are_refuse
 def test_gguf_export_writes_nothing_when_it_fails_and_replaces_a_file_only_with_force(tmp_path, capsys, monkeypatch):
     config = hf_config(vocab_size=32000)
     write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
-    shutil.copy(shared_tokenizer("open_llama_v2.model"), tmp_path / "hf" / "tokenizer.model")
+    shutil.copy(openllama_tokenizer("open_llama_v2.model"), tmp_path / "hf" / "tokenizer.model")
     convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
     (tmp_path / "model.gguf").write_text("precious")
     with pytest.raises(SystemExit):

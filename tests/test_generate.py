@@ -9,7 +9,7 @@ import torch
 import convert_weights
 import generate
 import longllama
-from conftest import ROOT, shared_tokenizer
+from conftest import ROOT, openllama_tokenizer
 from test_model import WINDOW, tiny_model, tokens
 from test_train import assets, synthetic_text  # noqa: F401 (assets is a fixture)
 from tokenizer import Tokenizer
@@ -24,7 +24,7 @@ def checkpoint(tmp_path_factory):
                                        num_attention_heads=4, max_position_embeddings=32, mem_layers=[1],
                                        last_context_length=16)
     longllama.save(longllama.LongLlama(config), out)
-    (out / "tokenizer.model").write_bytes(shared_tokenizer("open_llama_v1.model").read_bytes())
+    (out / "tokenizer.model").write_bytes(openllama_tokenizer("open_llama_v1.model").read_bytes())
     return out
 
 
@@ -208,8 +208,8 @@ def test_prompt_memory_estimate_covers_the_memory_a_read_really_holds():
 
 
 def test_the_readme_python_example_runs_as_written_and_each_answer_equals_a_fresh_read(checkpoint, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    example = readme.split("### From Python\n\n```python\n", 1)[1].split("```", 1)[0]
+    readme = (ROOT / "docs" / "sessions.md").read_text()
+    example = readme.split("## From Python\n\n```python\n", 1)[1].split("```", 1)[0]
     document = tmp_path / "long.txt"
     document.write_text("The grass is green. The sky is blue. Here we go. " * 120)  # ~2k tokens: many windows
     script = (example.replace('ckpt = "ckpt/long_llama_3b_v1_1"', f"ckpt = {str(checkpoint)!r}")

@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checks
 import longllama
+import quantize
+import topk
 from reference import NaiveLongLlama, rotate
 
 WINDOW = 16
@@ -87,9 +90,14 @@ def test_grouped_attention_matches_naive_attention(heads, kv_heads, grouping, ma
     key_valid[:, start + t - 1] = True
     mem_valid = torch.rand(b, m, generator=g) > 0.3 if padding else torch.ones(b, m, dtype=torch.bool)
     visible = longllama.causal_visible(start, t, key_valid)
-    sources = [longllama.Source(local_k, local_v, visible, implied=masks == "causal", written_out=masks == "all slots"),
-               longllama.Source(mem_k, mem_v, mem_valid[:, None, None, None, :], implied=not padding)]
-    out = longllama.grouped_attention(q, sources, grouping, kernel)
+    local = longllama.Keys(local_k, local_v, visible, unpadded=masks == "causal", by_formula=masks == "all slots")
+    memory = longllama.Keys(mem_k, mem_v, mem_valid[:, None, None, None, :], unpadded=not padding)
+    attend, grouped_q = longllama.ATTENTION_KERNELS[kernel], q.view(b, kv_heads, heads // kv_heads, t, d)
+    if grouping is None:
+        out = attend(grouped_q, local, memory)
+    else:
+        out = longllama.grouped_attention(grouped_q, local, memory, grouping, attend)
+    out = out.reshape(b, heads, t, d)
 
     causal = torch.arange(slots)[None, :] <= torch.arange(start, start + t)[:, None]
     expected = naive_attention(q, local_k, local_v, causal & key_valid[:, None, :], mem_k, mem_v, mem_valid)
@@ -125,7 +133,7 @@ def test_prompt_then_step_by_step_decoding_through_many_evictions_matches_refere
 
 def can_compile() -> bool:
     try:
-        longllama.check_can_compile(torch.device("cpu"))
+        checks.check_can_compile(torch.device("cpu"))
         return True
     except ValueError:
         return False
@@ -159,7 +167,7 @@ def test_decode_steps_over_all_local_slots_match_reference_through_evictions(cas
     model.compiled_layers = lambda *args: steps.append(args[-1]) or step_function(*args)
     calls = [(ids, True, mask)] + [(tokens(2, 1, seed=500 + i), True, None) for i in range(2 * WINDOW + 4)]
     cache = run_both(model, calls, atol=3e-3 if case.startswith("top-k") else 2e-4)
-    assert len(steps) == 2 * WINDOW + 4 and all(window.all_slots for window in steps)
+    assert len(steps) == 2 * WINDOW + 4 and all(window.compiled for window in steps)
     assert cache.memory_size > 3 * WINDOW  # the steps evicted the local window into memory twice
 
 
@@ -366,7 +374,7 @@ def test_topk_memory_matches_reference_choosing_the_same_entries(retrieval, case
     """mem_topk far below the memory's size, against the reference's own choice of entries (tests/reference.py):
     16-bit memory (held in mem_dtype), left padding, grouped-query heads with mem_attention_grouping, two memory
     layers, continuation calls of several tokens, decode steps through evictions of the local window, and windows
-    longer than longllama.PROBES, where only some of the queries choose blocks. Two memory
+    longer than topk.PROBES, where only some of the queries choose blocks. Two memory
     layers use float16 memory: bfloat16 keys of float32 and float64 inputs, rounded to neighbouring values now and
     then, grow apart through a second memory layer by more than any tolerance that would still catch a mistake."""
     settings = TOPK[retrieval] | dict(mem_dtype="bfloat16" if case == "grouped" else "float16")
@@ -412,7 +420,7 @@ def test_choosing_every_block_or_every_key_gives_attention_to_all_of_memory():
     """The two retrieval paths themselves, asked for everything: all of memory in order, each key once."""
     g = torch.Generator().manual_seed(3)
     b, kv_heads, m, d, size = 2, 2, 23, 8, 4
-    memory = longllama.MemoryCache(torch.float32, sparse=True, block_size=size)
+    memory = topk.TopkMemory(torch.float32, topk=m, block_size=size)
     keys, values = torch.randn(2, b, kv_heads, m, d, generator=g)
     valid = torch.rand(b, m, generator=g) > 0.2
     for first in range(0, m, 5):  # appended in pieces that do not line up with the blocks
@@ -422,21 +430,23 @@ def test_choosing_every_block_or_every_key_gives_attention_to_all_of_memory():
     assert torch.equal(chosen_keys[:, :, :m], keys) and torch.equal(chosen_values[:, :, :m], values)
     assert torch.equal(chosen_valid[:, :, :m], valid[:, None].expand(-1, kv_heads, -1))
     assert not chosen_valid[:, :, m:].any()
-    q = q[:, :, 0]
-    out, lse = longllama.topk_attention_and_lse(q, keys, values, valid[:, None, None], topk=m)
-    expected, expected_lse = longllama.attention_and_lse(q, keys, values, valid[:, None, None])
+    visible = valid[:, None, None, None]  # [B, 1, 1, 1, M]
+    scores = q @ keys[:, :, None].transpose(-1, -2)  # [B, G, 1, 7, M]
+    exact = longllama.Keys(keys, values, topk.topk_visible(scores, visible, m), by_formula=True)
+    out, lse = longllama.attention_and_lse(q, exact, stacked=True)
+    expected, expected_lse = longllama.attention_and_lse(q, longllama.Keys(keys, values, visible), stacked=True)
     assert_close(out, expected.double(), atol=1e-5)
     assert_close(lse, expected_lse.double(), atol=1e-5)
 
 
 def test_a_held_memory_is_bounded_in_pieces_as_one_appended_whole_would_be():
-    """hold() takes a memory file's entries as they are and bounds them 65536 at a time: the same bounds as
+    """adopt() takes a memory file's entries as they are and bounds them 65536 at a time: the same bounds as
     appending them, across the pieces' edges (blocks of 48 do not divide 65536)."""
     g = torch.Generator().manual_seed(5)
     keys = torch.randn(1, 2, 70000, 2, generator=g).bfloat16()
     valid = torch.rand(1, 70000, generator=g) > 0.1
-    held = longllama.MemoryCache(torch.bfloat16, sparse=True, block_size=48)
-    held.hold(keys, keys, valid, like=keys.float())
+    held = topk.TopkMemory(torch.bfloat16, topk=48, block_size=48)
+    held.adopt(keys, keys, valid, like=keys.float())
     assert held.keys is keys and not held.owned
     lowest = torch.finfo(torch.float32).min
     signed = torch.cat([keys, -keys], -1).float().masked_fill(~valid[:, None, :, None], lowest)  # [1, 2, M, 4]
@@ -447,7 +457,7 @@ def test_a_held_memory_is_bounded_in_pieces_as_one_appended_whole_would_be():
 
 def test_block_bounds_are_the_extremes_of_valid_keys_through_growth():
     g = torch.Generator().manual_seed(4)
-    memory = longllama.MemoryCache(torch.bfloat16, sparse=True, block_size=3)
+    memory = topk.TopkMemory(torch.bfloat16, topk=3, block_size=3)
     keys = torch.randn(1, 2, 40, 4, generator=g)
     valid = torch.rand(1, 40, generator=g) > 0.3
     for first in range(0, 40, 7):  # growing by doubling several times
@@ -494,10 +504,10 @@ def test_quantized_weights_match_the_reference_with_the_weights_dequantized_by_t
     quantized = longllama.load(tmp_path, quantize=scheme)
     assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
     kinds = {name: getattr(parent, attribute).scheme
-             for name, (parent, attribute) in longllama.linear_layers(quantized).items()}
+             for name, (parent, attribute) in quantize.linear_layers(quantized).items()}
     assert kinds["lm_head"] == "int8" and kinds["layers.0.mlp.down"] == scheme  # 61 outputs: int8 in int4 too
     with torch.no_grad():
-        for name, (parent, attribute) in longllama.linear_layers(model).items():
+        for name, (parent, attribute) in quantize.linear_layers(model).items():
             layer = getattr(parent, attribute)
             layer.weight.copy_(dequantized_as_specified(layer.weight, kinds[name]))
     reference = NaiveLongLlama(model)
@@ -518,8 +528,8 @@ def test_the_compiled_decode_step_runs_quantized_weights_as_eager_decoding_does(
     if kernel == "plain":
         pytest.skip("the compiled step belongs to the fused path")
     torch._dynamo.reset()
-    eager = longllama.quantize(tiny_model(hidden_size=64, intermediate_size=128), "int4")
-    compiled = longllama.quantize(tiny_model(hidden_size=64, intermediate_size=128), "int4").compile_decode()
+    eager = quantize.quantize(tiny_model(hidden_size=64, intermediate_size=128), "int4")
+    compiled = quantize.quantize(tiny_model(hidden_size=64, intermediate_size=128), "int4").compile_decode()
     with torch.no_grad():
         _, cache_eager = eager(tokens(1, 2 * WINDOW), use_cache=True)
         _, cache_compiled = compiled(tokens(1, 2 * WINDOW), use_cache=True)
@@ -531,12 +541,12 @@ def test_the_compiled_decode_step_runs_quantized_weights_as_eager_decoding_does(
 
 
 def test_a_quantized_model_is_not_saved(tmp_path):
-    model = longllama.quantize(tiny_model(), "int8")
+    model = quantize.quantize(tiny_model(), "int8")
     with pytest.raises(ValueError, match="a model with int8 weights is not saved"):
         longllama.save(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="quantize must be one of int8, int4, got 'int2'"):
-        longllama.quantize(tiny_model(), "int2")
+        quantize.quantize(tiny_model(), "int2")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -546,22 +556,22 @@ def test_a_quantized_layer_multiplies_by_its_specified_weight_within_bfloat16_ro
     """One layer, tightly: its output is x (in bfloat16) times the specified weight, rounded to bfloat16 once."""
     g = torch.Generator().manual_seed(shape[0])
     weight, x = torch.randn(*shape, generator=g), torch.randn(2, rows, shape[1], generator=g)
-    layer = longllama.QuantizedLinear.quantized(weight, scheme)
+    layer = quantize.QuantizedLinear.quantized(weight, scheme)
     assert layer.scheme == ("int8" if shape[0] % 16 else scheme)
     expected = x.bfloat16().double() @ dequantized_as_specified(weight, layer.scheme).T
     assert_close(layer(x), expected, atol=2**-7 * expected.abs().max().item())  # one bfloat16 step
-    assert 2 * 5 < longllama.DEQUANTIZE_ROWS <= 2 * 20  # so the two row counts take both paths
+    assert 2 * 5 < quantize.DEQUANTIZE_ROWS <= 2 * 20  # so the two row counts take both paths
 
 
 def test_an_int8_weight_mapped_at_an_odd_address_is_realigned_for_the_kernel():
     """A checkpoint's tensors sit at any offset of the file they are mapped from; the int8 kernel crashes the process
     on weights that are not 16-byte aligned."""
-    weight = longllama.quantize_weight(torch.randn(32, 64), "int8")
+    weight = quantize.quantize_weight(torch.randn(32, 64), "int8")
     odd = torch.empty(32 * 64 + 1, dtype=torch.int8)[1:].view(32, 64).copy_(weight.q)
-    layer = longllama.QuantizedLinear(weight._replace(q=odd))
+    layer = quantize.QuantizedLinear(weight._replace(q=odd))
     assert layer.weight.data_ptr() % 64 == 0
     x = torch.randn(1, 64)
-    assert torch.equal(layer(x), longllama.QuantizedLinear(weight)(x))
+    assert torch.equal(layer(x), quantize.QuantizedLinear(weight)(x))
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -699,8 +709,8 @@ def test_cuda_path_pads_head_dim_and_aligns_its_inputs_exactly(case, monkeypatch
     keys, values = torch.randn(2, 2, 3, 9, 100, generator=g)
     visible = (torch.rand(2, 1, q.shape[2], 9, generator=g) > 0.3) if "bias" in case else None
     bias = None if visible is None else torch.zeros(visible.shape).masked_fill(~visible, float("-inf")).to(dtype)
-    out, lse = longllama._cuda_attention_and_lse(q.to(dtype), keys.to(dtype), values.to(dtype), bias,
-                                                 "causal" in case, 0.1)
+    out, lse = longllama.cuda_attention_and_lse(q.to(dtype), keys.to(dtype), values.to(dtype), visible,
+                                                "causal" in case, 0.1)
     assert calls == ["efficient" if "efficient" in case else "flash"]
     expected_out, expected_lse = naive_attention_and_lse(q.to(dtype), keys.to(dtype), values.to(dtype), bias, "causal" in case, 0.1)
     assert out.shape == q.shape and lse.shape == q.shape[:3]

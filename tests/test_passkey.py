@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import checks
 import context_scaling
+import documents
 import longllama
 import passkey
 import train
-from conftest import ROOT, shared_tokenizer
+from conftest import ROOT, openllama_tokenizer
 from test_generate import checkpoint, greedy_by_hand  # noqa: F401 (checkpoint: tiny, random, window 32)
 from test_train import assets, small_run  # noqa: F401 (assets: test_train's tiny corpus and checkpoint)
 from tokenizer import Tokenizer, checkpoint_tokenizer
@@ -22,7 +24,7 @@ from tokenizer import Tokenizer, checkpoint_tokenizer
 
 @pytest.fixture(scope="module", params=["open_llama_v1.model", "open_llama_v2.model"])
 def tokenizer(request):
-    return Tokenizer(shared_tokenizer(request.param))
+    return Tokenizer(openllama_tokenizer(request.param))
 
 
 @pytest.mark.parametrize("length", [200, 1000, 5000])
@@ -35,8 +37,8 @@ def test_a_prompt_has_the_requested_length_and_the_passkey_at_its_depth(tokenize
     assert text.startswith(passkey.TASK) and text.endswith(passkey.QUESTION)
     assert tokenizer.decode(answer).strip() == "31415"
     before, after = text.split(passkey.passkey_line(31415))
-    fillers = before.count(passkey.FILLER) + after.count(passkey.FILLER)
-    assert abs(before.count(passkey.FILLER) - depth * fillers) <= 0.5
+    fillers = before.count(documents.FILLER) + after.count(documents.FILLER)
+    assert abs(before.count(documents.FILLER) - depth * fillers) <= 0.5
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
@@ -88,14 +90,14 @@ def test_far_training_gaps_span_up_to_three_windows_and_the_last_at_least_one(to
     question = len(tokenizer.encode(f"\n{passkey.QUESTION}", bos=False))
     rng = random.Random(window)
     for _ in range(20):
-        text = passkey.training_document(rng, window, haystacks, "far")
+        text = documents.training_document(rng, window, haystacks, "far")
         key = int(text.split("The pass key is ")[1].split(".")[0])
         said = said_at(text, key)
-        assert len(said) == 2 + passkey.TRAINING_QUESTIONS  # the passkey line says it twice, then the answers
+        assert len(said) == 2 + documents.TRAINING_QUESTIONS  # the passkey line says it twice, then the answers
         gaps = [len(tokenizer.encode(text[a:b], bos=False)) for a, b in zip(said[1:], said[2:])]
-        assert gaps[-1] >= window - passkey.FILLER.count(" ")
+        assert gaps[-1] >= window - documents.FILLER.count(" ")
         # a gap's tokens besides filler: the question, the number and the end of the line said before it
-        assert all(gap <= passkey.TRAINING_GAP_WINDOWS * window + question + 16 for gap in gaps)
+        assert all(gap <= documents.TRAINING_GAP_WINDOWS * window + question + 16 for gap in gaps)
 
 
 @pytest.mark.parametrize("layout", ["near", "decoy"])
@@ -104,13 +106,13 @@ def test_every_training_question_is_answered_with_the_pass_key_said_before_it(to
     haystacks = [passkey.Haystack.filler(tokenizer)]
     rng = random.Random(layout)
     for _ in range(10):
-        text = passkey.training_document(rng, 128, haystacks, layout)
+        text = documents.training_document(rng, 128, haystacks, layout)
         key, given_at, asked, decoys = None, None, 0, set()
         lines = text.split("\n")
         for number, line in enumerate(lines):
             if line.startswith("The pass key is "):
                 key, given_at = int(line.split(" is ")[1].split(".")[0]), number
-            elif any(line.startswith(f"The {decoy} is ") for decoy in passkey.DECOYS):
+            elif any(line.startswith(f"The {decoy} is ") for decoy in documents.DECOYS):
                 name = line.split(" is ")[0][len("The "):]
                 decoys.add(name)
                 number_said = int(line.split(" is ")[1].split(".")[0])
@@ -269,16 +271,17 @@ def test_bad_input_is_one_error_line(checkpoint, flags):
 
 
 def test_passkey_documents_are_the_same_text_on_every_read_and_differ_from_each_other(tokenizer):
-    docs = train.passkey_documents(3, seed=5, window=64, tokenizer=tokenizer)
-    again = train.passkey_documents(3, seed=5, window=64, tokenizer=tokenizer)
-    assert train.read_document(docs[1]) == train.read_document(again[1])
-    assert len({train.read_document(doc)[1] for doc in docs}) == 3
+    docs = documents.passkey_documents(3, seed=5, window=64, tokenizer=tokenizer)
+    again = documents.passkey_documents(3, seed=5, window=64, tokenizer=tokenizer)
+    assert documents.read_document(docs[1]) == documents.read_document(again[1])
+    assert len({documents.read_document(doc)[1] for doc in docs}) == 3
 
 
 def test_a_training_run_reads_passkey_documents_beside_the_corpus(assets, tmp_path):
     tok = Tokenizer(assets["tokenizer"])
-    docs = train.scan_paths([assets["corpus"]]) + train.passkey_documents(6, seed=0, window=16, tokenizer=tok)
-    batches = train.Batches(docs, tok, batch_size=4, seq_len=16, packing=2, seed=0)
+    docs = (documents.scan_paths([assets["corpus"]])
+            + documents.passkey_documents(6, seed=0, window=16, tokenizer=tok))
+    batches = documents.Batches(docs, tok, batch_size=4, seq_len=16, packing=2, seed=0)
     text = "".join(tok.decode(batches.next()[0].flatten().tolist()) for _ in range(40))
     assert "important info" in text and "def " in text  # the task line of a passkey document, and code
     train.main(small_run(assets, tmp_path / "run", "--max-steps", "2", "--passkey-docs", "6"))
@@ -337,8 +340,8 @@ def test_the_experiment_runs_only_the_trials_whose_results_are_missing(tmp_path)
     assert haystacks == {("passkey", None), ("passkey_code", held_out), ("documents", held_out), ("decoys", None),
                          *((f"documents_order{k}", str(path)) for k, path in training_code.items())}
     assert "def " in (tmp_path / "haystack_held_out.py").read_text()  # held-out standard-library code
-    _, held_out_documents = train.split_held_out(train.stdlib_documents(), train.Settings().holdout)
-    held_out_texts = [train.read_document(doc)[1] for doc in held_out_documents]
+    _, held_out_documents = documents.split_held_out(documents.stdlib_documents(), train.Settings().holdout)
+    held_out_texts = [documents.read_document(doc)[1] for doc in held_out_documents]
     for k, path in training_code.items():  # a different text in each order, enough for the largest memory
         text = path.read_text()
         assert len(text) >= 4 * 262144 and not any(held in text for held in held_out_texts)
@@ -349,7 +352,7 @@ def test_the_top_k_comparison_runs_each_setting_once_with_its_own_flags(tmp_path
     (tmp_path / "passkey_fot3_blocks128.json").write_text("{}")  # finished: not run again
     commands = context_scaling.topk_commands(ROOT / "models", tmp_path, context_scaling.SIZES["cpu"])
     runs = {c[c.index("--out") + 1]: c for c in commands}
-    settings = len(context_scaling.TOPK) * len(longllama.MEM_RETRIEVALS) + 1  # and all of memory
+    settings = len(context_scaling.TOPK) * len(checks.MEM_RETRIEVALS) + 1  # and all of memory
     fot, setups = len(context_scaling.FOT), len(context_scaling.SETUPS)
     distractions = setups * 2 * len(context_scaling.DISTRACTIONS)  # all of memory and K = 128 (blocks)
     assert len(runs) == len(commands) == fot * settings - 1 + (setups - fot) * 2 + fot * 3 + distractions
@@ -422,13 +425,13 @@ def test_the_exploration_log_states_each_earlier_run_as_its_results_file_holds_i
         assert row in log, row
 
 
-FOT_RUN = ROOT / "docs" / "fot_cpu"  # the README's CPU run: results.json and every trial
+FOT_RUN = ROOT / "docs" / "fot_cpu"  # docs/results.md's CPU run: results.json and every trial
 MODELS = ROOT / "models"
 
 
 def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
     results = json.loads((FOT_RUN / "results.json").read_text())
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "results.md").read_text()
     for line in context_scaling.tables(results).splitlines():
         assert line in readme, line
     for name, setup in results["setups"].items():  # and each summary is what its trials say
@@ -447,7 +450,7 @@ def test_the_readme_states_the_cpu_run_as_its_results_file_holds_it():
 def test_the_readme_states_the_quantized_quality_as_its_results_files_hold_it():
     runs = ROOT / "docs" / "quantized"
     perplexity = json.loads((runs / "perplexity_fot3.json").read_text())
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "quantization.md").read_text()
     bf16 = perplexity["bfloat16"]["16"]
     for weights, file in [("float32", "none"), ("int8", "int8"), ("int4", "int4")]:
         report = json.loads((runs / f"passkey_fot3_{file}.json").read_text())
@@ -470,7 +473,7 @@ def test_the_readme_states_the_quantized_quality_as_its_results_files_hold_it():
 
 def test_the_readme_states_the_top_k_comparison_as_its_results_files_hold_it():
     results = json.loads((ROOT / "docs" / "topk" / "topk.json").read_text())
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "topk_memory.md").read_text()
     for line in context_scaling.topk_tables(results).splitlines():
         assert line in readme, line
     for name, settings in results.items():  # and each summary is what its trials say
@@ -535,7 +538,7 @@ def test_the_shipped_checkpoints_have_the_shape_the_cpu_recipe_trains():
 
 def test_generate_runs_on_a_shipped_checkpoint():
     result = subprocess.run([sys.executable, "generate.py", "--ckpt", str(MODELS / "fot7"), "--prompt",
-                             passkey.prompt_text(passkey.FILLER, passkey.FILLER, 31415), "--temperature", "0",
+                             passkey.prompt_text(documents.FILLER, documents.FILLER, 31415), "--temperature", "0",
                              "--max-new-tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("31415")

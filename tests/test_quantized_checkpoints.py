@@ -15,13 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import convert_weights
+import documents
 import longllama
+import quantize
 import passkey
 import train
 from test_convert import (fuse_by_hand, hf_config, llama_cpp_permute, logits_of, random_hf_tensors, write_gguf,
                           write_hf)
-from conftest import ROOT, shared_tokenizer
+from conftest import ROOT, openllama_tokenizer
 from test_bad_input import exits_with_one_error_line, one_error_line
 from test_model import dequantized_as_specified
 
@@ -153,7 +156,7 @@ def test_gguf_quants_load_quantized_and_equal_the_files_weights(qtype, scheme, t
     model = longllama.load(tmp_path / "ours")
     assert model.config.quantization == scheme
     kinds = {name: getattr(parent, attribute).scheme
-             for name, (parent, attribute) in longllama.linear_layers(model).items()}
+             for name, (parent, attribute) in quantize.linear_layers(model).items()}
     assert kinds.pop("lm_head") == "int8" and set(kinds.values()) == {scheme}
     stored = dequantized_layers(tmp_path / "ours")
     for name, expected in fused_from_gguf(dequantized, config["num_hidden_layers"]).items():
@@ -187,7 +190,7 @@ def test_int8_weights_export_to_q8_0_value_for_value(tmp_path):
     int8 weights, and converting the file back gives the same int8 tensors."""
     config = hf_config(hidden_size=64, intermediate_size=128, vocab_size=32000)
     write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
-    shutil.copy(shared_tokenizer("open_llama_v2.model"), tmp_path / "hf" / "tokenizer.model")
+    shutil.copy(openllama_tokenizer("open_llama_v2.model"), tmp_path / "hf" / "tokenizer.model")
     convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), "--quantize", "int8"])
     convert_weights.main([str(tmp_path / "q"), str(tmp_path / "model.gguf"), "--to", "gguf", "--type", "q8_0"])
     stored = dequantized_layers(tmp_path / "q")
@@ -226,7 +229,7 @@ def test_a_damaged_quantized_checkpoint_is_refused_in_one_line(change, message, 
 def test_generate_answers_from_a_shipped_checkpoint_converted_to_int8(tmp_path):
     """The command line a user runs: a trained checkpoint quantized by convert_weights.py, then generate.py on it."""
     convert_weights.main([str(ROOT / "models" / "fot7"), str(tmp_path / "int8"), "--quantize", "int8"])
-    prompt = passkey.prompt_text(passkey.FILLER, passkey.FILLER, 31415)
+    prompt = passkey.prompt_text(documents.FILLER, documents.FILLER, 31415)
     result = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path / "int8"), "--prompt", prompt,
                              "--temperature", "0", "--max-new-tokens", "6"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
@@ -292,8 +295,8 @@ def test_a_quantized_checkpoint_is_refused_where_its_stored_size_does_not_fit(tm
     convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "q"), "--quantize", "int4"])
     model = longllama.load(tmp_path / "q", dtype=torch.bfloat16)
     held = sum(t.nbytes for t in model.state_dict().values()) + model.config.rope_bytes
-    monkeypatch.setattr(longllama, "available_bytes", lambda device: held - 1)
+    monkeypatch.setattr(checkpoint, "available_bytes", lambda device: held - 1)
     with pytest.raises(ValueError, match="the model needs"):
         longllama.load(tmp_path / "q", dtype=torch.bfloat16)
-    monkeypatch.setattr(longllama, "available_bytes", lambda device: held + 4096)
+    monkeypatch.setattr(checkpoint, "available_bytes", lambda device: held + 4096)
     longllama.load(tmp_path / "q", dtype=torch.bfloat16)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import generate
+import checkpoint
 import longllama
 from conftest import ROOT
 from test_bad_input import exits_with_one_error_line
@@ -131,9 +132,9 @@ def test_a_saved_memory_answers_in_a_later_process_as_the_run_that_read_it(sessi
 
 def test_memory_goes_to_a_file_in_mem_dtype_and_comes_back_exactly(session):
     documents = generate.read(session.model, session.tok, session.document.read_text())
-    tensors = documents.cache.tensors()
+    tensors = checkpoint.cache_tensors(documents.cache)
     assert tensors["memory.1.keys"].dtype == torch.bfloat16 and tensors["local.0.keys"].dtype == torch.float32
-    restored = session.model.cache_from_tensors(tensors, 1, documents.cache.position, documents.cache.padding)
+    restored = checkpoint.cache_from_tensors(session.model, tensors, 1, documents.cache.position, documents.cache.padding)
     for original, back in [(documents.cache.memory[1].view(), restored.memory[1].view()),
                            ([c.keys for c in documents.cache.local], [c.keys for c in restored.local])]:
         assert all(torch.equal(a, b) for a, b in zip(original, back))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from conftest import shared_tokenizer
+from conftest import openllama_tokenizer
 import tokenizer
 from tokenizer import Tokenizer, train_tokenizer
 
@@ -72,7 +72,7 @@ def stream(decoder, ids) -> list[str]:
 
 @pytest.fixture(params=OPEN_LLAMA)
 def llama_path(request) -> Path:
-    return shared_tokenizer(request.param)
+    return openllama_tokenizer(request.param)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""train.py: the document-aware pipeline, k-packing, loss masks, checkpoints, resume, torchrun and eval.
+"""train.py and documents.py: the document-aware pipeline, k-packing, loss masks, checkpoints, resume, torchrun
+and eval.
 
 Pipeline tests use a character tokenizer (one token per character), so that expected batches can be written out
 by hand; training runs use a small SentencePiece tokenizer and a tiny random checkpoint (hidden 32, window 32).
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 import longllama
 import train
 from conftest import ROOT, run_process_group
+from documents import Batches, is_held_out, read_document, scan_paths, stdlib_documents
 from tokenizer import train_tokenizer
 
 BOS, EOS = 1, 2
@@ -45,11 +47,11 @@ def write_jsonl(path, records):
 
 
 def documents(tmp_path, *texts):
-    return train.scan_paths([write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])])
+    return scan_paths([write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])])
 
 
 def batches(docs, batch_size=1, seq_len=4, packing=1, seed=0, rank=0, world_size=1):
-    return train.Batches(docs, CharTokenizer(), batch_size, seq_len, packing, seed, rank, world_size)
+    return Batches(docs, CharTokenizer(), batch_size, seq_len, packing, seed, rank, world_size)
 
 
 def row_stream(pipeline, row, n_batches):
@@ -104,7 +106,7 @@ def test_k_packing_runs_a_document_across_its_k_rows_and_on_into_the_next_batch(
 
 def test_prompt_tokens_get_no_loss_and_masks_line_up_with_targets(tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "ab", "completion": "cd"}])
-    pipeline = batches(train.scan_paths([path]), seq_len=5)
+    pipeline = batches(scan_paths([path]), seq_len=5)
     inputs, targets, mask = pipeline.next()
     assert inputs.tolist() == [[BOS, *ids("abcd")]]
     assert targets.tolist() == [[*ids("abcd"), EOS]]
@@ -189,7 +191,7 @@ def test_a_corpus_of_documents_without_tokens_is_an_error(tmp_path):
 def test_empty_documents_are_skipped_with_a_warning(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "code.py").write_text("x = 1\n")
-    docs = train.scan_paths([tmp_path])
+    docs = scan_paths([tmp_path])
     assert [Path(d.name).name for d in docs] == ["code.py"]
     assert "empty.txt: empty document, skipped" in capsys.readouterr().err
 
@@ -198,40 +200,40 @@ def test_an_undecodable_file_in_a_directory_is_skipped_with_a_warning(tmp_path, 
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)))
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "code.py").write_text("print('hi')\n")
-    docs = train.scan_paths([tmp_path])
-    assert [train.read_document(d) for d in docs] == [("", "print('hi')\n")]
+    docs = scan_paths([tmp_path])
+    assert [read_document(d) for d in docs] == [("", "print('hi')\n")]
     err = capsys.readouterr().err
     assert "blob.bin: not UTF-8 text, skipped" in err and "latin1.txt: not UTF-8 text, skipped" in err
     with pytest.raises(ValueError, match="not UTF-8"):  # named on its own, it is an error
-        train.scan_paths([tmp_path / "blob.bin"])
+        scan_paths([tmp_path / "blob.bin"])
 
 
 def test_a_missing_path_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        train.scan_paths([tmp_path / "nowhere"])
+        scan_paths([tmp_path / "nowhere"])
 
 
 def test_an_empty_corpus_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no documents"):
-        train.scan_paths([tmp_path / "empty"])
+        scan_paths([tmp_path / "empty"])
 
 
 def test_a_malformed_jsonl_line_is_an_error_naming_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
-        train.scan_paths([path])
+        scan_paths([path])
     path.write_text('{"text": "fine"}\n\n{"body": "no text key"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: expected"):
-        train.scan_paths([path])
+        scan_paths([path])
 
 
 # ------------------------------------------------------------------------------------------------------ embedded corpus
 
 
 def test_the_stdlib_corpus_has_one_document_per_package_and_leaves_tests_out():
-    docs = train.stdlib_documents()
+    docs = stdlib_documents()
     by_name = {d.name: d for d in docs}
     assert len(by_name) == len(docs) > 50
     assert all(f.endswith(".py") for d in docs for f in d.files)
@@ -239,8 +241,8 @@ def test_the_stdlib_corpus_has_one_document_per_package_and_leaves_tests_out():
                    for d in docs for f in d.files)
     assert len(by_name["json"].files) > 3  # a package is one document of many files
     assert all(Path(f).relative_to(by_name["json"].root).parts[0] == "json" for f in by_name["json"].files)
-    assert train.read_document(by_name["json"])[1].startswith("# file: json/__init__.py\n")
-    held_out = [d.name for d in docs if train.is_held_out(d, 5.0)]
+    assert read_document(by_name["json"])[1].startswith("# file: json/__init__.py\n")
+    held_out = [d.name for d in docs if is_held_out(d, 5.0)]
     expected = [d.name for d in docs if int(hashlib.sha1(d.name.encode()).hexdigest(), 16) % 10000 < 500]
     assert held_out == expected and 0 < len(held_out) < len(docs) / 10
 
