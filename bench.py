@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 
 import convert_weights
+import generate
 import longllama
 import passkey
 from checkpoint import resolve_device
 from checks import check_can_compile, check_values
-from cli import (add_quantize_argument, add_topk_arguments, as_command, default_dtype, fail, load_checkpoint,
-                 topk_overrides)
+from cli import (INT_LIMIT, add_quantize_argument, add_topk_arguments, as_command, default_dtype, fail, int_flag,
+                 load_checkpoint, topk_overrides, warn)
 from quantize import quantize
 from topk import PROBES, TopkMemory
 
@@ -271,33 +272,34 @@ def parse_args(argv=None):
     p.error = fail  # a bad flag: one line, status 1, as the other commands
     p.add_argument("--small", action="store_true",
                    help="the CPU comparison: small shape, fused vs plain, compiled decode, peak memory")
-    p.add_argument("--preset", default="3b", choices=list(longllama.PRESETS), help="model shape (random weights)")
+    p.add_argument("--preset", default=None, choices=list(longllama.PRESETS),
+                   help="model shape (random weights; default: 3b)")
     p.add_argument("--ckpt", default=None,
                    help="time this trained checkpoint instead (its shape; --mem-layers kept): each prefill prompt is "
                         "then a passkey prompt, and its row says whether the greedy answer is the passkey")
     p.add_argument("--mem-layers", default=None, metavar="I,J",
                    help="memory layers instead of the shape's, e.g. 1,2 ('' for none)")
-    p.add_argument("--layers", type=int, default=None,
+    p.add_argument("--layers", type=int_flag, default=None,
                    help="the shape with only this many layers (its memory layers below it kept), e.g. LongLLaMA-3B's "
                         "width in 8 layers")
-    p.add_argument("--prefill", default="32768", help="prompt lengths to time, comma-separated ('' for none)")
-    p.add_argument("--decode-memory", default="16384", help="memory sizes to time decode at ('' for none)")
-    p.add_argument("--kernel", default="fused", help="attention kernels to compare: fused, plain or fused,plain")
+    p.add_argument("--prefill", default=None,
+                   help="prompt lengths to time, comma-separated ('' for none; default: 32768)")
+    p.add_argument("--decode-memory", default=None,
+                   help="memory sizes to time decode at ('' for none; default: 16384)")
+    p.add_argument("--kernel", default=None,
+                   help="attention kernels to compare: fused, plain or fused,plain (default: fused)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: as generate.py's (bfloat16 on a GPU or a CPU with bfloat16 instructions)")
     p.add_argument("--device", default=None, help="default: cuda when present")
     p.add_argument("--compile", action="store_true", help="also time decode through torch.compile (fused kernels)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int_flag, default=None, help="timed runs of each figure (default: 3)")
     p.add_argument("--llama-cpp", default=None, metavar="GGUF",
                    help="also time llama.cpp on this GGUF file (the same shape, e.g. convert_weights.py --to gguf of "
                         "--ckpt), where the llama_cpp package is installed: --prefill lengths and decode")
     add_topk_arguments(p)
     add_quantize_argument(p)
     args = p.parse_args(argv)
-    if args.small:  # in float32 unless told otherwise: the README's figures for it are
-        args.prefill, args.decode_memory, args.kernel, args.device = "4096", "4096", "fused,plain", "cpu"
-        args.dtype = args.dtype or "float32"
-        args.compile, args.repeats = True, max(args.repeats, 5)
+    resolve_shape_and_work(args)
     try:
         args.prefill = [int(n) for n in args.prefill.split(",") if n]
         args.decode_memory = [int(n) for n in args.decode_memory.split(",") if n]
@@ -311,10 +313,42 @@ def parse_args(argv=None):
          f"one or more of {', '.join(longllama.ATTENTION_KERNELS)}"),
         (["repeats"], lambda v: v >= 1, "at least 1"),
         (["layers"], lambda v: v is None or v >= 1, "at least 1"),
-        (["prefill"], lambda v: all(n > 0 for n in v), "positive token counts"),
-        (["decode_memory"], lambda v: all(n >= 0 for n in v), "token counts >= 0"),
+        (["prefill"], lambda v: all(0 < n < INT_LIMIT for n in v), "positive token counts (below 2**63)"),
+        (["decode_memory"], lambda v: all(0 <= n < INT_LIMIT for n in v), "token counts >= 0 (below 2**63)"),
     ], label=lambda key: "--" + key.replace("_", "-"))
     return args
+
+
+SMALL_WORK = dict(prefill="4096", decode_memory="4096", kernel="fused,plain", device="cpu")  # --small's, 5+ repeats
+
+
+def resolve_shape_and_work(args):
+    """The shape and work flags after --small and --ckpt, which each bring a shape of their own.
+
+    A shape flag beside either (--preset; --ckpt with --small; --layers with --ckpt, which would have to cut a
+    trained model) is refused: two shapes are asked for and one would be silently dropped. The work flags that
+    --small sets (--prefill, --decode-memory, --kernel, --device, at least 5 --repeats) are ignored with a warning
+    instead: the figures asked for with --small are its comparison, which stays comparable with the README's."""
+    if args.small or args.ckpt:
+        given = [("--preset", args.preset), ("--ckpt", args.ckpt if args.small else None),
+                 ("--layers", None if args.small else args.layers)]
+        for flag, value in given:
+            if value is not None:
+                fail(f"{'--small' if args.small else '--ckpt'} times a shape of its own: no {flag} with it")
+    if args.small:  # in float32 unless told otherwise: the README's figures for it are
+        ignored = [f"--{key.replace('_', '-')} {getattr(args, key)}" for key, value in SMALL_WORK.items()
+                   if getattr(args, key) not in (None, value)]
+        if args.repeats is not None and 1 <= args.repeats < 5:
+            ignored.append(f"--repeats {args.repeats}")
+        if ignored:
+            warn(f"--small times its own work (--prefill 4096 --decode-memory 4096 --kernel fused,plain --device cpu, "
+                 f"at least 5 repeats): ignoring {', '.join(ignored)}")
+        vars(args).update(SMALL_WORK)
+        args.dtype = args.dtype or "float32"
+        args.compile = True
+        args.repeats = 5 if args.repeats is None or 1 <= args.repeats < 5 else args.repeats
+    defaults = dict(preset="3b", prefill="32768", decode_memory="16384", kernel="fused", repeats=3)
+    vars(args).update({key: value for key, value in defaults.items() if getattr(args, key) is None})
 
 
 def main(argv=None):
@@ -347,6 +381,15 @@ def run(args):
         model = build_model(shape, device, dtype)
         if args.quantize:
             quantize(model, args.quantize)
+    window = model.config.max_position_embeddings  # decode reads its memory and half a window first
+    lengths = args.prefill + [entries + window // 2 for entries in args.decode_memory]
+    if lengths:  # refused in a line now, rather than failing inside torch (or killed) once timing has started
+        generate.check_memory(model, [max(lengths)])
+    if tokenizer is not None and args.prefill:  # a checkpoint's prefill reads passkey prompts
+        shortest, _ = passkey.PromptBuilder(tokenizer).shortest_length()
+        if min(args.prefill) < shortest:
+            raise ValueError(f"--prefill {min(args.prefill)}: a checkpoint reads passkey prompts, the shortest of "
+                             f"{shortest} tokens (its task, passkey and question lines and some filler)")
     flops, bandwidth = matmul_flops_per_second(device, dtype), copy_bytes_per_second(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, {dtype}: matmul {flops / 1e12:.2f} TFLOP/s, copy {bandwidth / 1e9:.1f} GB/s; "

@@ -8,11 +8,13 @@ tensors and back, for generate.py's memory files. Last, what train.py's --resume
 optimizer.pt, each checked before it is used. Nothing here is FoT itself.
 """
 
+import hashlib
 import json
 import math
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -142,9 +144,12 @@ def load(ckpt_dir, device="cpu", dtype=torch.float32, quantize: Optional[str] = 
         model = _read_weights(f, config, path, dtype, stored)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: cannot read weights ({e})") from None
-    if config.tie_word_embeddings and quantize:  # lm_head, not in the file, is the embedding quantized
+    # a tied lm_head is the embedding, quantized where the model is; a checkpoint converted from a tied GGUF stores
+    # its own lm_head, read above
+    lm_head_read = not any(t.is_meta for t in model.lm_head.state_dict().values())
+    if config.tie_word_embeddings and quantize and not lm_head_read:
         model.lm_head = QuantizedLinear.quantized(model.embed.weight, quantize)
-    elif config.tie_word_embeddings:
+    elif config.tie_word_embeddings and not lm_head_read:
         model.lm_head.weight = model.embed.weight
     model.reset_rope()
     return model.eval()
@@ -192,7 +197,15 @@ def _read_weights(f: TensorFile, config: LongLlamaConfig, path: Path, dtype: tor
     with torch.device("meta"):
         model = LongLlama(config)
     expected = {k: v.shape for k, v in tensors_to_save(model.state_dict(), config).items()}
+    if stored and config.tie_word_embeddings and "lm_head.weight" in names:
+        # A quantized checkpoint converted from a tied GGUF stores lm_head as the file held it (4-bit blocks as int4,
+        # other types as a float weight), rather than load() quantizing the embedding afresh to the checkpoint's
+        # scheme (int4 in groups of 64 for a Q4 file, from a bfloat16 copy): the logits are then the file's. The
+        # stored layer is its own tensor, so config.json still says tied; older checkpoints without it load as before.
+        expected["lm_head.weight"] = model.embed.weight.shape
     linear = linear_layers(model) if config.quantization else {}
+    if stored and "lm_head.weight" in names and "lm_head.scales" not in names:
+        linear.pop("lm_head")  # stored as a float weight (see above), which it stays
     if stored:  # each linear layer's weight is stored as its parts: {layer}.weight, .scales and, for int4, .zeros
         expected.update({f"{layer}.scales": None for layer in linear if f"{layer}.weight" in expected})
         expected.update({name: None for name in names if name.endswith(".zeros")
@@ -323,14 +336,28 @@ def _expected_cache_tensors(config: LongLlamaConfig, tensors: dict, batch_size: 
 # Training checkpoints: what --resume reads back
 
 
-def save_checkpoint(out: Path, config, model_state: dict, optimizer_state: dict, train_state: dict, tokenizer):
+def save_checkpoint(out: Path, config, model_state: dict, optimizer_state: dict, train_state: dict, tokenizer,
+                    run: str):
     """Write every file to a temporary name, then rename them all: an interrupted save leaves the previous
-    checkpoint as it was. train_state.json is renamed last, since it says which step the others hold."""
+    checkpoint as it was. train_state.json is renamed last, since it says which step the others hold.
+
+    train_state.json and optimizer.pt carry a stamp, {"run": the run's id, "model_sha256": the hash of the
+    model.safetensors saved with them} (optimizer.pt's with the step too), so that --resume refuses a directory
+    whose files come from different runs or steps (`read_train_state`, `stamp_problem`)."""
     out.mkdir(parents=True, exist_ok=True)
+    writers = checkpoint_writers(out, config, model_state)
+    model_file, write_model = out / "model.safetensors", writers[out / "model.safetensors"]
+    stamp = dict(run=run)
+
+    def write_and_hash_model(path):  # written (and so hashed) before the two files that carry the hash
+        write_model(path)
+        stamp["model_sha256"] = file_sha256(path)
+
     writers = {
-        **checkpoint_writers(out, config, model_state),
-        out / "optimizer.pt": lambda p: torch.save(optimizer_state, p),
-        out / "train_state.json": lambda p: p.write_text(json.dumps(train_state) + "\n"),
+        **writers, model_file: write_and_hash_model,
+        out / "optimizer.pt": lambda p: torch.save({**optimizer_state, STAMP: {**stamp, "step": train_state["step"]}},
+                                                   p),
+        out / "train_state.json": lambda p: p.write_text(json.dumps({**train_state, STAMP: stamp}) + "\n"),
     }
     for name, path in tokenizer.files.items():  # tokenizer.model or .json (and tokenizer_config.json), unless there
         if path.resolve() != (out / name).resolve():
@@ -338,7 +365,17 @@ def save_checkpoint(out: Path, config, model_state: dict, optimizer_state: dict,
     write_atomically(writers)
 
 
-# What train_state.json holds: a type, a dict of shapes, or [shape] for a list. Its numbers are counts (>= 0).
+STAMP = "stamp"  # the key of the stamp in train_state.json and optimizer.pt
+STAMP_SHAPE = dict(run=str, model_sha256=str)  # train_state.json's; optimizer.pt's has the step too
+
+
+def file_sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# What train_state.json holds: a type, a dict of shapes, or [shape] for a list. Its numbers are counts (>= 0). Its
+# stamp (STAMP_SHAPE) is optional: checkpoints saved before stamps have none.
 TRAIN_STATE_SHAPE = dict(step=int, tokens=int, world_size=int, settings=dict, pipeline=[dict(
     batch_size=int, seq_len=int, packing=int, seed=int, rank=int, world_size=int, epoch=int, position=int,
     slots=[dict(documents=[int], offset=int)])])
@@ -368,7 +405,10 @@ def read_train_state(out: Path, setting_names: set, setting_rules: list) -> dict
         state = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"--resume: {out} holds no run to continue ({e})") from None
+    stamp = state.pop(STAMP, None) if isinstance(state, dict) else None
     problem = shape_problem(state, TRAIN_STATE_SHAPE)
+    if problem is None and stamp is not None:
+        problem = shape_problem(stamp, STAMP_SHAPE, STAMP)
     if problem is None and len(state["pipeline"]) != state["world_size"]:
         problem = f"it has {len(state['pipeline'])} pipeline states for {state['world_size']} processes"
     if problem is None and state["settings"].keys() - setting_names:
@@ -378,18 +418,25 @@ def read_train_state(out: Path, setting_names: set, setting_rules: list) -> dict
     if problem is not None:
         raise ValueError(f"--resume: {path} is damaged: {problem}")
     check_values(state["settings"], setting_rules, label=lambda key: f"--resume: {path} is damaged: settings.{key}")
+    model = out / "model.safetensors"
+    if stamp is not None and model.is_file() and file_sha256(model) != stamp["model_sha256"]:
+        raise ValueError(f"--resume: {model} is not the model saved with {path} (another run's, or another step's): "
+                         "resume from a directory whose files were saved together")
+    state[STAMP] = stamp  # None: saved before stamps (restore_optimizer_state warns)
     return state
 
 
-def restore_optimizer_state(out: Path, raw_model, optimizer):
+def restore_optimizer_state(out: Path, raw_model, optimizer, train_state: dict):
     """Load the run's optimizer.pt into optimizer (FSDP: each rank its shards), refused unless it is AdamW state for
-    raw_model's parameters."""
+    raw_model's parameters, saved with train_state (read_train_state's) at the same step of the same run."""
     # imported here, not at the top: it takes 0.6 s, which loading a model for generate.py should not pay
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     path = out / "optimizer.pt"
     try:
         optimizer_state = torch.load(path, weights_only=True)  # builds tensors only, never runs pickled code
+        stamp = optimizer_state.pop(STAMP, None) if isinstance(optimizer_state, dict) else None
         problem = optimizer_state_problem(optimizer_state, raw_model, optimizer)
+        problem = problem or stamp_problem(stamp, train_state, out)
         if problem is None:
             set_optimizer_state_dict(raw_model, optimizer, optimizer_state,
                                      options=StateDictOptions(full_state_dict=True))
@@ -399,6 +446,27 @@ def restore_optimizer_state(out: Path, raw_model, optimizer):
         problem = (str(e).strip() or type(e).__name__).splitlines()[0]
     if problem is not None:
         raise ValueError(f"--resume: {path} does not hold this run's optimizer state ({problem})")
+
+
+def stamp_problem(stamp, train_state: dict, out: Path) -> Optional[str]:
+    """Why optimizer.pt, stamped `stamp`, was not saved with train_state; None when it was. A checkpoint saved before
+    stamps (neither file has one) is taken, with a warning that nothing ties its files together."""
+    expected = train_state[STAMP]
+    if expected is None and stamp is None:
+        warnings.warn(f"--resume: {out} was saved without run stamps (by an earlier train.py): that its "
+                      "model.safetensors, optimizer.pt and train_state.json come from one run is not checked; its "
+                      "next checkpoint has them")
+        return None
+    if expected is None or stamp is None:
+        return (f"it has {'a' if expected is None else 'no'} run stamp and train_state.json "
+                f"{'none' if expected is None else 'one'}: they were saved by different versions of train.py")
+    if not isinstance(stamp, dict) or stamp.get("run") != expected["run"]:
+        return "it was saved by another run than train_state.json"
+    if stamp.get("step") != train_state["step"]:
+        return f"it was saved at step {stamp.get('step')!r}, train_state.json at step {train_state['step']}"
+    if stamp.get("model_sha256") != expected["model_sha256"]:
+        return "it was saved with another model.safetensors than train_state.json"
+    return None
 
 
 def optimizer_state_problem(saved, raw_model, optimizer) -> Optional[str]:

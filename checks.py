@@ -87,9 +87,10 @@ def validate_config(config):
         (["mem_dtype"], lambda v: v in MEM_DTYPES, f"one of {', '.join(MEM_DTYPES)}"),
         (["mem_attention_grouping"], lambda v: v is None or (is_int_list(v, 1) and len(v) == 2),
          "null or two positive integers [heads, queries]"),
-        (["mem_topk"], lambda v: v is None or (is_int(v) and v > 0), "null or a positive integer"),
+        # an entry count beyond int64 fails inside torch (OverflowError), not here
+        (["mem_topk"], lambda v: v is None or (is_int(v) and 0 < v < 2**63), "null or a positive integer below 2**63"),
         (["mem_retrieval"], lambda v: v in MEM_RETRIEVALS, f"one of {', '.join(MEM_RETRIEVALS)}"),
-        (["mem_block_size"], lambda v: is_int(v) and v > 0, "a positive integer"),
+        (["mem_block_size"], lambda v: is_int(v) and 0 < v < 2**63, "a positive integer below 2**63"),
         (["mem_on_host"], lambda v: not v or config.mem_topk is not None,
          "false without mem_topk (memory attended whole is read whole at every call)"),
         (["last_context_length"], lambda v: v is None or (is_int(v) and 0 <= v <= window),

@@ -1,10 +1,17 @@
 """Helpers the command-line scripts share: bad input ends with one line on stderr and a status, never a traceback
 (`fail`, `as_command`); warnings are one plain line each (`warn`); the flags that choose how a checkpoint loads
 (--quantize, --mem-topk and its retrieval settings); the compute dtype; a checkpoint and its tokenizer
-(`load_checkpoint`); lengths in tokens such as 4k (`parse_length`). Nothing here is FoT.
+(`load_checkpoint`), from a directory or straight from a GGUF file (`checkpoint_directory`); lengths in tokens such
+as 4k (`parse_length`); integer flags within int64 (`int_flag`); outputs that are no input (`refuse_writing_over`)
+and that a refusal leaves no trace of (`check_can_create`, `removed_on_failure`). Nothing here is FoT.
 """
 
+import argparse
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,7 +20,7 @@ import torch
 from checkpoint import load
 from checks import MEM_RETRIEVALS
 from quantize import QUANTIZATIONS
-from tokenizer import checkpoint_tokenizer
+from tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILES, checkpoint_tokenizer
 
 QUIET = False  # train.py's ranks other than 0 stay quiet: rank 0 warns for all
 
@@ -61,13 +68,13 @@ def add_quantize_argument(p):
 
 def add_topk_arguments(p):
     """--mem-topk and how it retrieves, for every command that reads into memory."""
-    p.add_argument("--mem-topk", type=int, default=None, metavar="K",
+    p.add_argument("--mem-topk", type=int_flag, default=None, metavar="K",
                    help="memory-layer queries attend to K memory entries, not all of memory: reading and answering "
                         "then cost far less than quadratic time, and memory is held in --mem-dtype (default: all)")
     p.add_argument("--mem-retrieval", default=None, choices=MEM_RETRIEVALS,
                    help="how --mem-topk chooses: blocks (scalable: the best blocks of --mem-block-size entries, by "
                         "bounds on their keys) or exact (the K best entries of each query: as slow as all of memory)")
-    p.add_argument("--mem-block-size", type=int, default=None, metavar="N", help="entries per block (default: 64)")
+    p.add_argument("--mem-block-size", type=int_flag, default=None, metavar="N", help="entries per block (default: 64)")
 
 
 def topk_overrides(args) -> dict:
@@ -89,9 +96,43 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
+_CONVERTED = []  # the temporary directories GGUF files were converted into: removed when the process ends
+
+
+def checkpoint_directory(ckpt, dtype: torch.dtype) -> Path:
+    """--ckpt as a checkpoint directory: a directory as it is, a .gguf file (as llama.cpp and ollama users pass
+    them) converted as convert_weights.py converts it into a temporary directory in RAM (/dev/shm), which is removed
+    when the process ends, so nothing is written to disk. Quantized weights stay quantized; a float file is
+    converted to dtype, the dtype it will run in."""
+    path = Path(ckpt)
+    if path.suffix.lower() != ".gguf" or path.is_dir():
+        return path
+    if not path.is_file():
+        raise ValueError(f"{path}: no such GGUF file")
+    import convert_weights  # only a GGUF --ckpt needs the converter (and the gguf package)
+
+    ram = Path("/dev/shm")
+    room = shutil.disk_usage(ram).free if ram.is_dir() else 0
+    needed = path.stat().st_size * (4 // dtype.itemsize)  # a float file in dtype: at most float32 from float16
+    _CONVERTED.append(tempfile.TemporaryDirectory(prefix="longllama-", dir=ram if room > 2 * needed else None))
+    out = Path(_CONVERTED[-1].name) / path.stem
+    quantized = any(t.tensor_type not in convert_weights.GGUF_FLOATS for t in convert_weights.read_gguf(path).tensors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = convert_weights.convert_gguf(path, out, dtype=None if quantized else dtype)
+    for warning in caught:  # the converter's own, but the one about memory layers, said here for this command
+        if "names no memory layers" not in str(warning.message):
+            warnings.warn(str(warning.message).replace(str(out), path.name))
+    if not config.mem_layers:
+        warnings.warn(f"{path.name} names no memory layers: it runs as plain LLaMA, its context limited to its "
+                      f"{config.max_position_embeddings}-token window (convert_weights.py --mem-layers gives it memory)")
+    return out
+
+
 def load_checkpoint(ckpt, tokenizer_override, device, dtype, **overrides):
-    """(model, tokenizer) of a checkpoint directory, refused with one line when missing or mismatched; overrides:
-    load()'s (config keys, quantize)."""
+    """(model, tokenizer) of a checkpoint directory or GGUF file (`checkpoint_directory`), refused with one line when
+    missing or mismatched; overrides: load()'s (config keys, quantize)."""
+    ckpt = checkpoint_directory(ckpt, dtype)
     if not Path(ckpt).is_dir():
         raise ValueError(f"checkpoint directory {ckpt} does not exist")
     tokenizer = checkpoint_tokenizer(ckpt, tokenizer_override)
@@ -110,4 +151,87 @@ def parse_length(text: str, minimum: int = 1) -> int:
         raise ValueError(f"a prompt length is a number of tokens like 4096, 4k or 1m, got {text!r}") from None
     if value < minimum:
         raise ValueError(f"a length in tokens must be at least {minimum}, got {text!r}")
+    if value >= INT_LIMIT:
+        raise ValueError(f"a length in tokens must be below 2**63, got {text!r}")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Integer flags, and outputs that must not be inputs nor outlive a refusal
+
+INT_LIMIT = 2**63  # torch holds counts, sizes and positions in int64: beyond it, OverflowError deep inside
+
+
+def int_flag(text: str) -> int:
+    """An integer flag's value (add_argument's type=): each flag's own range is checked after parsing, but a
+    number beyond int64 is refused here, for every flag, before torch fails on it with a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -INT_LIMIT <= value < INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be an integer in [-2**63, 2**63), got {text}")
+    return value
+
+
+def same_path(a, b) -> bool:
+    """Whether a and b name the same file or directory, through links (a hard link too) and relative paths."""
+    try:
+        return Path(a).samefile(b)
+    except OSError:  # either does not exist (yet): the same only if they resolve to one name
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def refuse_writing_over(output, flag: str, inputs: dict):
+    """ValueError, before anything is written, when `output` (what `flag` names) is one of the inputs {path: what
+    it is}: writing it would destroy what the command reads."""
+    for path, what in inputs.items():
+        if same_path(output, path):
+            raise ValueError(f"{flag} {output} is {what}: writing it would destroy an input (choose another path)")
+
+
+def checkpoint_inputs(ckpt) -> dict:
+    """{path: what it is} of the files a --ckpt (a directory, or a GGUF file) is read from: for refuse_writing_over."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return {ckpt: "the checkpoint"}
+    names = ("config.json", "model.safetensors", *TOKENIZER_FILES, TOKENIZER_CONFIG)
+    return {ckpt / name: f"a file of the checkpoint {ckpt}" for name in names}
+
+
+def check_can_create(path, flag: str):
+    """A file can be written at path: it is no directory, and its directory exists or can be made (the nearest
+    existing ancestor is a writable directory). Checked before work, without creating what a refusal would leave."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable")
+
+
+@contextlib.contextmanager
+def removed_on_failure(out, keep=lambda: False):
+    """Run the body; should it fail (an error, not an interrupt), remove what it created of the directory `out`:
+    out itself and the parents made for it, or, where out existed, the entries added to it. Nothing is removed once
+    keep() is true: a checkpoint from which a rerun resumes is worth more than a clean slate."""
+    out = Path(out)
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    before = None if missing else set(out.iterdir()) if out.is_dir() else set()
+    try:
+        yield
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and e.code in (0, None, 130))
+        if not interrupted and not keep():
+            if missing:  # the topmost directory made for out holds everything made
+                created = [missing[-1]] if missing[-1].exists() else []
+            else:
+                created = [p for p in out.iterdir() if p not in before] if out.is_dir() else []
+            for path in created:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        raise

@@ -45,7 +45,7 @@ import passkey
 import train as training
 from checkpoint import load, resolve_device, write_atomically
 from checks import MEM_RETRIEVALS
-from cli import as_command, fail, parse_length
+from cli import as_command, fail, parse_length, removed_on_failure
 from documents import eval_spans, read_document, split_held_out, stdlib_documents
 from tokenizer import open_tokenizer, tokenizer_file
 
@@ -453,6 +453,14 @@ def main(argv=None):
 
 
 def experiment(args):
+    """The experiment (or --topk's, in OUT/topk). A failure leaves no directory it made as long as nothing is in it:
+    a training run or results files that are there are steps a rerun goes on from."""
+    made = Path(args.out) / "topk" if args.topk else Path(args.out)
+    with removed_on_failure(made, keep=lambda: made.is_dir() and any(made.iterdir())):
+        run_experiment(args)
+
+
+def run_experiment(args):
     out, size = Path(args.out), SIZES[args.size]
     if args.topk:
         started = time.time()

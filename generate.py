@@ -38,8 +38,8 @@ import checkpoint
 import checks
 import longllama
 from checkpoint import available_bytes
-from cli import (add_quantize_argument, add_topk_arguments, as_command, default_dtype, fail,
-                 load_checkpoint, topk_overrides)
+from cli import (add_quantize_argument, add_topk_arguments, as_command, checkpoint_directory, default_dtype, fail,
+                 checkpoint_inputs, int_flag, load_checkpoint, refuse_writing_over, topk_overrides)
 from tokenizer import read_chat_template, render_chat, utf8_text
 
 
@@ -396,6 +396,14 @@ def check_writable(path) -> Path:
     return path
 
 
+def input_files(args) -> dict:
+    """{path: what it is} of every file a run reads: a memory file must go over none of them."""
+    files = {path: "a prompt file" for path in args.prompt_file or [] if path != "-"}
+    if args.tokenizer:
+        files[args.tokenizer] = "the --tokenizer"
+    return files | checkpoint_inputs(args.ckpt)
+
+
 def load_memory(path, model, fingerprint: dict, template: PromptFormat) -> tuple[Documents, list]:
     """Documents and their names from a memory file, refused unless it was read as this run would read it."""
     try:
@@ -510,7 +518,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Read long documents into memory once; continue them or answer questions.")
     p.error = fail  # a bad flag is bad input like any other: one line, status 1
     p.add_argument("--ckpt", required=True,
-                   help="checkpoint directory (config.json, model.safetensors, tokenizer.model or tokenizer.json)")
+                   help="checkpoint directory (config.json, model.safetensors, tokenizer.model or tokenizer.json), "
+                        "or a llama.cpp .gguf file, converted in RAM as convert_weights.py converts it")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the document's text")
     source.add_argument("--prompt-file", action="append", metavar="PATH",
@@ -525,12 +534,12 @@ def parse_args(argv=None):
     p.add_argument("--save-memory", metavar="FILE", help="write the document's memory to FILE for --load-memory")
     p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the checkpoint's")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int_flag, default=256)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-k", type=int_flag, default=0, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--last-context-length", type=int, default=None,
+    p.add_argument("--last-context-length", type=int_flag, default=None,
                    help="prompt tokens kept in the local window rather than memory (default: the checkpoint's)")
     p.add_argument("--mem-attention-grouping", default=None, metavar="H,Q",
                    help="memory attention over at most H heads x Q queries at a time (bounds peak memory)")
@@ -649,6 +658,8 @@ def run(args):
         checks.check_can_compile(device)
     if args.save_memory:
         check_writable(args.save_memory)  # before reading, which can take minutes
+        refuse_writing_over(args.save_memory, "--save-memory", input_files(args))
+    args.ckpt = checkpoint_directory(args.ckpt, dtype)  # a GGUF file: converted in RAM
     model, tokenizer = load_checkpoint(args.ckpt, args.tokenizer, device, dtype, quantize=args.quantize,
                                        **config_overrides(args))
     if args.compile:

@@ -44,8 +44,8 @@ import torch
 import generate
 import longllama
 from checkpoint import resolve_device, write_atomically
-from cli import (add_quantize_argument, add_topk_arguments, as_command, fail, load_checkpoint, parse_length,
-                 topk_overrides)
+from cli import (add_quantize_argument, add_topk_arguments, as_command, check_can_create, checkpoint_inputs, fail,
+                 int_flag, load_checkpoint, parse_length, refuse_writing_over, same_path, topk_overrides)
 from documents import MAX_PASSKEY, QUESTION, TASK, Haystack, decoy_lines, passkey_line
 from tokenizer import Tokenizer, utf8_text
 
@@ -69,6 +69,12 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.haystack = haystack or Haystack.filler(tokenizer)
         self.fixed_tokens = len(tokenizer.encode(prompt_text("", "", MAX_PASSKEY)))
+
+    def shortest_length(self) -> tuple[int, int]:
+        """(the fewest tokens at which every prompt holds some haystack, the unit that needs them): the fixed lines
+        and the unit a trial starts at, which take() includes once half of it fits, for the costliest unit."""
+        unit = max(range(len(self.haystack.units)), key=self.haystack.cost)
+        return self.fixed_tokens + -(-self.haystack.cost(unit) // 2), unit
 
     def build(self, length: int, depth: float, passkey: int, start: int = 0) -> "Prompt":
         """The prompt whose haystack starts at unit `start` (a file haystack: a different text for each trial)."""
@@ -389,6 +395,7 @@ def plot_heatmap(summary: dict, path, title: str):
 def save_figure(fig, path):
     """A PNG written atomically (never a half-drawn file), then the figure freed."""
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomically({Path(path): lambda tmp: fig.savefig(tmp, dpi=120, format="png")})
     pyplot().close(fig)
 
@@ -396,7 +403,7 @@ def save_figure(fig, path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.error = fail
-    p.add_argument("--ckpt", required=True, help="checkpoint directory, as generate.py takes it")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or .gguf file, as generate.py takes it")
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the checkpoint's")
     p.add_argument("--task", choices=TASKS, default="passkey",
                    help="passkey: one passkey in a haystack; documents: a one-window passkey prompt read into "
@@ -412,7 +419,7 @@ def parse_args(argv=None):
                    help="a UTF-8 text file whose lines (taken in turn, from a different line for each trial) hide "
                         "the passkey (default: LongLLaMA's filler sentences); --task documents: the other documents, "
                         "read from the file's first line on")
-    p.add_argument("--trials", type=int, default=5, help="prompts per length and depth")
+    p.add_argument("--trials", type=int_flag, default=5, help="prompts per length and depth")
     p.add_argument("--seed", type=int, default=0, help="passkeys and depths")
     p.add_argument("--out", default=None, help="JSON file of every trial and the summary")
     p.add_argument("--plot", default=None, help="PNG heatmap of accuracy per length and depth")
@@ -444,19 +451,45 @@ def parse_args(argv=None):
 
 
 def read_haystack(path) -> str:
-    """The text of a --haystack file, read before the checkpoint is loaded so that a bad file is refused first."""
+    """The text of a --haystack file, read before the checkpoint is loaded so that a bad file is refused first. A
+    byte-order mark is no text: a file of one and blank lines has no line to hide a passkey between."""
     try:
-        text = utf8_text(Path(path).read_bytes())
+        text = utf8_text(Path(path).read_bytes()).removeprefix("\ufeff")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--haystack {path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
-    if not text.strip():
-        raise ValueError(f"--haystack {path}: the file has no text")
+    if not any(line.strip() for line in text.splitlines()):
+        raise ValueError(f"--haystack {path}: the file has no text (only blank lines)")
     return text
 
 
+def check_lengths(builder: PromptBuilder, lengths: list, haystack_path=None, haystack_text: str = ""):
+    """Refuse a length at which a prompt cannot hold its task, passkey and question lines and some haystack, wherever
+    a trial starts in it: its results would be of another prompt than the length it is reported under."""
+    hay = builder.haystack
+    if not any(map(hay.cost, range(len(hay.units)))):  # take() would never reach any count
+        raise ValueError(f"--haystack {haystack_path}: no line of it is any token of this tokenizer")
+    shortest, unit = builder.shortest_length()
+    if min(lengths) >= shortest:
+        return
+    if haystack_path is None:
+        what = f"a prompt holds at least one block of filler ({hay.cost(unit)} tokens, taken once half of it fits)"
+    else:
+        line = [n for n, text in enumerate(haystack_text.splitlines(), 1) if text.strip()][unit]
+        what = (f"a prompt holds at least one line of --haystack {haystack_path}, taken once half of it fits, and "
+                f"line {line} is {hay.cost(unit)} tokens (ask for longer prompts, or use a haystack of shorter lines)")
+    raise ValueError(f"--lengths {min(lengths)}: the shortest passkey prompt here is {shortest} tokens: its task, "
+                     f"passkey and question lines take {builder.fixed_tokens}, and {what}")
+
+
 def run(args):
-    for path in filter(None, [args.out, args.plot]):  # refused now, not after hours of trials
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    outputs = {flag: path for flag, path in [("--out", args.out), ("--plot", args.plot)] if path}
+    inputs = checkpoint_inputs(args.ckpt) | {path: what for path, what in [(args.haystack, "the --haystack"),
+                                                                           (args.tokenizer, "the --tokenizer")] if path}
+    for flag, path in outputs.items():  # refused now, not after hours of trials; their directories are made then
+        check_can_create(path, flag)
+        refuse_writing_over(path, flag, inputs)
+    if len(outputs) == 2 and same_path(args.out, args.plot):
+        raise ValueError(f"--out and --plot are the same file {args.out}: the heatmap would overwrite the results")
     if args.plot:
         pyplot()
     haystack_text = read_haystack(args.haystack) if args.haystack else None
@@ -469,8 +502,9 @@ def run(args):
     log = lambda line: print(line, file=sys.stderr)
     haystack = Haystack.from_text(tokenizer, haystack_text, Path(args.haystack).name) if haystack_text else None
     if args.task == "passkey":
-        results = run_trials(model, PromptBuilder(tokenizer, haystack), args.lengths, args.depths, args.trials,
-                             args.seed, log)
+        builder = PromptBuilder(tokenizer, haystack)
+        check_lengths(builder, args.lengths, args.haystack, haystack_text)
+        results = run_trials(model, builder, args.lengths, args.depths, args.trials, args.seed, log)
     else:
         tokens, window = max(args.lengths), model.config.max_position_embeddings
         distractors = (document_stream(haystack, tokens) if args.task == "documents"
@@ -485,6 +519,7 @@ def run(args):
             memory |= dict(mem_retrieval=config.mem_retrieval, mem_block_size=config.mem_block_size)
         report = dict(checkpoint=str(args.ckpt), task=args.task, haystack=args.haystack or "filler", seed=args.seed,
                       trials_per_cell=args.trials, **memory, **summary, results=results)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_atomically({Path(args.out): lambda tmp: tmp.write_text(json.dumps(report, indent=1))})
     if args.plot:
         plot_heatmap(summary, args.plot, f"passkey retrieval: {Path(args.ckpt).name}")

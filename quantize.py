@@ -79,12 +79,31 @@ def int4_fits(rows: int, columns: int, group: int) -> bool:
 
 
 def quantize_weight(weight, scheme: str, group: int = INT4_GROUP) -> QuantizedWeight:
-    """A float weight [N, K] quantized to `scheme`, round to nearest. Scales and zero points are rounded to bfloat16
-    (what the kernels take) before the values are, so that the values are rounded against the scales used.
-    int4 falls back to int8 for a weight the int4 kernel cannot take (see int4_fits)."""
-    w = weight.detach().float()
+    """A float weight [N, K] quantized to `scheme`, round to nearest (see quantize_rows). int4 falls back to int8 for
+    a weight the int4 kernel cannot take (see int4_fits)."""
+    rows, columns = weight.shape
+    return quantize_rows(weight, "int4" if scheme == "int4" and int4_fits(rows, columns, group) else "int8", group)
+
+
+QUANTIZED_CHUNK = 1 << 22  # weights quantized at a time: a float32 chunk of 16 MB, whatever the weight's size
+
+
+def quantize_rows(weight, scheme: str, group: int = INT4_GROUP) -> QuantizedWeight:
+    """The rows of a float weight [N, K] quantized to `scheme` ("int8": one scale per row; "int4": a scale and zero
+    point per group of `group` columns), round to nearest, whether or not the kernel takes the whole weight: every
+    row is quantized on its own, so that the rows of a fused layer (q/k/v) can be quantized part by part. Scales
+    and zero points are rounded to bfloat16 (what the kernels take) before the values are, so that the values are
+    rounded against the scales used. A few rows at a time, so that the float32 temporaries stay small."""
+    rows, columns = weight.shape
+    step = max(1, QUANTIZED_CHUNK // max(columns, 1))
+    chunks = [_quantize_chunk(weight[start:start + step].detach().float(), scheme, group)
+              for start in range(0, rows, step)]
+    return QuantizedWeight(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)))
+
+
+def _quantize_chunk(w, scheme: str, group: int) -> QuantizedWeight:
     rows, columns = w.shape
-    if scheme == "int4" and int4_fits(rows, columns, group):
+    if scheme == "int4":
         groups = w.view(rows, -1, group)  # [N, K / group, group]
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)

@@ -267,24 +267,132 @@ def sentencepiece_vocabulary(tok: Tokenizer) -> tuple[list, list, list]:
     return [sp.IdToPiece(i) for i in range(tok.vocab_size)], [sp.GetScore(i) for i in range(tok.vocab_size)], types
 
 
-# Byte-level BPE pre-tokenizers by their GGUF name (tokenizer.ggml.pre), as tokenizer.json writes them: text is split
-# by a regex into words (Llama-3's own; GPT-2's inside ByteLevel), and each word's bytes are spelled as characters.
-# A word found whole in the vocabulary is one token under llama-bpe (ignore_merges), as llama.cpp does too.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-BPE_PRE_TOKENIZERS = {
-    "llama-bpe": ({"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}, True),
-    "gpt-2": ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, False),
-}
+# Byte-level BPE pre-tokenizers by their GGUF name (tokenizer.ggml.pre), as tokenizer.json writes them, splitting text
+# into the words llama.cpp splits it into (src/llama-vocab.cpp, llm_tokenizer_bpe): llama.cpp applies its type's
+# regexes one after the other, each splitting every piece the one before left (matches and the text between them
+# alike: a Split, "Isolated"), then spells each word's bytes as characters (ByteLevel). The regexes are llama.cpp's,
+# which it reads as a Unicode regex engine (Hugging Face's) does: \s is Unicode whitespace, \p{L} and \p{N} Unicode
+# letters and numbers. One exception, said where: a literal non-ASCII class never matches whitespace in llama.cpp
+# (it turns non-ASCII whitespace into \v first), so such classes leave the whitespace characters out here.
+# ignore_merges: a word found whole in the vocabulary is one token, for the types llama.cpp sets it for.
+CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"  # llama.cpp's spelling of (?i:'s|...|'d)
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"  # llama.cpp's code adds |\s+
+LLAMA3_SPLIT = CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT = CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# DeepSeek's CJK class, [一-龥ࠀ-一가-퟿] in llama.cpp, without the whitespace in U+0800-U+4E00 (see above)
+DEEPSEEK_CJK = ("[\u4e00-\u9fa5\u0800-\u167f\u1681-\u1fff\u200b-\u2027\u202a-\u202e\u2030-\u205e\u2060-\u2fff"
+                "\u3001-\u4e00\uac00-\ud7ff]+")
+DEEPSEEK_LETTERS = (
+    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
+    "\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f"
+    "\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+    "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d"
+    "\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+    "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
+    "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d"
+    "\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a"
+    "\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2"
+    "\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+")
+DEEPSEEK3_SPLIT = (r'''[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+'''
+                   r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PORO_SPLIT = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+
+
+def _regexes(*regexes: str) -> dict:
+    """A pre-tokenizer splitting with each regex in turn, then spelling bytes as characters."""
+    return {"type": "Sequence", "pretokenizers": [
+        *({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False} for regex in regexes),
+        BYTE_LEVEL]}
+
+
+# (GGUF names, the llama.cpp type each mirrors, pre-tokenizer, ignore_merges); the first name of each is the one
+# written to GGUF for a tokenizer.json splitting that way
+_BPE_PRE_TOKENIZERS = [
+    (("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
+      "glm4", "glm5"), "LLAMA3 (CHATGLM4 for glm4, glm5)", _regexes(LLAMA3_SPLIT), True),
+    (("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "a.x-4.0", "mellum", "modern-bert", "jina-v1-en",
+      "roberta-bpe", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"),
+     "GPT2 (MPT, OLMO, JAIS, TRILLION, GRANITE_DOCLING)",
+     {**BYTE_LEVEL, "use_regex": True}, False),  # GPT-2's regex (GPT2_SPLIT, then \s+) is ByteLevel's own
+    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
+     "SMOLLM (STARCODER, REFACT, COMMAND_R, CODESHELL, EXAONE, MINERVA, MELLUM2)",  # \p{N}, then GPT-2's regex
+     {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                            {**BYTE_LEVEL, "use_regex": True}]}, False),
+    (("smaug-bpe", "dbrx", "chatglm-bpe"), "SMAUG (DBRX, CHATGLM4 for chatglm-bpe)", _regexes(LLAMA3_SPLIT), False),
+    (("deepseek-llm",), "DEEPSEEK_LLM", _regexes(
+        r"[\r\n]", DEEPSEEK_LETTERS,
+        "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3001-\u3002]+",  # llama.cpp's 　-。 without U+3000
+        r"\s+$", DEEPSEEK_CJK, r"\p{N}+"), False),
+    (("deepseek-coder",), "DEEPSEEK_CODER", _regexes(r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}"),
+     False),
+    (("deepseek-v3", "hunyuan-dense", "hy_v4", "joyai-llm"), "DEEPSEEK3_LLM (HUNYUAN_DENSE, HY_V4, JOYAI_LLM)",
+     _regexes(r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+", DEEPSEEK3_SPLIT), False),
+    (("spark2_5",), "SPARK2_5", _regexes(
+        r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+        r'''[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+'''
+        r"| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+", r"\p{N}"), False),
+    # words in any mix of cases: "((?=[\p{L}])([^a-z]))" is a letter other than a-z, "((?=[\p{L}])([^A-Z]))" one
+    # other than A-Z (llama.cpp's spelling of the original's \p{Lu}... and \p{Ll}... classes)
+    (("tekken",), "TEKKEN", _regexes(
+        r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+        r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+        r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"), True),
+    (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), "GPT4O (MINIMAX_M2)", _regexes(
+        r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+" + CONTRACTIONS +
+        r"?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*" + CONTRACTIONS +
+        r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"), False),
+    (("granite-embed-multi-97m",), "GRANITE_EMB_MULTI", _regexes(  # gpt-4o's, letters with marks
+        r"[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))*((?=[\p{L}\p{M}])([^A-Z]))+" + CONTRACTIONS +
+        r"?|[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))+((?=[\p{L}\p{M}])([^A-Z]))*" + CONTRACTIONS +
+        r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"), True),
+    (("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open", "grok-2"),
+     "QWEN2 (STABLELM2, HUNYUAN, SOLAR_OPEN, GROK_2)", _regexes(QWEN2_SPLIT), False),
+    (("qwen35",), "QWEN35", _regexes(
+        CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
+        r"|\s+"), False),
+    (("seed-coder",), "SEED_CODER", _regexes(
+        CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"), False),
+    (("viking",), "VIKING", _regexes(PORO_SPLIT, r"\p{N}"), False),
+    (("poro-chat", "bloom", "gpt3-finnish"), "PORO (BLOOM, GPT3_FINNISH)", _regexes(PORO_SPLIT), False),
+    (("jais-2",), "JAIS2", _regexes(
+        CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s{512}(?!\S)"
+        r"|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)|\s{4}(?!\S)|\s{1,2}(?!\S)"
+        r"|\s{1}"), False),
+    (("minicpm5",), "MINICPM5", _regexes(
+        r"\p{N}{1,3}",
+        CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), True),
+    (("bailingmoe", "bailingmoe2", "llada-moe"), "BAILINGMOE", _regexes(
+        r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]|\s+(?!\S)|\s+"), False),
+    (("ufakzeka",), "UFAKZEKA", _regexes(
+        r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), False),
+    (("laguna",), "LAGUNA", _regexes(r"[^\n]+|[\n]+", QWEN2_SPLIT), False),
+    (("exaone-moe",), "EXAONE_MOE", _regexes(
+        CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?"
+        r"|\s*[\r\n]|\s+(?!\S)|\s+"), False),
+    (("chameleon",), "CHAMELEON", _regexes(
+        "<sentinel:[0-9]+>", "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
+        r"[\p{P}!-/:-@\[-`{-~]", GPT2_SPLIT + r"|\s+"), False),
+    (("falcon",), "FALCON", _regexes(r"[\p{P}\$\+<=>\^~\|`]+", GPT2_SPLIT + r"|\s+", "[0-9][0-9][0-9]"), False),
+    (("default",), "DEFAULT", _regexes(r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT + r"|\s+", r"\p{N}+", "[0-9][0-9][0-9]"),
+     False),
+]
+# Refused: kimi-k2, afmoe, tiny_aya and cohere2moe (llama.cpp splits them with code of its own, not its regexes),
+# superbpe (a regex matching only empty strings), youtu (llama.cpp reads its \p{Lu} and \p{Ll} as any letter),
+# jina-v2-es, jina-v2-de, jina-v2-code (llama.cpp strips spaces before their <mask>), and gemma4,
+# granite-embed-multi-311m, sarvam-moe, whitespace (not byte-level).
+BPE_PRE_TOKENIZERS = {name: (pre_tokenizer, ignore_merges)
+                      for names, _, pre_tokenizer, ignore_merges in _BPE_PRE_TOKENIZERS for name in names}
+_NAMES = ", ".join(names[0] for names, *_ in _BPE_PRE_TOKENIZERS)  # for messages: each first name
 
 
 def bpe_tokenizer_json(tokens: list, types: list, merges: list, pre: str, source) -> str:
     """A tokenizer.json for a byte-level BPE vocabulary: tokens in id order, their GGUF types (control and user-defined
     tokens become added tokens, matched before BPE), merges as "left right", and the pre-tokenizer's GGUF name."""
     if pre not in BPE_PRE_TOKENIZERS:
-        raise ValueError(f"{source}: BPE pre-tokenizer {pre!r} is not supported (only {', '.join(BPE_PRE_TOKENIZERS)})")
+        raise ValueError(f"{source}: BPE pre-tokenizer {pre!r} is not supported (only {_NAMES} and llama.cpp's other "
+                         "names for these)")
     pre_tokenizer, ignore_merges = BPE_PRE_TOKENIZERS[pre]
     added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": kind == CONTROL}
@@ -304,11 +412,13 @@ def bpe_vocabulary(tok: BPETokenizer) -> tuple[list, list, list, str]:
     as llama.cpp's converter lists them; a pre-tokenizer not in BPE_PRE_TOKENIZERS is refused."""
     path = tok.files["tokenizer.json"]
     spec = json.loads(path.read_text())
-    pre = next((name for name, (pre_tokenizer, _) in BPE_PRE_TOKENIZERS.items()
-                if _splitting(pre_tokenizer) == _splitting(spec.get("pre_tokenizer"))), None)
+    splitting, ignore_merges = _splitting(spec.get("pre_tokenizer")), spec.get("model", {}).get("ignore_merges", False)
+    names = [name for name, (pre_tokenizer, _) in BPE_PRE_TOKENIZERS.items() if _splitting(pre_tokenizer) == splitting]
+    # the name llama.cpp tokenizes with exactly as this file does, else the first splitting text the same way
+    pre = next((name for name in names if BPE_PRE_TOKENIZERS[name][1] == ignore_merges), next(iter(names), None))
     if pre is None or spec.get("model", {}).get("type") != "BPE":
-        raise ValueError(f"tokenizer {path}: only byte-level BPE with the pre-tokenizer of "
-                         f"{' or '.join(BPE_PRE_TOKENIZERS)} can be written to GGUF")
+        raise ValueError(f"tokenizer {path}: only byte-level BPE splitting text as a llama.cpp pre-tokenizer does "
+                         f"({_NAMES}) can be written to GGUF")
     vocab = {i: token for token, i in tok.hf.get_vocab(with_added_tokens=True).items()}
     added = tok.hf.get_added_tokens_decoder()  # id -> AddedToken
     ids = range(max(vocab) + 1)  # an id no token has becomes "[PADi]", unused, as llama.cpp fills it
@@ -319,11 +429,14 @@ def bpe_vocabulary(tok: BPETokenizer) -> tuple[list, list, list, str]:
 
 
 def _splitting(pre_tokenizer):
-    """A pre-tokenizer's settings that decide where text splits (trim_offsets only moves the reported offsets)."""
+    """A pre-tokenizer's settings that decide where text splits (trim_offsets only moves the reported offsets), with
+    Llama-3's (?i:'s|...|'d) as llama.cpp spells it."""
     if isinstance(pre_tokenizer, dict):
         return {key: _splitting(value) for key, value in pre_tokenizer.items() if key != "trim_offsets"}
     if isinstance(pre_tokenizer, list):
         return [_splitting(value) for value in pre_tokenizer]
+    if isinstance(pre_tokenizer, str):
+        return pre_tokenizer.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", CONTRACTIONS)
     return pre_tokenizer
 
 

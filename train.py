@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -54,7 +55,7 @@ import longllama
 from checkpoint import (available_bytes, load, read_train_state, resolve_device, restore_optimizer_state,
                         save_checkpoint, write_atomically)
 from checks import check_values, is_int, is_number
-from cli import stay_quiet, warn
+from cli import removed_on_failure, same_path, stay_quiet, warn
 from documents import LAYOUTS, Batches, eval_spans, find_documents, passkey_documents, read_document
 from tokenizer import MIN_VOCAB_SIZE, open_tokenizer, tokenizer_file, train_tokenizer
 
@@ -253,6 +254,10 @@ def resolve_settings(argv) -> tuple[Settings, Optional[dict], Path, list[int]]:
     s, explicit = parse_settings(argv)
     out = Path(s.out)
     check_out(out)
+    if explicit.get("init") and "preset" in explicit and not s.resume:
+        # refused, not warned: two shapes asked for, and the preset's would be silently dropped for the checkpoint's
+        raise ValueError(f"--preset {s.preset} and --init {s.init}: a run starts from the checkpoint, in its own "
+                         "shape, or from a new model of the preset's shape: give one of them")
     state = None
     if s.resume:
         state = read_train_state(out, {f.name for f in fields(Settings)}, SETTING_RULES)
@@ -263,6 +268,7 @@ def resolve_settings(argv) -> tuple[Settings, Optional[dict], Path, list[int]]:
                                  f"{getattr(saved, name)} ({out / 'train_state.json'})")
         s = Settings(**{**asdict(saved), **{k: v for k, v in explicit.items() if k in CHANGEABLE_ON_RESUME}})
     check_settings(asdict(s))
+    check_out_is_no_input(s, out)
     if s.batch_size % s.packing:
         raise ValueError(f"--batch-size {s.batch_size} must be divisible by --packing {s.packing}")
     memory_sizes = sorted(set(int_list(s.eval_memory, "eval-memory")))
@@ -279,6 +285,16 @@ def check_out(out: Path):
         raise ValueError(f"--out {out}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {existing} is not writable")
+
+
+def check_out_is_no_input(s: Settings, out: Path):
+    """OUT is written (model.safetensors, config.json, the tokenizer, log.jsonl): it must not be the --init
+    checkpoint, nor a --data or --eval-data path or a directory under one, whose files are all read as documents."""
+    for flag, paths in [("--init", [s.init] if s.init else []), ("--data", s.data), ("--eval-data", s.eval_data)]:
+        for path in paths:
+            if same_path(out, path) or (Path(path).is_dir() and out.resolve().is_relative_to(Path(path).resolve())):
+                raise ValueError(f"--out {out} is {'' if same_path(out, path) else 'inside '}the {flag} path {path}: "
+                                 "the run would write over what it reads (choose another --out)")
 
 
 class Cluster(NamedTuple):
@@ -436,15 +452,15 @@ def restore(out: Path, state: Optional[dict], raw_model, optimizer, batches: Bat
     """(step, tokens seen) of a resumed run, its optimizer state and pipeline restored; (0, 0) for a new run."""
     if state is None:
         return 0, 0
-    restore_optimizer_state(out, raw_model, optimizer)
+    restore_optimizer_state(out, raw_model, optimizer, state)
     batches.load_state_dict(state["pipeline"][rank])
     return state["step"], state["tokens"]
 
 
 def save_run(s: Settings, out: Path, raw_model, optimizer, batches: Batches, tokenizer, cluster: Cluster, step: int,
-             tokens_seen: int):
+             tokens_seen: int, run_id: str):
     """Checkpoint the run into OUT. Every rank calls it: the full model and optimizer state and each rank's pipeline
-    state are gathered on rank 0, which writes them (checkpoint.save_checkpoint)."""
+    state are gathered on rank 0, which writes them (checkpoint.save_checkpoint), stamped with run_id."""
     full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(raw_model, options=full_state)  # gathered on rank 0 (a collective)
     optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=full_state)
@@ -456,7 +472,7 @@ def save_run(s: Settings, out: Path, raw_model, optimizer, batches: Batches, tok
     if cluster.master:
         train_state = dict(step=step, tokens=tokens_seen, world_size=cluster.world_size, pipeline=pipeline,
                            settings=asdict(s))
-        save_checkpoint(out, raw_model.config, model_state, optimizer_state, train_state, tokenizer)
+        save_checkpoint(out, raw_model.config, model_state, optimizer_state, train_state, tokenizer, run_id)
 
 
 def logged_step(line: str) -> float:
@@ -506,6 +522,14 @@ def done_line(step: int, tokens_seen: int, first_loss: Optional[float], loss: fl
 def main(argv=None):
     s, state, out, memory_sizes = resolve_settings(argv)
     cluster = setup_distributed(s, state)
+    saved = []  # the steps this command checkpointed: from the first, OUT holds a run that --resume continues
+    # a run that fails before its first checkpoint leaves no OUT it made, nor files it added to one (rank 0 writes)
+    with removed_on_failure(out, keep=lambda: bool(saved) or not cluster.master):
+        run(s, state, out, memory_sizes, cluster, saved)
+
+
+def run(s: Settings, state: Optional[dict], out: Path, memory_sizes: list, cluster: Cluster, saved: list):
+    """The run: data, tokenizer, model, optimizer, then the training loop, with eval and checkpoints."""
     plan = plan_model(s, out, cluster)
     train_documents, eval_documents = find_documents(s.data, s.eval_data, s.holdout, cluster.world_size)
     join_process_group(cluster)
@@ -530,8 +554,13 @@ def main(argv=None):
         start_log(log_path, s.resume, step)
         print(start_line(s, raw_model, len(train_documents), step, cluster))
 
+    # what ties the files of each checkpoint to this run (only rank 0's is written); a resumed run keeps its id
+    stamp = state["stamp"] if state else None  # None too for a checkpoint saved before stamps
+    run_id = stamp["run"] if stamp else uuid.uuid4().hex
+
     def checkpoint():  # on every rank
-        save_run(s, out, raw_model, optimizer, batches, tokenizer, cluster, step, tokens_seen)
+        save_run(s, out, raw_model, optimizer, batches, tokenizer, cluster, step, tokens_seen, run_id)
+        saved.append(step)
 
     def run_eval():
         ppl = evaluate(raw_model, spans, window, memory_sizes, s.eval_batch_size, device, autocast)

@@ -19,13 +19,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import bench
 import checkpoint
+import context_scaling
 import convert_weights
 import documents
 import generate
 import longllama
+import passkey
 import train
 from conftest import ROOT
+from test_generate import checkpoint as openllama_checkpoint  # noqa: F401 (a fixture: OpenLLaMA's tokenizer)
 from test_train import assets, small_run  # noqa: F401 (assets is a fixture)
 from tokenizer import Tokenizer
 
@@ -123,6 +127,8 @@ def run_command(script, *args, stdin=b"", cwd):
     (dict(tie_word_embeddings=1), "tie_word_embeddings must be true or false"),
     (dict(last_context_length=-1), "last_context_length must be null or an integer in [0, max_position_embeddings=32]"),
     (dict(vocab_size=10**13, hidden_size=10**6), "more than any machine can address"),
+    (dict(mem_topk=10**30), "mem_topk must be null or a positive integer below 2**63"),  # OverflowError in torch
+    (dict(mem_topk=4, mem_block_size=2**63), "mem_block_size must be a positive integer below 2**63"),
 ])
 def test_a_bad_config_value_is_refused_naming_its_key(change, message):
     with pytest.raises(ValueError) as error:
@@ -349,6 +355,7 @@ def train_fails(capsys, argv) -> str:
     (["--cross-batch-range", str(10**9)], "this run needs at least"),
     (["--eval-memory", "1,x"], "--eval-memory: expected comma-separated integers"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--preset", "small"], "--preset small and --init "),  # two shapes asked for: the preset's would be dropped
 ])
 def test_train_refuses_a_bad_flag_before_writing_anything(assets, tmp_path, capsys, flags, message):
     out = tmp_path / "out"
@@ -518,3 +525,240 @@ def test_convert_refuses_bad_input_in_one_line(hf_source, tmp_path, capsys, monk
     before = snapshot(tmp_path)
     assert message in exits_with_one_error_line(capsys, convert_weights.main, ["src", *args])
     assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------- outputs that are inputs
+
+
+@pytest.mark.parametrize("target", ["prompt.txt", "ckpt/model.safetensors", "ckpt/config.json", "ckpt/tokenizer.model",
+                                    "ckpt/../ckpt/tokenizer.model"])
+def test_generate_refuses_to_save_memory_over_an_input(assets, tmp_path, capsys, monkeypatch, target):
+    shutil.copytree(assets["init"], tmp_path / "ckpt")
+    (tmp_path / "prompt.txt").write_text("def alpha_1(x):")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    line = exits_with_one_error_line(capsys, generate.main, ["--ckpt", "ckpt", "--prompt-file", "prompt.txt",
+                                                            "--save-memory", target, "--device", "cpu"])
+    what = "a prompt file" if target == "prompt.txt" else "a file of the checkpoint ckpt"
+    assert line == f"error: --save-memory {target} is {what}: writing it would destroy an input (choose another path)"
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("out,inputs,message", [
+    ("ckpt", ["--init", "ckpt"], "--out ckpt is the --init path ckpt"),
+    ("corpus", ["--init", "ckpt"], "--out corpus is the --data path corpus"),
+    ("corpus/run", ["--init", "ckpt"], "--out corpus/run is inside the --data path corpus"),
+    ("held", ["--init", "ckpt", "--eval-data", "held"], "--out held is the --eval-data path held"),
+])
+def test_train_refuses_an_out_that_is_one_of_its_inputs(assets, tmp_path, capsys, monkeypatch, out, inputs, message):
+    shutil.copytree(assets["init"], tmp_path / "ckpt")
+    shutil.copytree(assets["corpus"], tmp_path / "corpus")
+    shutil.copytree(assets["corpus"], tmp_path / "held")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    args = ["--data", "corpus", *inputs, "--out", out, "--batch-size", "4", "--seq-len", "16", "--packing", "2",
+            "--max-steps", "1", "--eval-every", "0"]
+    line = train_fails(capsys, args)
+    assert line.startswith(f"error: {message}: the run would write over what it reads")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--haystack", "hay.txt", "--out", "hay.txt"], "--out hay.txt is the --haystack: writing it would destroy"),
+    (["--plot", "ckpt/config.json"], "--plot ckpt/config.json is a file of the checkpoint ckpt: writing it would"),
+    (["--out", "r.json", "--plot", "./r.json"], "--out and --plot are the same file r.json"),
+    (["--out", "somewhere"], "--out " + "{tmp}/somewhere: is a directory"),
+])
+def test_passkey_refuses_an_output_that_is_an_input_or_the_other_output(assets, tmp_path, capsys, monkeypatch, flags,
+                                                                        message):
+    shutil.copytree(assets["init"], tmp_path / "ckpt")
+    (tmp_path / "hay.txt").write_text("alpha = 1\nbeta = 2\n")
+    (tmp_path / "somewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    line = exits_with_one_error_line(capsys, passkey.main, ["--ckpt", "ckpt", "--device", "cpu", "--lengths", "300",
+                                                           "--trials", "1", *flags])
+    assert message.format(tmp=tmp_path) in line
+    assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------- integers far beyond range
+
+
+HUGE = str(10**30)
+
+
+@pytest.mark.parametrize("flags", [["--max-new-tokens", HUGE], ["--max-new-tokens", "-" + HUGE], ["--top-k", HUGE],
+                                   ["--last-context-length", HUGE], ["--mem-topk", HUGE],
+                                   ["--mem-topk", "4", "--mem-block-size", HUGE]])
+def test_generate_refuses_an_integer_beyond_int64(assets, capsys, flags):
+    line = exits_with_one_error_line(capsys, generate.main, ["--ckpt", assets["init"], "--prompt", "def f",
+                                                            "--device", "cpu", *flags])
+    assert line.startswith(f"error: argument {flags[-2]}: must be an integer in [-2**63, 2**63), got ")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--trials", HUGE], "argument --trials: must be an integer in [-2**63, 2**63)"),
+    (["--lengths", HUGE], f"a length in tokens must be below 2**63, got '{HUGE}'"),
+    (["--lengths", HUGE + "k"], "a length in tokens must be below 2**63"),
+    (["--task", "decoys", "--lengths", "0," + HUGE], "a length in tokens must be below 2**63"),
+    (["--mem-topk", "4", "--mem-block-size", HUGE], "argument --mem-block-size: must be an integer in [-2**63, 2**63)"),
+])
+def test_passkey_refuses_an_integer_beyond_int64(assets, capsys, flags, message):
+    line = exits_with_one_error_line(capsys, passkey.main, ["--ckpt", assets["init"], "--device", "cpu", "--lengths",
+                                                           "300", *flags])
+    assert message in line
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--repeats", HUGE], "argument --repeats: must be an integer in [-2**63, 2**63)"),
+    (["--layers", HUGE], "argument --layers: must be an integer in [-2**63, 2**63)"),
+    (["--prefill", HUGE], "--prefill must be positive token counts (below 2**63)"),
+    (["--decode-memory", HUGE], "--decode-memory must be token counts >= 0 (below 2**63)"),
+    (["--mem-topk", "4", "--mem-block-size", HUGE], "argument --mem-block-size: must be an integer in [-2**63, 2**63)"),
+    (["--prefill", str(10**12)], "a prompt of 1000000000000 tokens needs about"),  # in range, not in memory
+    (["--decode-memory", str(10**12)], "a prompt of 1000000000128 tokens needs about"),
+])
+def test_bench_refuses_an_integer_beyond_int64_or_memory(capsys, flags, message):
+    argv = ["--preset", "tiny", "--device", "cpu", "--prefill", "64", "--decode-memory", "64", "--repeats", "1", *flags]
+    assert message in exits_with_one_error_line(capsys, bench.main, argv)
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len", "--cross-batch-range", "--packing", "--max-steps",
+                                  "--grad-accum", "--warmup-steps", "--lr-decay-steps", "--save-every", "--log-every",
+                                  "--eval-every", "--eval-spans", "--eval-batch-size", "--passkey-docs", "--seed",
+                                  "--vocab-size"])
+@pytest.mark.parametrize("value", [HUGE, "99999999999999999999", "-" + HUGE])
+def test_train_refuses_an_integer_beyond_int64(assets, tmp_path, capsys, flag, value):
+    out = tmp_path / "out"
+    line = train_fails(capsys, small_run(assets, out, flag, value))
+    assert line.startswith(f"error: {flag} must be an integer in [") and line.endswith(f"got {value}")
+    assert not out.exists()
+
+
+def test_convert_refuses_an_integer_beyond_int64(hf_source, tmp_path, capsys):
+    line = exits_with_one_error_line(capsys, convert_weights.main, [str(hf_source), str(tmp_path / "out"),
+                                                                   "--last-context-length", HUGE])
+    assert "last_context_length must be null or an integer in [0, max_position_embeddings=32]" in line
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------- passkey prompts as asked for
+
+
+def run_passkey(capsys, ckpt, *flags):
+    """passkey.py's table rows: trials on the tiny checkpoint at 300 tokens unless flags say otherwise."""
+    passkey.main(["--ckpt", str(ckpt), "--device", "cpu", "--trials", "1", *flags])
+    return capsys.readouterr()
+
+
+@pytest.mark.parametrize("content", [b"\xef\xbb\xbf", b"\xef\xbb\xbf\n\n   \n\t\n", b"\n\n"])
+@pytest.mark.parametrize("task", ["passkey", "documents"])
+def test_passkey_refuses_a_haystack_of_only_a_byte_order_mark_and_blank_lines(assets, tmp_path, capsys, content, task):
+    (tmp_path / "hay.txt").write_bytes(content)
+    line = exits_with_one_error_line(capsys, passkey.main, ["--ckpt", assets["init"], "--device", "cpu", "--task",
+                                                           task, "--haystack", str(tmp_path / "hay.txt"),
+                                                           "--lengths", "300"])
+    assert line == f"error: --haystack {tmp_path / 'hay.txt'}: the file has no text (only blank lines)"
+
+
+def test_passkey_refuses_a_haystack_line_longer_than_the_prompt_has_room_for(assets, tmp_path, capsys):
+    hay = tmp_path / "hay.txt"
+    hay.write_text("\ufeffalpha = 1\n\nbeta = " + "7" * 2000 + "\ngamma = 3\n")  # line 3: thousands of tokens
+    builder = passkey.PromptBuilder(Tokenizer(assets["tokenizer"]),
+                                    passkey.Haystack.from_text(Tokenizer(assets["tokenizer"]),
+                                                               hay.read_text().removeprefix("\ufeff"), "hay"))
+    shortest, unit = builder.shortest_length()
+    assert unit == 1 and shortest > 300
+    line = exits_with_one_error_line(capsys, passkey.main, ["--ckpt", assets["init"], "--device", "cpu", "--haystack",
+                                                           str(hay), "--lengths", f"{shortest},300"])
+    assert line.startswith(f"error: --lengths 300: the shortest passkey prompt here is {shortest} tokens: its task, "
+                           f"passkey and question lines take {builder.fixed_tokens}, and a prompt holds at least one "
+                           f"line of --haystack {hay}, taken once half of it fits, and line 3 is ")
+    # at the shortest length, every trial's prompt holds haystack, wherever it starts; a token less, not
+    room = shortest - builder.fixed_tokens
+    assert all(builder.haystack.take(room, start) for start in range(3)) and not builder.haystack.take(room - 1, 1)
+
+
+def test_passkey_refuses_a_length_shorter_than_the_prompts_fixed_parts(assets, capsys):
+    builder = passkey.PromptBuilder(Tokenizer(assets["tokenizer"]))
+    shortest, _ = builder.shortest_length()
+    line = exits_with_one_error_line(capsys, passkey.main, ["--ckpt", assets["init"], "--device", "cpu", "--lengths",
+                                                           f"50,{shortest}"])
+    assert line == (f"error: --lengths 50: the shortest passkey prompt here is {shortest} tokens: its task, passkey "
+                    f"and question lines take {builder.fixed_tokens}, and a prompt holds at least one block of filler "
+                    f"({builder.haystack.cost(0)} tokens, taken once half of it fits)")
+    # the shortest length itself runs, and its prompt holds filler around the passkey; a token less, not
+    assert documents.FILLER in builder.build(shortest, 0.5, 1234).text
+    assert documents.FILLER not in builder.build(shortest - 1, 0.5, 1234).text
+    assert f"| {shortest} |" in run_passkey(capsys, assets["init"], "--lengths", str(shortest)).out
+
+
+# -------------------------------------------------------------------------- refusals leave no --out they made
+
+
+def test_a_train_refusal_after_out_is_made_leaves_no_out(openllama_checkpoint, tmp_path, capsys):
+    """Documents of spaces only, which the OpenLLaMA tokenizer reads as no token: refused at the first batch, after
+    the run has started its log in OUT."""
+    (tmp_path / "spaces").mkdir()
+    for i in range(3):
+        (tmp_path / "spaces" / f"s{i}.txt").write_text(" ")
+    args = ["--init", str(openllama_checkpoint), "--data", str(tmp_path / "spaces"), "--batch-size", "4", "--seq-len",
+            "16", "--packing", "2", "--max-steps", "1", "--eval-every", "0"]
+    assert train.cli([*args, "--out", str(tmp_path / "runs" / "new")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: no document has any tokens"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spaces"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")  # an OUT that was there: only what the run added goes
+    assert train.cli([*args, "--out", str(tmp_path / "mine")]) == 1
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_first_checkpoint_that_cannot_be_written_leaves_no_out(assets, tmp_path, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", disk_full)  # optimizer.pt of the first checkpoint
+    out = tmp_path / "a" / "run"
+    assert train.cli(small_run(assets, out, "--max-steps", "2")) == 1  # after its progress bar
+    assert capsys.readouterr().err.splitlines()[-1] == "error: [Errno 28] No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_passkey_refusal_leaves_no_directory_for_its_outputs(assets, tmp_path, capsys):
+    line = exits_with_one_error_line(capsys, passkey.main, [
+        "--ckpt", assets["init"], "--device", "cpu", "--lengths", "50", "--out", str(tmp_path / "new" / "r.json"),
+        "--plot", str(tmp_path / "plots" / "h.png")])
+    assert line.startswith("error: --lengths 50: the shortest passkey prompt here is")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_experiment_leaves_no_out_it_made(tmp_path, capsys, monkeypatch):
+    def failing(commands, side_by_side=1):
+        raise ValueError("a step above failed: rerun the experiment to go on from the last finished step")
+
+    monkeypatch.setattr(context_scaling, "run", failing)  # the first training run fails
+    with pytest.raises(SystemExit):
+        context_scaling.main(["--out", str(tmp_path / "scaling")])
+    assert one_error_line(capsys.readouterr().err).startswith("error: a step above failed")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "scaling" / "base").mkdir(parents=True)  # a step that is there stays for the rerun
+    (tmp_path / "scaling" / "base" / "train_state.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        context_scaling.main(["--out", str(tmp_path / "scaling")])
+    assert (tmp_path / "scaling" / "base" / "train_state.json").exists()
+
+
+# ----------------------------------------------------------------------------- flags ignored in combination
+
+
+def test_bench_small_warns_in_one_line_which_flags_it_ignores(capsys):
+    args = bench.parse_args(["--small", "--prefill", "512", "--kernel", "fused", "--device", "cpu", "--repeats", "2",
+                             "--dtype", "bfloat16", "--layers", "4"])
+    assert capsys.readouterr().err == ("warning: --small times its own work (--prefill 4096 --decode-memory 4096 "
+                                       "--kernel fused,plain --device cpu, at least 5 repeats): ignoring --prefill "
+                                       "512, --kernel fused, --repeats 2\n")
+    assert (args.prefill, args.kernel, args.repeats, args.dtype, args.layers) == ([4096], ["fused", "plain"], 5,
+                                                                                  "bfloat16", 4)
+    bench.parse_args(["--small", "--device", "cpu", "--repeats", "9", "--compile"])  # nothing ignored: no warning
+    assert capsys.readouterr().err == ""

@@ -64,6 +64,13 @@ def test_bench_adds_llama_cpp_rows_for_the_same_gguf_where_the_package_is_instal
     (["--ckpt", "no/such/dir"], "checkpoint directory no/such/dir does not exist"),
     (["--device", "tpu"], "device 'tpu': expected cpu, cuda or cuda:N"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    # a shape besides --ckpt's or --small's own would be silently dropped
+    (["--ckpt", str(ROOT / "models" / "fot3"), "--layers", "2"], "--ckpt times a shape of its own: no --layers"),
+    (["--ckpt", str(ROOT / "models" / "fot3"), "--preset", "tiny"], "--ckpt times a shape of its own: no --preset"),
+    (["--small", "--preset", "tiny"], "--small times a shape of its own: no --preset with it"),
+    (["--small", "--ckpt", str(ROOT / "models" / "fot3")], "--small times a shape of its own: no --ckpt with it"),
+    (["--ckpt", str(ROOT / "models" / "fot3"), "--prefill", "64"],
+     "--prefill 64: a checkpoint reads passkey prompts, the shortest of 134 tokens"),
 ])
 def test_bad_bench_arguments_end_in_one_line(capsys, argv, message):
     assert message in exits_with_one_error_line(capsys, bench.main, argv)

@@ -617,8 +617,27 @@ def test_failed_write_leaves_the_old_out_dir_and_no_temporary(tmp_path, monkeypa
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert_weights, "save_file", disk_full)
+    monkeypatch.setattr(convert_weights, "write_safetensors", disk_full)
     with pytest.raises(SystemExit):
         convert_weights.main([str(tmp_path / "hf"), str(out), "--force"])
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "ours"]
+
+
+@pytest.mark.parametrize("room", [0, 4096])
+def test_safetensors_written_a_tensor_at_a_time_read_back_and_start_large_weights_aligned(tmp_path, room):
+    """convert_weights writes model.safetensors itself, one tensor at a time: safetensors reads it back exactly,
+    whether the header fits the room kept for it or is written in front of a copy of the bytes (room 0); small
+    tensors go last, so that the large ones start on 64-byte boundaries (the int8 kernel's weights are used in place
+    only there)."""
+    tensors = {"norm": torch.randn(7), "big": torch.randint(-127, 128, (1024, 1088), dtype=torch.int8),
+               "scales": torch.randn(1024, dtype=torch.bfloat16), "flag": torch.tensor([True, False]),
+               "half": torch.randn(3, 5).half(), "other": torch.randint(-127, 128, (512, 2048), dtype=torch.int8)}
+    path = tmp_path / "model.safetensors"
+    convert_weights.write_safetensors(path, iter(tensors.items()), {"format": "pt"}, room)
+    assert_same_tensors(load_file(path), tensors)
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + header_length])
+    assert header["__metadata__"] == {"format": "pt"}
+    for name in ("big", "other"):
+        assert (8 + header_length + header[name]["data_offsets"][0]) % 64 == 0, name

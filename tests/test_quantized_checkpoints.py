@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -300,3 +301,153 @@ def test_a_quantized_checkpoint_is_refused_where_its_stored_size_does_not_fit(tm
         longllama.load(tmp_path / "q", dtype=torch.bfloat16)
     monkeypatch.setattr(checkpoint, "available_bytes", lambda device: held + 4096)
     longllama.load(tmp_path / "q", dtype=torch.bfloat16)
+
+
+def block_scales(path, dequantized: dict, qtype) -> dict:
+    """{GGUF name: the bound on a kept int4 weight's distance from the file's, per weight}, for Q4_0 / Q4_1 matrices:
+    a block's d and m are float16, and the kernel takes scale d and zero point m + 8 d in bfloat16, whose rounding
+    moves each by at most 2^-8 of itself: a weight (q - 8) d + zero, q in [0, 15], by at most 2^-8 (8 |d| + |zero|)."""
+    header = 2 if qtype == Q4_0 else 4
+    bounds = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        if tensor.name not in dequantized or tensor.tensor_type != qtype:
+            continue
+        blocks = np.asarray(tensor.data).reshape(tensor.data.shape[0], -1, header + 16)
+        d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16).astype(np.float64)[..., 0])
+        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16).astype(np.float64)[..., 0]) if header == 4 else 0
+        bounds[tensor.name] = (2**-8 * (8 * d.abs() + (m + 8 * d).abs() * (header == 4))).repeat_interleave(32, 1)
+    return bounds
+
+
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1])
+def test_4_bit_blocks_keep_the_files_values_to_the_bfloat16_rounding_of_scale_and_zero(qtype, tmp_path):
+    """Q4_0 / Q4_1 blocks of 32 are int4 groups of 32 value for value: each weight differs from the file's only by
+    the bfloat16 rounding of its block's scale and zero point (measured: at most 0.031 of a step for Q4_0, 0.046 for
+    SmolLM2-135M's Q4_1), far below a wrong value, nibble, block or row."""
+    config = hf_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, vocab_size=64)
+    dequantized = write_quantized_gguf(tmp_path / "model.gguf", config, qtype)
+    bounds = block_scales(tmp_path / "model.gguf", dequantized, qtype)
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "ours")])
+    stored = dequantized_layers(tmp_path / "ours")
+    layers = config["num_hidden_layers"]
+    expected = fused_from_gguf(unpermuted(dequantized, config), layers)
+    bound = fused_from_gguf(unpermuted({**bounds, "output.weight": bounds["blk.0.attn_q.weight"]}, config), layers)
+    for name, weight in expected.items():
+        if name == "lm_head.weight":  # Q8_0 in this file: int8
+            continue
+        assert (stored[name] - weight).abs().le(bound[name] * (1 + 1e-6)).all(), name
+        assert not torch.equal(stored[name], weight)  # the rounding is there: most float16 scales are not bfloat16's
+
+
+@pytest.mark.parametrize("embedding, lm_head", [(Q8_0, "float"), (Q4_0, "int4")])
+def test_a_tied_gguf_embedding_gives_lm_head_the_files_values_and_old_checkpoints_load_as_before(embedding, lm_head,
+                                                                                              tmp_path):
+    """A tied output layer keeps the file's values: an embedding in 4-bit blocks becomes an int4 lm_head value for
+    value; one in Q8_0 (as llama.cpp keeps it in a Q4 file) a float lm_head (int8's one scale per row cannot hold
+    Q8_0's 32-wide blocks; see docs/quantization.md), stored in bfloat16, not int4 quantized afresh by load(). A
+    checkpoint without it (converted before) still loads with lm_head quantized from the embedding."""
+    config = hf_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, vocab_size=64,
+                       tie_word_embeddings=True)
+    dequantized = {}
+
+    def encode(name, array):  # the layers in Q4_0, the embedding as named
+        kind = embedding if name == "token_embd.weight" else Q4_0
+        data = gguf.quants.quantize(array, kind)
+        dequantized[name] = torch.from_numpy(gguf.quants.dequantize(data, kind)).double()
+        return data, kind
+
+    write_gguf(tmp_path / "model.gguf", config, random_hf_tensors(config), Q4_0, encode=encode)
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "ours")])
+    model = longllama.load(tmp_path / "ours")
+    assert model.config.tie_word_embeddings and model.config.quantization == "int4"
+    assert model.layers[0].mlp.down.scheme == "int4"
+    file_embedding = dequantized["token_embd.weight"]
+    tensors = load_file(tmp_path / "ours" / "model.safetensors")
+    if lm_head == "float":
+        assert isinstance(model.lm_head, torch.nn.Linear) and "lm_head.scales" not in tensors
+        assert tensors["lm_head.weight"].dtype == torch.bfloat16
+        weight = model.lm_head.weight.double()
+        assert (weight - file_embedding).abs().le(2**-8 * file_embedding.abs()).all()  # bfloat16's rounding
+    else:
+        assert model.lm_head.scheme == "int4"
+        weight = dequantized_layers(tmp_path / "ours")["lm_head.weight"]
+        bound = block_scales(tmp_path / "model.gguf", dequantized, Q4_0)["token_embd.weight"]
+        assert (weight - file_embedding).abs().le(bound * (1 + 1e-6)).all()
+    hidden = torch.randn(5, 256)
+    assert torch.allclose(model.lm_head(hidden).double(), hidden.bfloat16().double() @ weight.T, rtol=0.02, atol=0.05)
+
+    # a checkpoint converted before lm_head was stored: load() quantizes the embedding afresh, as it did
+    del tensors["lm_head.weight"]
+    tensors.pop("lm_head.scales", None), tensors.pop("lm_head.zeros", None)
+    save_file(tensors, tmp_path / "ours" / "model.safetensors")
+    old = longllama.load(tmp_path / "ours")
+    assert old.lm_head.scheme == "int4" and old.lm_head.group == quantize.INT4_GROUP
+    assert torch.equal(old.lm_head(hidden), quantize.QuantizedLinear.quantized(old.embed.weight, "int4")(hidden))
+
+
+def test_a_tied_lm_head_stays_as_stored_through_ours_to_ours_and_leaves_with_the_embedding(tmp_path):
+    """Converting the checkpoint again (here: new memory layers) keeps every stored layer as it is (an int4
+    checkpoint's int8 and float layers are not requantized to int4); --to hf writes the tied model, without it."""
+    config = hf_config(hidden_size=256, intermediate_size=256, num_attention_heads=4, vocab_size=72,
+                       tie_word_embeddings=True)  # 72 rows: an int4 lm_head would not fit the kernel
+    hf = random_hf_tensors(config)
+    write_gguf(tmp_path / "model.gguf", config, hf, Q4_0,
+               encode=lambda name, array: (gguf.quants.quantize(array, Q8_0 if "embd" in name else Q4_0),
+                                           Q8_0 if "embd" in name else Q4_0))
+    convert_weights.main([str(tmp_path / "model.gguf"), str(tmp_path / "ours")])
+    convert_weights.main([str(tmp_path / "ours"), str(tmp_path / "again"), "--mem-layers", "1"])
+    first, again = (load_file(tmp_path / name / "model.safetensors") for name in ("ours", "again"))
+    assert first.keys() == again.keys() and all(torch.equal(first[name], again[name]) for name in first)
+    assert longllama.load(tmp_path / "again").config.mem_layers == [1]
+    convert_weights.main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"])
+    back = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "lm_head.weight" not in back and json.loads((tmp_path / "hf" / "config.json").read_text())[
+        "tie_word_embeddings"]
+    assert torch.equal(back["model.embed_tokens.weight"], first["embed.weight"])
+
+
+MEMORY_CHECK = """
+import sys
+sys.path.insert(0, {root!r})
+import convert_weights, quantize
+
+def status(key):  # kB
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+# dequantize and quantize a few rows at a time, few enough that their float32 copies are small beside the file
+convert_weights.QUANTIZED_CHUNK = quantize.QUANTIZED_CHUNK = 1 << 15
+convert_weights.main([{small!r}, {small_out!r}])  # every code path once: what it loads is not the conversion's
+before = status("VmRSS")
+convert_weights.main([{large!r}, {large_out!r}])
+print((status("VmHWM") - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads its memory from /proc")
+def test_converting_a_gguf_holds_about_one_tensor_not_the_file(tmp_path):
+    """A 60 MB Q8_0 file converts in a subprocess whose memory grows by less than a third of the file (measured:
+    9-11 MB; 250-320 MB when the converter held the converted model and mapped the whole file): its tensors are
+    read one at a time (not through a mapping of the whole file, whose pages would stay resident), converted a few
+    rows at a time, and written as they come."""
+    config = hf_config(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_hidden_layers=16,
+                       vocab_size=4096, mem_layers=[])
+    rng = np.random.default_rng(0)
+
+    def random_q8_0(name, array):  # random blocks, d of a trained model's size: fast at this size
+        blocks = rng.integers(-127, 128, size=(array.shape[0], array.shape[1] // 32, 34), dtype=np.int8).view(np.uint8)
+        blocks[..., 0:2] = np.array([1e-3], dtype=np.float16).view(np.uint8)
+        return blocks.reshape(array.shape[0], -1), Q8_0
+
+    small = hf_config(mem_layers=[])
+    write_gguf(tmp_path / "small.gguf", small, random_hf_tensors(small), Q8_0)
+    write_gguf(tmp_path / "large.gguf", config, random_hf_tensors(config), Q8_0, encode=random_q8_0)
+    size = (tmp_path / "large.gguf").stat().st_size
+    assert size > 55e6
+    script = MEMORY_CHECK.format(root=str(ROOT), small=str(tmp_path / "small.gguf"), small_out=str(tmp_path / "s"),
+                                 large=str(tmp_path / "large.gguf"), large_out=str(tmp_path / "l"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    growth = int(result.stdout.split()[-1])
+    assert growth < size / 3, f"converting a {size / 1e6:.0f} MB file took {growth / 1e6:.0f} MB more"
+    model = longllama.load(tmp_path / "l")
+    assert model.config.quantization == "int8" and model.layers[15].mlp.down.weight.dtype == torch.int8

@@ -415,6 +415,82 @@ def test_resume_refuses_the_optimizer_state_of_another_model(assets, tmp_path, c
     assert "(it belongs to another model: " in line and message in line
 
 
+@pytest.fixture(scope="module")
+def two_runs(assets, tmp_path_factory):
+    """Two one-step runs of the same model from different seeds (their files have the same shapes), and a run
+    saved at steps 1 and 2 (a copy of its step-1 optimizer.pt beside it)."""
+    root = tmp_path_factory.mktemp("runs")
+    train.main(small_run(assets, root / "a", "--max-steps", "1"))
+    train.main(small_run(assets, root / "b", "--max-steps", "1", "--seed", "7"))
+    train.main(small_run(assets, root / "steps", "--max-steps", "1"))
+    shutil.copyfile(root / "steps" / "optimizer.pt", root / "optimizer_step1.pt")
+    train.main(["--resume", "--out", str(root / "steps"), "--max-steps", "2"])
+    return root
+
+
+def mixed_run(two_runs, tmp_path, run, name, source) -> Path:
+    """A copy of the run `run` whose file `name` is replaced by `source` (a path under two_runs)."""
+    out = tmp_path / "run"
+    shutil.copytree(two_runs / run, out)
+    shutil.copyfile(two_runs / source, out / name)
+    return out
+
+
+@pytest.mark.parametrize("run,source,message", [
+    ("a", "b/optimizer.pt", "(it was saved by another run than train_state.json)"),
+    ("steps", "optimizer_step1.pt", "(it was saved at step 1, train_state.json at step 2)"),
+], ids=["another run's", "an earlier step's"])
+def test_resume_refuses_an_optimizer_state_of_the_same_shapes_saved_with_other_files(two_runs, tmp_path, capsys, run,
+                                                                                     source, message):
+    assert message in resume_fails(capsys, mixed_run(two_runs, tmp_path, run, "optimizer.pt", source))
+
+
+def test_resume_refuses_a_model_saved_by_another_run(two_runs, tmp_path, capsys):
+    out = mixed_run(two_runs, tmp_path, "a", "model.safetensors", "b/model.safetensors")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert train.cli(["--resume", "--out", str(out), "--max-steps", "3"]) == 1
+    assert capsys.readouterr().err == (f"error: --resume: {out / 'model.safetensors'} is not the model saved with "
+                                       f"{out / 'train_state.json'} (another run's, or another step's): resume from "
+                                       "a directory whose files were saved together\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def without_stamps(out, files=("train_state.json", "optimizer.pt")):
+    """The run in out as saved before stamps: its files without them."""
+    if "train_state.json" in files:
+        state = json.loads((out / "train_state.json").read_text())
+        (out / "train_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "stamp"}))
+    if "optimizer.pt" in files:
+        state = torch.load(out / "optimizer.pt", weights_only=True)
+        torch.save({k: v for k, v in state.items() if k != "stamp"}, out / "optimizer.pt")
+
+
+def test_a_checkpoint_saved_before_stamps_resumes_with_a_warning_and_is_stamped_from_then_on(two_runs, tmp_path,
+                                                                                            capsys):
+    out = tmp_path / "run"
+    shutil.copytree(two_runs / "a", out)
+    without_stamps(out)
+    assert train.cli(["--resume", "--out", str(out), "--max-steps", "2"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: --resume: {out} was saved without run stamps (by an earlier train.py): that its "
+                        "model.safetensors, optimizer.pt and train_state.json come from one run is not checked; its "
+                        "next checkpoint has them"]
+    stamp = json.loads((out / "train_state.json").read_text())["stamp"]
+    assert stamp["model_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert torch.load(out / "optimizer.pt", weights_only=True)["stamp"] == {**stamp, "step": 2}
+
+
+@pytest.mark.parametrize("unstamped,message", [
+    ("train_state.json", "(it has a run stamp and train_state.json none: "),
+    ("optimizer.pt", "(it has no run stamp and train_state.json one: "),
+])
+def test_resume_refuses_a_stamped_file_beside_an_unstamped_one(two_runs, tmp_path, capsys, unstamped, message):
+    out = tmp_path / "run"
+    shutil.copytree(two_runs / "a", out)
+    without_stamps(out, [unstamped])
+    assert message in resume_fails(capsys, out)
+
+
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save, calls, before = torch.save, [], {}
