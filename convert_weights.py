@@ -639,6 +639,7 @@ def write_checkpoint(out_dir: Path, config: dict, state, tokenizer_files: dict, 
     out_dir: out_dir never holds half a checkpoint, and an old out_dir (empty, or --force) is replaced only once the
     new is complete. state: a dict of tensors (or QuantizedWeights), or a stream of (name, tensor) pairs (count
     of them, where known), written one at a time as they come: converting then holds one tensor, not the model."""
+    made = [p for p in out_dir.parents if not p.exists()]  # the folders made for out_dir, removed again on failure
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     tmp.mkdir()
@@ -659,6 +660,10 @@ def write_checkpoint(out_dir: Path, config: dict, state, tokenizer_files: dict, 
             shutil.rmtree(old)
         else:
             tmp.rename(out_dir)
+    except BaseException:
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # warnings come after the work, so that a failed conversion reports its error alone

@@ -624,6 +624,19 @@ def test_failed_write_leaves_the_old_out_dir_and_no_temporary(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "ours"]
 
 
+def test_failed_write_removes_the_folders_it_made_for_out(tmp_path, monkeypatch):
+    config = hf_config()
+    write_hf(tmp_path / "hf", config, random_hf_tensors(config), "safetensors")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_weights, "write_safetensors", disk_full)
+    with pytest.raises(SystemExit):
+        convert_weights.main([str(tmp_path / "hf"), str(tmp_path / "a" / "b" / "ours")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 @pytest.mark.parametrize("room", [0, 4096])
 def test_safetensors_written_a_tensor_at_a_time_read_back_and_start_large_weights_aligned(tmp_path, room):
     """convert_weights writes model.safetensors itself, one tensor at a time: safetensors reads it back exactly,
