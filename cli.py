@@ -101,9 +101,9 @@ _CONVERTED = []  # the temporary directories GGUF files were converted into: rem
 
 def checkpoint_directory(ckpt, dtype: torch.dtype) -> Path:
     """--ckpt as a checkpoint directory: a directory as it is, a .gguf file (as llama.cpp and ollama users pass
-    them) converted as convert_weights.py converts it into a temporary directory in RAM (/dev/shm), which is removed
-    when the process ends, so nothing is written to disk. Quantized weights stay quantized; a float file is
-    converted to dtype, the dtype it will run in."""
+    them) converted as convert_weights.py converts it into a temporary directory in RAM (/dev/shm; the temporary
+    folder where /dev/shm has too little room), which is removed when the process ends: nothing is left behind.
+    Quantized weights stay quantized; a float file is converted to dtype, the dtype it will run in."""
     path = Path(ckpt)
     if path.suffix.lower() != ".gguf" or path.is_dir():
         return path
@@ -113,7 +113,7 @@ def checkpoint_directory(ckpt, dtype: torch.dtype) -> Path:
 
     ram = Path("/dev/shm")
     room = shutil.disk_usage(ram).free if ram.is_dir() else 0
-    needed = path.stat().st_size * (4 // dtype.itemsize)  # a float file in dtype: at most float32 from float16
+    needed = 2 * path.stat().st_size  # at most: float16 to float32, or 4-bit blocks beside a float lm_head
     _CONVERTED.append(tempfile.TemporaryDirectory(prefix="longllama-", dir=ram if room > 2 * needed else None))
     out = Path(_CONVERTED[-1].name) / path.stem
     quantized = any(t.tensor_type not in convert_weights.GGUF_FLOATS for t in convert_weights.read_gguf(path).tensors)
