@@ -47,7 +47,7 @@ from checkpoint import resolve_device, write_atomically
 from cli import (add_quantize_argument, add_topk_arguments, as_command, check_can_create, checkpoint_inputs, fail,
                  int_flag, load_checkpoint, parse_length, refuse_writing_over, same_path, topk_overrides)
 from documents import MAX_PASSKEY, QUESTION, TASK, Haystack, decoy_lines, passkey_line
-from tokenizer import Tokenizer, utf8_text
+from tokenizer import utf8_text
 
 TASKS = ["passkey", "documents", "decoys"]  # --task
 

@@ -190,13 +190,13 @@ def check_quantization(scheme: str, device: torch.device):
                          "use int8 on a GPU")
 
 
-def linear_layers(model: "LongLlama") -> dict:
+def linear_layers(model: nn.Module) -> dict:
     """{qualified name: (parent module, attribute)} of every linear layer: attention, MLP and lm_head."""
     return {name: (model.get_submodule(name.rpartition(".")[0]) if "." in name else model, name.rpartition(".")[2])
             for name, module in model.named_modules() if isinstance(module, (nn.Linear, QuantizedLinear))}
 
 
-def quantize(model: "LongLlama", scheme: str) -> "LongLlama":
+def quantize(model: nn.Module, scheme: str) -> nn.Module:
     """Replace every linear layer's weight by its `scheme` (int8 or int4) quantization, in place, layer by layer.
     The embedding and the norms stay as they are (a lookup reads one row of the embedding per token)."""
     check_quantization(scheme, model.embed.weight.device)
