@@ -11,12 +11,14 @@ does with a prompt (memory layers read all but the last `last_context_length` to
 window; only the last token's logits are computed); decode is one greedy token at a time with a given number of
 entries in memory. Each figure is also given as a fraction of this device's bound, measured here: prefill's dense
 and attention FLOPs over the matmul rate, decode's bytes read per token (weights, local caches, memory) over the
-copy bandwidth. `--compile` also times decode through torch.compile (LongLlama.compile_decode), after its
-compilation, which is not timed. `--small` also reads 32k and then 64k tokens with the `tiny` shape, each in a fresh
-process, to show that peak memory grows with the memory's keys and values only, not with an attention workspace.
-`--quantize int8|int4` (or a quantized `--ckpt`) times quantized weights, `--layers N` a shape cut to N layers (3B's
-width on a CPU), and `--llama-cpp FILE.gguf` adds llama.cpp's rows for that file where the llama_cpp package is
-installed. The table goes to stdout, then one JSON line with every figure.
+copy bandwidth; decode's bytes per second are printed too (GB/s: how near its kernels come to that bandwidth).
+`--compile` also times decode through torch.compile (LongLlama.compile_decode), after its compilation, which is
+not timed. `--small` also reads 32k and then 64k tokens with the `tiny` shape, each in a fresh process, to show that
+peak memory grows with the memory's keys and values only, not with an attention workspace. `--quantize int8|int4`
+(or a quantized `--ckpt`) times quantized weights, `--layers N` a shape cut to N layers (3B's width on a CPU), and
+`--llama-cpp FILE.gguf` adds llama.cpp's rows for that file where the llama_cpp package is installed (its decode
+after as many tokens as ours holds with nothing in memory: half a window). The table goes to stdout, then one JSON
+line with every figure.
 """
 
 import argparse
@@ -39,10 +41,9 @@ from checkpoint import resolve_device
 from checks import check_can_compile, check_values
 from cli import (INT_LIMIT, add_quantize_argument, add_topk_arguments, as_command, default_dtype, fail, int_flag,
                  load_checkpoint, topk_overrides, warn)
-from quantize import quantize
+from quantize import named_weights, pack_for_cpu, quantize
 from topk import PROBES, TopkMemory
 
-LLAMA_CPP_PROMPT = 64  # tokens llama.cpp reads before its decode is timed
 # The CPU shape of --small: 8 layers, hidden 256, 8 heads, window 256, memory layers 2 and 5, vocab 32000.
 SMALL = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
              max_position_embeddings=256, mem_layers=[2, 5], last_context_length=128)
@@ -137,7 +138,7 @@ def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
     of each, or with top-k blocks the bounds of every block and the chosen blocks)."""
     config = model.config
     # every weight, quantized ones as stored, but of the embedding (unless lm_head is it) one row
-    weights = sum(t.nbytes for name, t in model.state_dict().items() if name != "embed.weight")
+    weights = sum(t.nbytes for name, t in named_weights(model) if name != "embed.weight")
     local = sum(c.keys[:, :, :cache.local_length].nbytes * 2 for c in cache.local)
     memory = 0
     for m in cache.memory.values():
@@ -204,19 +205,20 @@ def measure_decode(model, memory_entries: int, device, repeats: int, steps: int 
     return statistics.median(decode() for _ in range(repeats)), decode_bytes(model, cache)
 
 
-def llama_cpp_rows(path, prefill: list, repeats: int, steps: int = 16) -> list:
+def llama_cpp_rows(path, prefill: list, context: int, repeats: int, bandwidth: float, steps: int = 16) -> list:
     """llama.cpp's prefill and decode figures for a GGUF file, through the llama_cpp package where it happens to be
     installed (it never is required): the same prompt lengths of random tokens, each read in one batch, and decode
-    after a LLAMA_CPP_PROMPT-token prompt (llama.cpp has no FoT memory), with as many threads as torch uses."""
+    after `context` tokens (half a window, as our decode with nothing in memory; llama.cpp has no FoT memory), with
+    as many threads as torch uses."""
     try:
         import llama_cpp
     except ImportError:
         print("note: no llama.cpp rows: the llama_cpp package is not installed (pip install llama-cpp-python)")
         return []
-    longest = max(prefill + [LLAMA_CPP_PROMPT])
+    longest = max(prefill + [context])
     threads = torch.get_num_threads()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest + steps + 1, n_batch=longest, n_ubatch=longest,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest + steps * (repeats + 1) + 1, n_batch=longest,
+                          n_ubatch=longest, n_threads=threads, n_threads_batch=threads, verbose=False)
     rng = random.Random(0)
     ids = [rng.randrange(3, llm.n_vocab()) for _ in range(longest)]
     cpu, rows = torch.device("cpu"), []
@@ -228,20 +230,34 @@ def llama_cpp_rows(path, prefill: list, repeats: int, steps: int = 16) -> list:
     for tokens in prefill:
         seconds = timed(lambda: read(tokens), cpu, repeats)
         rows.append(dict(kernel="llama.cpp", work="prefill", tokens=tokens, seconds=seconds,
-                         tokens_per_s=tokens / seconds, of_bound=None, peak_gib=None))
+                         tokens_per_s=tokens / seconds, of_bound=None, gbps=None, peak_gib=None))
 
-    def decode():
-        read(LLAMA_CPP_PROMPT)
+    def decode():  # each run goes on from the last: a few more tokens in its cache, as ours has them
         start = time.perf_counter()
         for token in ids[:steps]:
             llm.eval([token])
         return (time.perf_counter() - start) / steps
 
+    read(context)
     decode()
     seconds = statistics.median(decode() for _ in range(repeats))
-    rows.append(dict(kernel="llama.cpp", work="decode", memory=0, seconds=seconds, tokens_per_s=1 / seconds,
-                     of_bound=None, peak_gib=None))  # no peak of its own: it runs in this process
+    read_bytes = llama_cpp_decode_bytes(path, context)
+    rows.append(dict(kernel="llama.cpp", work="decode", memory=0, context=context, seconds=seconds,
+                     tokens_per_s=1 / seconds, of_bound=read_bytes / seconds / bandwidth,
+                     gbps=read_bytes / seconds / 1e9, peak_gib=None))  # no peak of its own: it runs in this process
     return rows
+
+
+def llama_cpp_decode_bytes(path, context: int) -> int:
+    """Bytes llama.cpp reads per decode step: every tensor of the file (of the token embedding, one row, unless it
+    is the output layer too) and its float16 key/value cache of `context` tokens."""
+    reader = convert_weights.read_gguf(Path(path))
+    tensors = {tensor.name: int(tensor.n_bytes) for tensor in reader.tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    value = lambda key: convert_weights.gguf_value(reader, f"llama.{key}", path)
+    kv_width = value("attention.head_count_kv") * value("embedding_length") // value("attention.head_count")
+    return sum(tensors.values()) + value("block_count") * 2 * kv_width * context * 2
 
 
 def peak_of_reading(tokens: int) -> dict:
@@ -381,6 +397,7 @@ def run(args):
         model = build_model(shape, device, dtype)
         if args.quantize:
             quantize(model, args.quantize)
+        pack_for_cpu(model)  # as load_checkpoint holds a checkpoint's bfloat16 weights on a CPU
     window = model.config.max_position_embeddings  # decode reads its memory and half a window first
     lengths = args.prefill + [entries + window // 2 for entries in args.decode_memory]
     if lengths:  # refused in a line now, rather than failing inside torch (or killed) once timing has started
@@ -396,7 +413,7 @@ def run(args):
           f"{shape_name(args, model)}, {model.config.num_parameters / 1e6:.0f}M parameters in "
           f"{weight_bytes(model) / 2**30:.2f} GiB, memory layers "
           f"{model.config.mem_layers}, memory in {model.config.mem_dtype}, {memory_reading(model.config)}")
-    print(f"{'kernel':<9} {'work':<27} {'time':>10} {'rate':>14} {'of bound':>9} {'peak':>10}")
+    print(f"{'kernel':<9} {'work':<27} {'time':>10} {'rate':>14} {'of bound':>9} {'read':>10} {'peak':>10}")
     rows = []
     for kernel in args.kernel:
         model.attention_kernel = kernel
@@ -406,6 +423,7 @@ def run(args):
             seconds, found = measure_prefill(model, tokens, device, args.repeats, tokenizer)
             rows.append(dict(kernel=kernel, work="prefill", tokens=tokens, seconds=seconds,
                              tokens_per_s=tokens / seconds, of_bound=prefill_flops(model.config, tokens) / seconds / flops,
+                             gbps=None,
                              peak_gib=peak_gib(device), passkey=found))
         for entries in args.decode_memory:
             rows.append(decode_row(model, kernel, entries, device, args.repeats, bandwidth))
@@ -414,16 +432,17 @@ def run(args):
         model.compile_decode()
         rows += [decode_row(model, "compiled", entries, device, args.repeats, bandwidth) for entries in args.decode_memory]
     if args.llama_cpp:
-        rows += llama_cpp_rows(args.llama_cpp, args.prefill, args.repeats)
+        rows += llama_cpp_rows(args.llama_cpp, args.prefill, window // 2, args.repeats, bandwidth)
     for row in rows:
         work = (f"prefill {row['tokens']} tokens" if row["work"] == "prefill" else
-                f"decode, {row['memory']} in memory")
+                f"decode after {row['context']} tokens" if "context" in row else f"decode, {row['memory']} in memory")
         time_text = f"{row['seconds']:.3f} s" if row["work"] == "prefill" else f"{row['seconds'] * 1e3:.2f} ms/tok"
         found = {True: "  passkey found", False: "  passkey missed"}.get(row.get("passkey"), "")
         of_bound = "" if row["of_bound"] is None else f"{row['of_bound']:.1%}"
+        read = "" if row["gbps"] is None else f"{row['gbps']:.1f} GB/s"
         peak = "" if row["peak_gib"] is None else f"{row['peak_gib']:.2f} GiB"
         print(f"{row['kernel']:<9} {work:<27} {time_text:>10} {row['tokens_per_s']:>10.1f} tok/s {of_bound:>8} "
-              f"{peak:>11}{found}")
+              f"{read:>10} {peak:>11}{found}")
     summary = dict(device=name, dtype=str(dtype), shape=shape_name(args, model), memory=memory_reading(model.config),
                    weight_bytes=weight_bytes(model),
                    matmul_tflops=flops / 1e12, copy_gbps=bandwidth / 1e9, rows=rows)
@@ -442,7 +461,8 @@ def run(args):
 
 def weight_bytes(model) -> int:
     """Bytes the weights take, quantized ones as stored (a tied lm_head once)."""
-    return sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())
+    tied = getattr(model.lm_head, "weight", None) is model.embed.weight
+    return sum(t.nbytes for name, t in named_weights(model) if not (tied and name == "lm_head.weight"))
 
 
 def shape_name(args, model) -> str:
@@ -468,7 +488,7 @@ def peak_gib(device) -> float:
 def decode_row(model, kernel: str, entries: int, device, repeats: int, bandwidth: float) -> dict:
     seconds, read = measure_decode(model, entries, device, repeats)
     return dict(kernel=kernel, work="decode", memory=entries, seconds=seconds, tokens_per_s=1 / seconds,
-                of_bound=read / seconds / bandwidth, peak_gib=peak_gib(device))
+                of_bound=read / seconds / bandwidth, gbps=read / seconds / 1e9, peak_gib=peak_gib(device))
 
 
 def speedups(rows) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import load
 from checks import MEM_RETRIEVALS
-from quantize import QUANTIZATIONS
+from quantize import QUANTIZATIONS, pack_for_cpu
 from tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILES, checkpoint_tokenizer
 
 QUIET = False  # train.py's ranks other than 0 stay quiet: rank 0 warns for all
@@ -136,7 +136,7 @@ def load_checkpoint(ckpt, tokenizer_override, device, dtype, **overrides):
     if not Path(ckpt).is_dir():
         raise ValueError(f"checkpoint directory {ckpt} does not exist")
     tokenizer = checkpoint_tokenizer(ckpt, tokenizer_override)
-    model = load(ckpt, device=device, dtype=dtype, **overrides)
+    model = pack_for_cpu(load(ckpt, device=device, dtype=dtype, **overrides))  # bfloat16 on a CPU: oneDNN's layout
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     return model, tokenizer

@@ -40,6 +40,7 @@ import longllama
 from checkpoint import available_bytes
 from cli import (add_quantize_argument, add_topk_arguments, as_command, checkpoint_directory, default_dtype, fail,
                  checkpoint_inputs, int_flag, load_checkpoint, refuse_writing_over, topk_overrides)
+from quantize import named_weights
 from tokenizer import read_chat_template, render_chat, utf8_text
 
 
@@ -361,7 +362,7 @@ def memory_fingerprint(model, tokenizer, template: PromptFormat) -> dict:
     hashes of the tokenizer's files (its tokenizer_config.json too), the prompt format.
     """
     weights = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in named_weights(model):
         values = tensor.flatten()
         weights.update(f"{name} {tuple(tensor.shape)}".encode())
         weights.update(values[::max(1, values.numel() // 4096)].float().cpu().numpy().tobytes())

@@ -193,7 +193,7 @@ class Keys:
     # True: no key is padding, so `visible` is only the causal rule (the local window) or every key (memory): the
     # kernels apply it themselves or need no mask
     unpadded: bool = False
-    # True: attended by the formula, not a kernel call: a compiled decode step's W local slots (the compiler fuses
+    # True: attended by the formula, not a kernel call: a compiled decode step's local slots (the compiler fuses
     # the formula into a few loops), and exact top-k memory
     by_formula: bool = False
 
@@ -249,11 +249,12 @@ def attention_and_lse(q, part: Keys, stacked: bool):
     causal = part.unpadded and not stacked and 1 < length == keys.shape[2]
     mask = None if part.unpadded and (stacked or causal or length == 1) else visible  # [B, X, Q, S]
     scale = 1 / math.sqrt(head_dim)
-    if part.by_formula:  # in float32, as the kernels compute
-        scores = (q_part.float() @ keys.float().transpose(-1, -2)) * scale  # [B, X, Q, S]
+    if part.by_formula:  # products in the compute dtype, as the kernels take them; the softmax in float32
+        # keys @ q^T, not q @ keys^T: a CPU matmul copies a transposed slice of the cache, not a plain one
+        scores = (keys.to(q.dtype) @ q_part.transpose(-1, -2)).transpose(-1, -2).float() * scale  # [B, X, Q, S]
         scores = scores.masked_fill(~visible, float("-inf"))
         lse = scores.logsumexp(-1)
-        out, mask = ((scores - lse.unsqueeze(-1)).exp() @ values.float()).to(q.dtype), visible
+        out, mask = (scores - lse.unsqueeze(-1)).exp().to(q.dtype) @ values.to(q.dtype), visible
     elif q.is_cuda:
         out, lse = cuda_attention_and_lse(q_part, keys, values, mask, causal, scale)
     else:
@@ -540,7 +541,7 @@ class Window:
     valid: torch.Tensor  # [B, T]: which tokens are real (they enter memory with this mask)
     cache: Optional[Cache] = None
     slots: Optional[torch.Tensor] = None  # [T]: local-cache slots the tokens' keys go to; None: they go to memory
-    compiled: bool = False  # a compiled decode step: all W local slots, masked, so its shapes never change
+    compiled: bool = False  # a compiled decode step: whole blocks of local slots, masked (decode_slot_block)
     kernel: str = "fused"  # ATTENTION_KERNELS
     cross_batch: Optional[CrossBatch] = None  # training: memory layers use cross-batch attention
 
@@ -641,6 +642,10 @@ class Block(nn.Module):
 
 class LongLlama(nn.Module):
     attention_kernel = "fused"  # memory-layer and local attention at inference: "fused" or "plain" (ATTENTION_KERNELS)
+    # a compiled decode step attends to the local slots up to a multiple of this many, masked: its shapes change once
+    # per so many tokens (symbolic after the first change, so compiled once more), and a step reads the slots in use,
+    # not all W (8,192 for SmolLM2: 190 MB of keys and values per token)
+    decode_slot_block = 256
 
     def __init__(self, config: LongLlamaConfig):
         super().__init__()
@@ -758,9 +763,11 @@ class LongLlama(nn.Module):
             start = cache.local_length
             cache.local_valid[:, start:start + length] = valid
             cache.local_length += length
-            # a compiled decode step sees all W slots, masked, so that its shapes are the same at every token
             compiled = length == 1 and self.compiled_layers is not None
-            key_valid = cache.local_valid if compiled else cache.local_valid[:, :start + length]
+            seen = start + length
+            if compiled:  # the slots up to a multiple of decode_slot_block, masked: its shapes change rarely
+                seen = min(-(-seen // self.decode_slot_block) * self.decode_slot_block, cache.local_valid.shape[1])
+            key_valid = cache.local_valid[:, :seen]
         else:
             start, key_valid = 0, valid
         slots = torch.arange(start, start + length, device=tokens.device)
@@ -830,12 +837,15 @@ class LongLlama(nn.Module):
     def compile_decode(self) -> "LongLlama":
         """Run every later decode step (one new token per row, continuing a cache that keeps a local window)
         through torch.compile, as gpt-fast does: the layers become one compiled graph instead of hundreds of
-        small calls, a large part of a small model's decode time. The step attends to all W local slots under
-        its mask, so its shapes are the same at every token; memory grows only at evictions, and its first changes
-        cost a recompilation or two (after that its size is symbolic). Compiling takes seconds to a minute
-        and needs a C++ compiler on CPU: worth it for long answers, or many questions about one document.
+        small calls, a large part of a small model's decode time. The step attends to whole blocks of local slots
+        (decode_slot_block) under its mask, so its shapes change once per block; the local length and memory (which
+        grows only at evictions) cost a recompilation or two at their first changes, after which they are symbolic.
+        Compiling takes seconds to a minute and needs a C++ compiler on CPU: worth it for long answers, or many
+        questions about one document.
         (The compiled function takes the model as an argument, so a copy of the model runs its own weights.)"""
         checks.check_can_compile(self.embed.weight.device)
+        import quantize  # the compiled step multiplies dense weights: torch.compile cannot trace oneDNN's packed ones
+        quantize.unpack(self)
         self.compiled_layers = torch.compile(LongLlama._layers)
         return self
 

@@ -1,12 +1,15 @@
 """longllama.py inference against the naive float64 reference in tests/reference.py, with both attention kernels."""
 
+import copy
 import math
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import checks
+import generate
 import longllama
 import quantize
 import topk
@@ -143,8 +146,8 @@ def can_compile() -> bool:
     not can_compile(), reason="torch.compile on CPU needs a C++ compiler"))], ids=["eager", "compiled"])
 @pytest.mark.parametrize("case", ["left-padded", "grouped", "top-k blocks", "top-k exact"])
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # never quietly fall back to running eagerly
-def test_decode_steps_over_all_local_slots_match_reference_through_evictions(case, compiled, kernel):
-    """compile_decode's step (all W local slots under a mask, local attention written out) against the float64
+def test_decode_steps_over_blocks_of_local_slots_match_reference_through_evictions(case, compiled, kernel):
+    """compile_decode's step (whole blocks of local slots under a mask, local attention written out) against the float64
     reference, through evictions: with padding (masks everywhere) and with grouped-query heads and
     mem_attention_grouping (no padding: the memory kernel runs mask-free), and with top-k memory (bfloat16).
     Eagerly too, so that the step's attention is checked where no compiler is."""
@@ -162,6 +165,7 @@ def test_decode_steps_over_all_local_slots_match_reference_through_evictions(cas
     else:
         model = tiny_model(mem_layers=[0, 2], mem_dtype="bfloat16", **TOPK[case.split()[1]])
         ids, mask = tokens(2, 2 * WINDOW + 3), None
+    model.decode_slot_block = 5  # blocks of slots that end before the window does, the last cut short by it
     step_function = model.compile_decode().compiled_layers if compiled else longllama.LongLlama._layers
     steps = []
     model.compiled_layers = lambda *args: steps.append(args[-1]) or step_function(*args)
@@ -538,6 +542,51 @@ def test_the_compiled_decode_step_runs_quantized_weights_as_eager_decoding_does(
             a, cache_eager = eager(step, cache=cache_eager, use_cache=True)
             b, cache_compiled = compiled(step, cache=cache_compiled, use_cache=True)
             assert_close(b, a.double(), atol=1e-2 * a.abs().max().item())
+
+
+needs_packing = pytest.mark.skipif(not quantize.can_pack(tiny_model().to(torch.bfloat16)),
+                                   reason="oneDNN multiplies bfloat16 only on CPUs with bfloat16 instructions")
+
+
+@needs_packing
+@pytest.mark.parametrize("shape", [(96, 64), (61, 48)])
+def test_a_packed_layer_multiplies_as_f_linear_does_bit_for_bit(shape):
+    g = torch.Generator().manual_seed(shape[0])
+    weight = torch.randn(*shape, generator=g).bfloat16()
+    layer = quantize.PackedLinear(weight)
+    for x in (torch.randn(1, shape[1], generator=g), torch.randn(2, 7, shape[1], generator=g)):
+        assert torch.equal(layer(x.bfloat16()), F.linear(x.bfloat16(), weight))
+    assert torch.equal(layer.state_dict()["weight"], weight)
+
+
+@needs_packing
+def test_a_packed_model_reads_decodes_saves_and_hashes_as_the_dense_one(tmp_path):
+    """pack_for_cpu holds the weights once, in oneDNN's layout: same logits through prefill and decode steps (an
+    eviction included), the same state dict, saved checkpoint and memory fingerprint; compile_decode unpacks."""
+    dense = tiny_model(hidden_size=64, intermediate_size=128, tie_word_embeddings=True).to(torch.bfloat16)
+    packed = quantize.pack_for_cpu(copy.deepcopy(dense))
+    kinds = {name: type(getattr(parent, attribute)) for name, (parent, attribute) in
+             quantize.linear_layers(packed).items()}
+    assert kinds.pop("lm_head") is torch.nn.Linear and set(kinds.values()) == {quantize.PackedLinear}
+    assert packed.lm_head.weight is packed.embed.weight  # tied: the embedding's rows, held once
+    _, cache_dense = dense(tokens(1, WINDOW + 3), use_cache=True)
+    _, cache_packed = packed(tokens(1, WINDOW + 3), use_cache=True)
+    for seed in range(WINDOW):
+        a, cache_dense = dense(tokens(1, 1, seed=seed), cache=cache_dense, use_cache=True)
+        b, cache_packed = packed(tokens(1, 1, seed=seed), cache=cache_packed, use_cache=True)
+        assert torch.equal(a, b)
+    expected = dense.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in packed.state_dict().items())
+    assert dict(quantize.named_weights(packed)).keys() == expected.keys()
+    no_files = types.SimpleNamespace(files={})  # the weights' part of the fingerprint is what differs, if anything
+    assert (generate.memory_fingerprint(packed, no_files, generate.INSTRUCT)
+            == generate.memory_fingerprint(dense, no_files, generate.INSTRUCT))
+    longllama.save(packed, tmp_path / "packed")
+    assert torch.equal(longllama.load(tmp_path / "packed", dtype=torch.bfloat16)(tokens(1, 5))[0],
+                       dense(tokens(1, 5))[0])
+    if can_compile():
+        packed.compile_decode()
+        assert not any(isinstance(m, quantize.PackedLinear) for m in packed.modules())
 
 
 def test_a_quantized_model_is_not_saved(tmp_path):

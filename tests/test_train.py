@@ -306,6 +306,19 @@ def test_a_short_run_lowers_the_loss_logs_and_leaves_a_loadable_checkpoint(asset
     assert json.loads((out / "train_state.json").read_text())["step"] == 25
 
 
+@pytest.mark.skipif(train.default_dtype(torch.device("cpu")) != torch.bfloat16,
+                    reason="autocast applies on CPUs with bfloat16 instructions only")
+def test_bfloat16_autocast_follows_the_float32_loss_curve_and_keeps_float32_weights(assets, tmp_path):
+    """The same run with and without autocast: the losses differ (bfloat16 products ran), by a few hundredths."""
+    train.main(small_run(assets, tmp_path / "bf16", "--max-steps", "8"))
+    train.main(small_run(assets, tmp_path / "fp32", "--max-steps", "8", "--no-autocast"))
+    bf16, fp32 = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
+    assert bf16 != fp32 and max(abs(bf16[step] - fp32[step]) for step in fp32) < 0.02
+    assert fp32[8] < fp32[1] - 0.5
+    saved = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+
+
 def test_mem_layers_turn_on_memory_in_a_plain_checkpoint(assets, tmp_path):
     plain = tmp_path / "plain"
     longllama.save(longllama.load(assets["init"], mem_layers=[]), plain)
