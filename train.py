@@ -205,7 +205,7 @@ def learning_rate(step: int, s: Settings) -> float:
 
 def autocast_for(device, enabled: bool = True):
     """bfloat16 autocast where bfloat16 is native, as generate.py chooses its dtype: on a GPU, and on a CPU with
-    bfloat16 instructions (AVX512-BF16 or AMX), where a step runs 1.6x as fast as in float32 (docs/training.md).
+    bfloat16 instructions (AVX512-BF16 or AMX), where a step runs 1.6x as fast as in float32 (docs/performance.md).
     Weights, gradients and the optimizer state stay float32; elsewhere, and with --no-autocast, all is float32."""
     if enabled and default_dtype(device) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
