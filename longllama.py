@@ -844,8 +844,6 @@ class LongLlama(nn.Module):
         questions about one document.
         (The compiled function takes the model as an argument, so a copy of the model runs its own weights.)"""
         checks.check_can_compile(self.embed.weight.device)
-        import quantize  # the compiled step multiplies dense weights: torch.compile cannot trace oneDNN's packed ones
-        quantize.unpack(self)
         self.compiled_layers = torch.compile(LongLlama._layers)
         return self
 

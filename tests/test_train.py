@@ -309,12 +309,13 @@ def test_a_short_run_lowers_the_loss_logs_and_leaves_a_loadable_checkpoint(asset
 @pytest.mark.skipif(train.default_dtype(torch.device("cpu")) != torch.bfloat16,
                     reason="autocast applies on CPUs with bfloat16 instructions only")
 def test_bfloat16_autocast_follows_the_float32_loss_curve_and_keeps_float32_weights(assets, tmp_path):
-    """The same run with and without autocast: the losses differ (bfloat16 products ran), by a few hundredths."""
-    train.main(small_run(assets, tmp_path / "bf16", "--max-steps", "8"))
-    train.main(small_run(assets, tmp_path / "fp32", "--max-steps", "8", "--no-autocast"))
+    """The same run with and without autocast: the losses differ (bfloat16 products ran), by thousandths. A few
+    steps at a small learning rate, so that the difference is the precision's, not chaos amplifying it."""
+    short = ["--max-steps", "4", "--lr", "1e-3"]
+    train.main(small_run(assets, tmp_path / "bf16", *short))
+    train.main(small_run(assets, tmp_path / "fp32", *short, "--no-autocast"))
     bf16, fp32 = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
-    assert bf16 != fp32 and max(abs(bf16[step] - fp32[step]) for step in fp32) < 0.02
-    assert fp32[8] < fp32[1] - 0.5
+    assert bf16 != fp32 and max(abs(bf16[step] - fp32[step]) for step in fp32) < 0.01
     saved = load_file(tmp_path / "bf16" / "model.safetensors")
     assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
 
