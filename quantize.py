@@ -220,6 +220,9 @@ class PackedLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.packed.to_dense()
 
+    def __deepcopy__(self, memo):  # an opaque tensor cannot be copied: the copy packs the dense weight afresh
+        return PackedLinear(self.packed.to_dense())
+
 
 def can_pack(model: nn.Module) -> bool:
     """Whether pack_for_cpu applies: bfloat16 weights on a CPU whose oneDNN multiplies bfloat16."""

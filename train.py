@@ -419,7 +419,8 @@ def prepare_tokenizer(s: Settings, plan: ModelPlan, train_documents: list, clust
 def build_model(s: Settings, plan: ModelPlan, tokenizer, cluster: Cluster) -> tuple[torch.nn.Module,
                                                                                  longllama.LongLlama]:
     """(the model to call, the LongLlama whose parameters the optimizer holds): fp32 weights on the device (bf16
-    autocast where native: autocast_for); the first is the second wrapped for DDP, or the second itself, sharded in place by FSDP."""
+    autocast where native: autocast_for); the first is the second wrapped for DDP, or the second itself, sharded in
+    place by FSDP."""
     torch.manual_seed(s.seed)  # a new model's weights are the seed's
     if plan.checkpoint is not None:
         model = load(plan.checkpoint, **plan.overrides)

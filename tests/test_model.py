@@ -587,6 +587,7 @@ def test_a_packed_model_reads_decodes_saves_and_hashes_as_the_dense_one(tmp_path
     no_files = types.SimpleNamespace(files={})  # the weights' part of the fingerprint is what differs, if anything
     assert (generate.memory_fingerprint(packed, no_files, generate.INSTRUCT)
             == generate.memory_fingerprint(dense, no_files, generate.INSTRUCT))
+    decode_the_same(dense, copy.deepcopy(packed))
     longllama.save(packed, tmp_path / "packed")
     assert torch.equal(longllama.load(tmp_path / "packed", dtype=torch.bfloat16)(tokens(1, 5))[0],
                        dense(tokens(1, 5))[0])
