@@ -82,6 +82,9 @@ class Settings:
     preset: str = setting("tiny", "model shape when training from scratch: " + ", ".join(longllama.PRESETS))
     init: str = setting("", "start from this checkpoint directory instead (continued pretraining)")
     mem_layers: str = setting("", "memory layers, e.g. 6,12,18 (default: the preset's / checkpoint's)")
+    window: int = setting(0, "the window W for the preset or --init model, in place of its own (0: keep it): memory "
+                          "layers reach beyond it, so a plain model's native context can become a FoT window; the "
+                          "tokens kept local at the end of a prompt are then the default for W (min(1024, W))")
     # FoT
     batch_size: int = setting(16, "rows per micro batch (per process); cross-batch attention runs within it")
     seq_len: int = setting(256, "T, tokens per row; at most the model window")
@@ -123,7 +126,7 @@ class Settings:
 SETTING_RULES = [
     (["batch_size", "seq_len", "packing", "grad_accum", "save_every", "log_every", "eval_spans", "eval_batch_size"],
      lambda v: is_int(v) and 1 <= v < 2**63, "an integer in [1, 2**63)"),
-    (["max_steps", "warmup_steps", "lr_decay_steps", "cross_batch_range", "eval_every"],
+    (["max_steps", "warmup_steps", "lr_decay_steps", "cross_batch_range", "eval_every", "window"],
      lambda v: is_int(v) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
     (["seed"], lambda v: is_int(v) and 0 <= v < 2**64, "an integer in [0, 2**64)"),
     (["passkey_docs"], lambda v: is_int(v) and 0 <= v <= 10**7, "an integer in [0, 10**7]"),  # a list entry each
@@ -354,6 +357,8 @@ def plan_model(s: Settings, out: Path, cluster: Cluster) -> ModelPlan:
     """The model config and tokenizer of the run, checked (window, files, memory) before anything is written."""
     mem_layers = int_list(s.mem_layers, "mem-layers") if s.mem_layers else None
     overrides = {} if mem_layers is None else dict(mem_layers=mem_layers)
+    if s.window:  # last_context_length None: its default for the new window
+        overrides |= dict(max_position_embeddings=s.window, last_context_length=None)
     if s.resume:
         checkpoint, overrides = out, {}  # the run's own config.json has its mem_layers already
         tokenizer_path = tokenizer_file(out) or out / "tokenizer.model"

@@ -320,6 +320,18 @@ def test_bfloat16_autocast_follows_the_float32_loss_curve_and_keeps_float32_weig
     assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
 
 
+def test_window_gives_a_checkpoint_a_fot_window_that_resume_keeps(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(small_run(assets, out, "--max-steps", "1", "--window", "16"))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["max_position_embeddings"], config["last_context_length"]) == (16, 16)  # min(1024, W)
+    train.main(["--resume", "--out", str(out), "--max-steps", "2"])
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 16
+    with pytest.raises(ValueError, match="--seq-len 32 is longer than the model window 16"):
+        train.main(small_run(assets, tmp_path / "refused", "--window", "16", "--seq-len", "32"))
+    assert not (tmp_path / "refused").exists()
+
+
 def test_mem_layers_turn_on_memory_in_a_plain_checkpoint(assets, tmp_path):
     plain = tmp_path / "plain"
     longllama.save(longllama.load(assets["init"], mem_layers=[]), plain)
