@@ -138,7 +138,7 @@ def decode_bytes(model: longllama.LongLlama, cache: longllama.Cache) -> float:
     of each, or with top-k blocks the bounds of every block and the chosen blocks)."""
     config = model.config
     # every weight, quantized ones as stored, but of the embedding (unless lm_head is it) one row
-    weights = sum(t.nbytes for name, t in named_weights(model) if name != "embed.weight")
+    weights = sum(t.nbytes for name, t in named_weights(model, values=False) if name != "embed.weight")
     local = sum(c.keys[:, :, :cache.local_length].nbytes * 2 for c in cache.local)
     memory = 0
     for m in cache.memory.values():
@@ -205,11 +205,12 @@ def measure_decode(model, memory_entries: int, device, repeats: int, steps: int 
     return statistics.median(decode() for _ in range(repeats)), decode_bytes(model, cache)
 
 
-def llama_cpp_rows(path, prefill: list, context: int, repeats: int, bandwidth: float, steps: int = 16) -> list:
+def llama_cpp_rows(path, prefill: list, context: int, read_bytes: int, repeats: int, bandwidth: float,
+                   steps: int = 16) -> list:
     """llama.cpp's prefill and decode figures for a GGUF file, through the llama_cpp package where it happens to be
     installed (it never is required): the same prompt lengths of random tokens, each read in one batch, and decode
     after `context` tokens (half a window, as our decode with nothing in memory; llama.cpp has no FoT memory), with
-    as many threads as torch uses."""
+    as many threads as torch uses. read_bytes: what its decode step reads (llama_cpp_decode_bytes)."""
     try:
         import llama_cpp
     except ImportError:
@@ -241,17 +242,16 @@ def llama_cpp_rows(path, prefill: list, context: int, repeats: int, bandwidth: f
     read(context)
     decode()
     seconds = statistics.median(decode() for _ in range(repeats))
-    read_bytes = llama_cpp_decode_bytes(path, context)
     rows.append(dict(kernel="llama.cpp", work="decode", memory=0, context=context, seconds=seconds,
                      tokens_per_s=1 / seconds, of_bound=read_bytes / seconds / bandwidth,
                      gbps=read_bytes / seconds / 1e9, peak_gib=None))  # no peak of its own: it runs in this process
     return rows
 
 
-def llama_cpp_decode_bytes(path, context: int) -> int:
-    """Bytes llama.cpp reads per decode step: every tensor of the file (of the token embedding, one row, unless it
-    is the output layer too) and its float16 key/value cache of `context` tokens."""
-    reader = convert_weights.read_gguf(Path(path))
+def llama_cpp_decode_bytes(reader, path, context: int) -> int:
+    """Bytes llama.cpp reads per decode step of the GGUF file `reader` read: every tensor (but the token embedding,
+    of which it reads one row, unless it is the output layer too) and its float16 key/value cache of `context`
+    tokens."""
     tensors = {tensor.name: int(tensor.n_bytes) for tensor in reader.tensors}
     if "output.weight" in tensors:
         tensors.pop("token_embd.weight", None)
@@ -374,8 +374,7 @@ def main(argv=None):
 def run(args):
     if args.llama_cpp and not Path(args.llama_cpp).is_file():
         raise ValueError(f"--llama-cpp {args.llama_cpp}: no such file")
-    if args.llama_cpp:
-        convert_weights.read_gguf(Path(args.llama_cpp))  # refused now, not after our rows are timed
+    gguf = convert_weights.read_gguf(Path(args.llama_cpp)) if args.llama_cpp else None  # refused now, not later
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     if args.compile:
@@ -432,7 +431,8 @@ def run(args):
         model.compile_decode()
         rows += [decode_row(model, "compiled", entries, device, args.repeats, bandwidth) for entries in args.decode_memory]
     if args.llama_cpp:
-        rows += llama_cpp_rows(args.llama_cpp, args.prefill, window // 2, args.repeats, bandwidth)
+        read_bytes = llama_cpp_decode_bytes(gguf, args.llama_cpp, window // 2)
+        rows += llama_cpp_rows(args.llama_cpp, args.prefill, window // 2, read_bytes, args.repeats, bandwidth)
     for row in rows:
         work = (f"prefill {row['tokens']} tokens" if row["work"] == "prefill" else
                 f"decode after {row['context']} tokens" if "context" in row else f"decode, {row['memory']} in memory")
@@ -462,7 +462,8 @@ def run(args):
 def weight_bytes(model) -> int:
     """Bytes the weights take, quantized ones as stored (a tied lm_head once)."""
     tied = getattr(model.lm_head, "weight", None) is model.embed.weight
-    return sum(t.nbytes for name, t in named_weights(model) if not (tied and name == "lm_head.weight"))
+    return sum(t.nbytes for name, t in named_weights(model, values=False)
+               if not (tied and name == "lm_head.weight"))
 
 
 def shape_name(args, model) -> str:

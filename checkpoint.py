@@ -241,8 +241,6 @@ def _stored_weight(f: TensorFile, layer: str, shape, scheme: str, path: Path) ->
                                f"{path}: {layer}")
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Memory files: a Cache as named tensors
 

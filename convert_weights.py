@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from checkpoint import available_bytes, write_atomically
 from checks import model_bytes
+from cli import fail
 from longllama import LongLlamaConfig
 from quantize import (INT4_GROUP, QUANTIZATIONS, QUANTIZED_CHUNK, QuantizedWeight, check_stored_weight, int4_fits,
                       pack_nibbles, quantize_rows)
@@ -206,7 +207,7 @@ def join(pieces: list, scheme: Optional[str], dtype):
     quantized = [p for p in pieces if isinstance(p, QuantizedWeight)]
     layouts = {(p.scheme, p.scales.shape[1:]) for p in quantized}
     if scheme and len(quantized) == len(pieces) and len(layouts) == 1 and scheme in ("keep", pieces[0].scheme):
-        return QuantizedWeight(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*pieces)))
+        return QuantizedWeight.cat(pieces)
     if scheme is None and all(isinstance(p, torch.Tensor) for p in pieces):
         return torch.cat([p.to(dtype=dtype) for p in pieces])
     rows, columns = sum(p.shape[0] for p in pieces), pieces[0].shape[1]
@@ -218,7 +219,7 @@ def join(pieces: list, scheme: Optional[str], dtype):
         return out
     target = "int8" if scheme == "keep" or not int4_fits(rows, columns, INT4_GROUP) else scheme
     chunks = [quantize_rows(chunk, target) for piece in pieces for chunk in float_chunks(piece)]
-    return QuantizedWeight(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)))
+    return QuantizedWeight.cat(chunks)
 
 
 def float_chunks(piece):
@@ -528,7 +529,7 @@ def gguf_int4_rows(data: torch.Tensor, qtype) -> QuantizedWeight:
     """gguf_int4_weight of a matrix's bytes, a few rows at a time (its unpacked values take 2 bytes a weight)."""
     step = max(1, QUANTIZED_CHUNK // max(data.shape[1], 1))
     chunks = [gguf_int4_weight(data[start:start + step].numpy(), qtype) for start in range(0, data.shape[0], step)]
-    return QuantizedWeight(*(torch.cat(parts) for parts in zip(*chunks)))
+    return QuantizedWeight.cat(chunks)
 
 
 def gguf_int4_weight(data: np.ndarray, qtype) -> QuantizedWeight:
@@ -1093,11 +1094,6 @@ def main(argv=None):
         layout += f", {config.quantization} weights"
     print(f"wrote {args.out} ({layout}): {config.num_hidden_layers} layers, mem_layers {config.mem_layers}, "
           f"last_context_length {config.last_context_length}")
-
-
-def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,9 @@ class Keys:
     # True: attended by the formula, not a kernel call: a compiled decode step's local slots (the compiler fuses
     # the formula into a few loops), and exact top-k memory
     by_formula: bool = False
+    # [B, G, R, T, S] float32 q.k / sqrt(D), where choosing the keys computed them (exact top-k): the formula reuses
+    # them, in float32, rather than multiplying again
+    scores: Optional[torch.Tensor] = None
 
 
 def plain_attention(q, local: Keys, memory: Optional[Keys]):
@@ -249,23 +252,31 @@ def attention_and_lse(q, part: Keys, stacked: bool):
     causal = part.unpadded and not stacked and 1 < length == keys.shape[2]
     mask = None if part.unpadded and (stacked or causal or length == 1) else visible  # [B, X, Q, S]
     scale = 1 / math.sqrt(head_dim)
-    if part.by_formula:  # products in the compute dtype, as the kernels take them; the softmax in float32
-        # keys @ q^T, not q @ keys^T: a CPU matmul copies a transposed slice of the cache, not a plain one
-        scores = (keys.to(q.dtype) @ q_part.transpose(-1, -2)).transpose(-1, -2).float() * scale  # [B, X, Q, S]
+    if part.by_formula:  # the softmax in float32
+        if part.scores is None:  # products in the compute dtype, as the kernels take them
+            # keys @ q^T, not q @ keys^T: a CPU matmul copies a transposed slice of the cache, not a plain one
+            scores = (keys.to(q.dtype) @ q_part.transpose(-1, -2)).transpose(-1, -2).float() * scale  # [B, X, Q, S]
+            values = values.to(q.dtype)
+        else:  # the float32 scores the keys were chosen by, and float32 products after them
+            scores, values = part.scores.flatten(2, 3) if stacked else part.scores.flatten(1, 2), values.float()
         scores = scores.masked_fill(~visible, float("-inf"))
         lse = scores.logsumexp(-1)
-        out, mask = (scores - lse.unsqueeze(-1)).exp().to(q.dtype) @ values.to(q.dtype), visible
+        out, mask = ((scores - lse.unsqueeze(-1)).exp().to(values.dtype) @ values).to(q.dtype), visible
     elif q.is_cuda:
         out, lse = cuda_attention_and_lse(q_part, keys, values, mask, causal, scale)
     else:
-        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype,
-                                                     device=q.device).masked_fill_(~mask, float("-inf"))
+        bias = None if mask is None else additive_mask(mask, q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q_part, keys, values, is_causal=causal, attn_mask=bias, scale=scale)
     if mask is not None:  # a query that sees nothing (padding): output 0, and a weight of nothing in merges
         blind = ~mask.any(-1)
         out, lse = out.masked_fill(blind.unsqueeze(-1), 0), lse.masked_fill(blind, float("-inf"))
     return out.view(q.shape), lse.float().view(q.shape[:-1])
+
+
+def additive_mask(mask, dtype):
+    """A bool mask as the kernels take it: 0 where a key is seen, -inf where it is not."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
@@ -296,8 +307,8 @@ def cuda_attention_and_lse(q, keys, values, mask, causal: bool, scale: float):
     else:
         bias = None
         if mask is not None:
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-            bias = F.pad(bias, (0, -key_count % 16))[..., :key_count].expand(q.shape[0], q.shape[1], queries, -1)
+            bias = F.pad(additive_mask(mask, q.dtype), (0, -key_count % 16))[..., :key_count]
+            bias = bias.expand(q.shape[0], q.shape[1], queries, -1)
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, keys, values, bias, True, 0.0, causal,
                                                                            scale=scale)[:2]
         lse = lse[..., :queries]
@@ -325,7 +336,8 @@ def grouped_attention(q, local: Keys, memory: Optional[Keys], grouping, attend=m
                                  visible=_mask_part(local.visible, heads, queries)[..., :seen])
             memory_part = None if memory is None else replace(
                 memory, keys=memory.keys[:, heads], values=memory.values[:, heads],
-                visible=_mask_part(memory.visible, heads, queries))
+                visible=_mask_part(memory.visible, heads, queries),
+                scores=None if memory.scores is None else memory.scores[:, heads, :, queries])
             out[:, heads, :, queries] = attend(q[:, heads, :, queries], local_part, memory_part)
     return out
 

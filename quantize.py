@@ -52,6 +52,11 @@ class QuantizedWeight(NamedTuple):
         rows, columns = self.q.shape
         return rows, columns * (2 if self.zeros is not None else 1)
 
+    @classmethod
+    def cat(cls, pieces) -> "QuantizedWeight":
+        """Weights of the same scheme stacked by rows (the pieces of a fused layer, or a weight's row chunks)."""
+        return cls(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*pieces)))
+
     def map(self, fn) -> "QuantizedWeight":
         """The same weight with fn applied to each part (a row slice, a row reordering, a cast)."""
         return QuantizedWeight(*(None if part is None else fn(part) for part in self))
@@ -101,7 +106,7 @@ def quantize_rows(weight, scheme: str, group: int = INT4_GROUP) -> QuantizedWeig
     step = max(1, QUANTIZED_CHUNK // max(columns, 1))
     chunks = [_quantize_chunk(weight[start:start + step].detach().float(), scheme, group)
               for start in range(0, rows, step)]
-    return QuantizedWeight(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)))
+    return QuantizedWeight.cat(chunks)
 
 
 def _quantize_chunk(w, scheme: str, group: int) -> QuantizedWeight:
@@ -242,12 +247,17 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
     return model
 
 
-def named_weights(model: nn.Module):
+def named_weights(model: nn.Module, values: bool = True):
     """(name, tensor) of the model's state dict, one module's at a time: a PackedLinear's dense weight is rebuilt for
-    its turn only, so that hashing or counting the weights never holds them twice."""
+    its turn only, so that hashing the weights never holds them twice. values=False (counting bytes): it is not
+    rebuilt at all, but stands as a meta tensor of its shape and dtype."""
     for prefix, module in model.named_modules():
         tensors = {}
-        module._save_to_state_dict(tensors, f"{prefix}." if prefix else "", keep_vars=False)
+        if isinstance(module, PackedLinear) and not values:
+            tensors[f"{prefix}.weight"] = torch.empty(module.out_features, module.in_features, dtype=torch.bfloat16,
+                                                      device="meta")
+        else:
+            module._save_to_state_dict(tensors, f"{prefix}." if prefix else "", keep_vars=False)
         yield from tensors.items()
 
 
@@ -274,7 +284,6 @@ def quantize(model: nn.Module, scheme: str) -> nn.Module:
         setattr(parent, attribute, QuantizedLinear.quantized(getattr(parent, attribute).weight, scheme))
     model.config = replace(model.config, quantization=scheme)
     return model
-
 
 
 def check_stored_weight(weight: QuantizedWeight, shape, scheme: Optional[str], where: str) -> QuantizedWeight:

@@ -106,7 +106,7 @@ class TopkMemory(MemoryCache):
         if not self._narrows():
             return Keys(keys.to(q.dtype), values.to(q.dtype), visible, unpadded=not padding)
         scores = q.float() @ keys.float()[:, :, None].transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, G, R, T, M]
-        return Keys(keys, values, topk_visible(scores, visible, self.topk), by_formula=True)
+        return Keys(keys, values, topk_visible(scores, visible, self.topk), by_formula=True, scores=scores)
 
     def entries_seen(self, q):
         """[B, H, T, M] bool: the memory entries each of the queries q [B, H, T, D] attends to, as seen_by chooses
