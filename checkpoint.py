@@ -14,7 +14,10 @@ import math
 import os
 import pickle
 import shutil
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +48,8 @@ def write_atomically(writers: dict):
     """Write files {path: write(temporary_path)}: all to temporary names first, then each renamed over its path.
 
     An interrupted write leaves the previous files as they were and no temporaries; the renames come only once
-    every file is complete. Files get the usual permissions (safetensors creates its files private).
+    every file is complete, and a Ctrl-C or a kill that arrives during them waits until they are all done, so that
+    the files are all old or all new. Files get the usual permissions (safetensors creates its files private).
     """
     mode = 0o666 & ~_umask()
     temporary = {Path(path): Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}") for path in writers}
@@ -53,11 +57,34 @@ def write_atomically(writers: dict):
         for (path, write), tmp in zip(writers.items(), temporary.values()):
             write(tmp)
             os.chmod(tmp, mode)
-        for path, tmp in temporary.items():
-            os.replace(tmp, path)
+        with interrupts_held():
+            for path, tmp in temporary.items():
+                os.replace(tmp, path)
     finally:
         for tmp in temporary.values():
             tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def interrupts_held():
+    """SIGINT and SIGTERM held back while the block runs, and raised again after it, to act as they would have.
+
+    A handler, not a signal mask: a mask holds a signal back from this thread only, and torch's worker threads would
+    take it. Only the main thread may set handlers; elsewhere the block runs unguarded.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    previous = {number: signal.signal(number, lambda number, frame: arrived.append(number))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():  # None: a handler set outside Python, which cannot be put back
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)
 
 
 def _umask() -> int:

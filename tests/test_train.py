@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -515,6 +516,31 @@ def test_resume_refuses_a_stamped_file_beside_an_unstamped_one(two_runs, tmp_pat
     shutil.copytree(two_runs / "a", out)
     without_stamps(out, [unstamped])
     assert message in resume_fails(capsys, out)
+
+
+def test_a_ctrl_c_among_the_renames_of_a_save_lands_after_the_last(assets, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(small_run(assets, out, "--max-steps", "2", "--save-every", "2"))
+    real_replace, renamed = os.replace, []
+
+    def replace_then_interrupt(src, dst):  # Ctrl-C right after the step-4 model file is renamed over step 2's
+        real_replace(src, dst)
+        renamed.append(Path(dst).name)
+        if renamed[-1] == "model.safetensors":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    # Python's own Ctrl-C handler: a suite started in the background (`cmd &` in a script) ignores SIGINT
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(["--resume", "--out", str(out), "--max-steps", "4"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
+    assert renamed[-1] == "train_state.json"  # every rename done before the interrupt was delivered
+    assert json.loads((out / "train_state.json").read_text())["step"] == 4
+    train.main(["--resume", "--out", str(out), "--max-steps", "5"])  # the files are one checkpoint's
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(assets, tmp_path, monkeypatch):
