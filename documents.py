@@ -20,6 +20,7 @@ _markupbase, ast, hashlib, hmac and sre_compile.
 
 Passkey documents (`passkey_documents`): synthetic, generated when read, made of the sentences of passkey.py's
 prompts, with the answer a training row or more after the passkey, so that cross-batch attention is what learns it.
+The "chat" layout asks and answers in a chat model's own template, so that the model keeps following it.
 """
 
 import hashlib
@@ -28,12 +29,12 @@ import os
 import random
 import sysconfig
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from cli import warn
-from tokenizer import utf8_text
+from tokenizer import encode_with_specials, utf8_text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -45,14 +46,14 @@ class Document(NamedTuple):
     files: tuple  # the file it is read from, or the files of a stdlib package (concatenated)
     offset: int = -1  # JSONL: byte offset of its line in files[0]
     root: str = ""  # stdlib packages: each file is preceded by "# file: PATH" relative to this
-    passkey: tuple = ()  # a synthetic passkey document: (seed, training window, layout, haystacks)
+    passkey: tuple = ()  # a synthetic passkey document: (seed, training window, layout, haystacks, ChatFrame or None)
 
 
 def read_document(doc: Document) -> tuple[str, str]:
     """(prompt, text): prompt is "" except for {"prompt", "completion"} records."""
     if doc.passkey:
-        seed, window, layout, haystacks = doc.passkey
-        return "", training_document(random.Random(seed), window, haystacks, layout)
+        seed, window, layout, haystacks, chat = doc.passkey
+        return "", training_document(random.Random(seed), window, haystacks, layout, chat)
     if doc.offset >= 0:
         with open(doc.files[0], "rb") as f:
             f.seek(doc.offset)
@@ -178,7 +179,10 @@ def find_documents(data: list, eval_data: list, holdout: float, processes: int =
 def tokenize(doc: Document, tokenizer) -> tuple[list, list]:
     """BOS + tokens + EOS and the loss mask of each token as a target (0 for a prompt); ([], []) when empty."""
     prompt, text = read_document(doc)
-    if prompt:
+    if doc.passkey and doc.passkey[2] == "chat":  # the chat template writes its own BOS and EOS
+        tokens = encode_with_specials(tokenizer, text, doc.passkey[4].specials)
+        mask = [1] * len(tokens)
+    elif prompt:
         prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
         text_ids = tokenizer.encode(text, bos=False, eos=True)
         tokens, mask = prompt_ids + text_ids, [0] * len(prompt_ids) + [1] * len(text_ids)
@@ -195,9 +199,10 @@ def tokenize(doc: Document, tokenizer) -> tuple[list, list]:
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = "What is the pass key? The pass key is"
+ASK, REPLY = "What is the pass key?", "The pass key is"
+QUESTION = f"{ASK} {REPLY}"
 MAX_PASSKEY = 50000
-LAYOUTS = ("far", "near", "decoy")  # training documents (training_document)
+LAYOUTS = ("far", "near", "decoy", "chat")  # training documents (training_document)
 TRAINING_QUESTIONS = 4  # per "far" or "decoy" training document
 TRAINING_GAP_WINDOWS = 3  # longest haystack gap before a question of a "far" training document, in training windows
 
@@ -205,6 +210,16 @@ TRAINING_GAP_WINDOWS = 3  # longest haystack gap before a question of a "far" tr
 # line from the passkey line, so retrieving the passkey among many decoys needs keys that stay distinguishable.
 DECOYS = ("pass code", "door key", "pass word", "car key", "key code", "gate key", "pass card", "house key",
           "bus pass", "safe code", "lock code", "room key", "key card", "pass phrase", "desk key", "box code")
+
+
+class ChatFrame(NamedTuple):
+    """A chat template around one exchange: head + the user's message + middle + question + tail + the reply + end.
+    specials: (text, id) pairs of the special tokens the template writes as text."""
+    head: str
+    middle: str
+    tail: str
+    end: str
+    specials: tuple
 
 
 def passkey_line(passkey: int) -> str:
@@ -261,8 +276,9 @@ class Haystack:
         return self.text(self.take(tokens, rng.randrange(len(self.units))))
 
 
-def training_document(rng: random.Random, window: int, haystacks: list, layout: str = "far") -> str:
-    """A passkey document for training, its haystack drawn from `haystacks`, in one of three layouts:
+def training_document(rng: random.Random, window: int, haystacks: list, layout: str = "far",
+                      chat: Optional[ChatFrame] = None) -> str:
+    """A passkey document for training, its haystack drawn from `haystacks`, in one of four layouts:
 
     - "near": 3-8 passkeys, each asked for once or twice after at most half a window of haystack: the copy itself,
       learned inside the local window (a base model's lesson, no memory needed);
@@ -271,10 +287,14 @@ def training_document(rng: random.Random, window: int, haystacks: list, layout: 
       gaps of a window or more put the passkey's last mention in an earlier training row, where only cross-batch
       attention reaches it: a curriculum of distances in every document;
     - "decoy": as "far", with 2-6 decoy lines (DECOYS: other keys said the same way) around the passkey line, so
-      that the copy must tell the pass key from keys that look like it.
+      that the copy must tell the pass key from keys that look like it;
+    - "chat": one exchange in the chat template `chat`: the user's message is the task, haystack, the passkey line
+      and one to TRAINING_GAP_WINDOWS windows of haystack, then the question; the reply gives the pass key.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"a training document's layout is one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "chat" and chat is None:
+        raise ValueError("a chat training document needs a chat template: the model's tokenizer_config.json has none")
     haystack = rng.choice(haystacks)
     lines = [TASK]
     if layout == "near":
@@ -285,6 +305,10 @@ def training_document(rng: random.Random, window: int, haystacks: list, layout: 
                 lines += [haystack.piece(rng, rng.randint(0, window // 2)), f"{QUESTION} {passkey}."]
         return "\n".join(lines)
     passkey = rng.randint(1, MAX_PASSKEY)
+    if layout == "chat":
+        lines += [haystack.piece(rng, rng.randint(0, window)), passkey_line(passkey),
+                  haystack.piece(rng, rng.randint(window, TRAINING_GAP_WINDOWS * window))]
+        return chat.head + "\n".join(lines) + chat.middle + ASK + chat.tail + f"{REPLY} {passkey}." + chat.end
     said = [passkey_line(passkey)]
     if layout == "decoy":
         said += decoy_lines(rng, rng.randint(2, 6))
@@ -305,7 +329,7 @@ HAYSTACK_DOCUMENTS = 32  # corpus documents whose lines passkey documents may hi
 
 
 def passkey_documents(count: int, seed: int, window: int, tokenizer, layout: str = "far",
-                      corpus: tuple = ()) -> list[Document]:
+                      corpus: tuple = (), chat: Optional[ChatFrame] = None) -> list[Document]:
     """Synthetic passkey documents, each generated from its own seed when read (they cost no disk), in the
     comma-separated layouts taken in turn.
 
@@ -317,7 +341,7 @@ def passkey_documents(count: int, seed: int, window: int, tokenizer, layout: str
         haystacks.append(Haystack.from_text(tokenizer, "\n".join(read_document(d)[1] for d in sample), "corpus"))
     layouts = layout.split(",")
     return [Document(f"passkey {i}", (), passkey=(f"passkey {seed} {i}", window, layouts[i % len(layouts)],
-                                                  tuple(haystacks)))
+                                                  tuple(haystacks), chat))
             for i in range(count)]
 
 

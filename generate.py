@@ -41,7 +41,7 @@ from checkpoint import available_bytes
 from cli import (add_quantize_argument, add_topk_arguments, as_command, checkpoint_directory, default_dtype, fail,
                  checkpoint_inputs, int_flag, load_checkpoint, refuse_writing_over, topk_overrides)
 from quantize import named_weights
-from tokenizer import read_chat_template, render_chat, utf8_text
+from tokenizer import encode_with_specials, read_chat_template, render_chat, utf8_text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -69,14 +69,7 @@ class PromptFormat:
         return self._encode(tokenizer, self.middle + question + self.tail)
 
     def _encode(self, tokenizer, text: str) -> list[int]:
-        if not self.specials:
-            return tokenizer.encode(text, bos=False)
-        special_ids = dict(self.specials)
-        ids = []
-        pattern = "(" + "|".join(map(re.escape, special_ids)) + ")"  # the group keeps each special as a part
-        for part in re.split(pattern, text):
-            ids += [special_ids[part]] if part in special_ids else tokenizer.encode(part, bos=False) if part else []
-        return ids
+        return encode_with_specials(tokenizer, text, self.specials)
 
 
 # LongLLaMA-Instruct's question answering prompt: the system line of its OpenOrca tuning, then the document, then

@@ -37,7 +37,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -96,28 +96,39 @@ class Prompt(NamedTuple):
 
 
 class SharedStart(NamedTuple):
-    """The whole memory windows that several prompts begin with, read once (tokens: 0 and no cache when none)."""
+    """The whole memory windows a prompt shares with others, read once (tokens: 0 and no cache when none)."""
     tokens: int
     cache: Optional[longllama.Cache]
 
 
-def read_shared_start(model, prompts: list) -> SharedStart:
-    """Read the whole memory windows that all `prompts` (token ids) begin with into memory, once: the prompts of
-    a cell in the filler are the same text up to the passkey line.
+def shared_starts(model, prompts: list) -> Iterator[tuple[int, SharedStart]]:
+    """(index, SharedStart) for each of `prompts` (token ids), from the least shared to the most: the whole memory
+    windows each shares with another prompt, read once. In the filler a cell's prompts are the same text up to
+    their passkey lines, so one reading that grows along the prompt sharing the most serves them all: a cell of
+    prompts at uniform depths then costs about half as much as reading each alone. A cache is valid until the next
+    one is yielded, and is continued by a copy (`answer`).
 
     Alone, a prompt is read in windows of W tokens from its start, and a window sees only the memory before it. So
     a prompt that continues a copy of this cache is cut at the same places and reads the same memory: its answer is
-    the same, bit for bit, and a cell of 5 prompts at depth 0.9 costs about 1.4 readings instead of 5."""
-    if len(prompts) < 2:
-        return SharedStart(0, None)
+    the same, bit for bit."""
     window, last_context_length = model.config.max_position_embeddings, model.config.last_context_length
-    common = len(os.path.commonprefix(prompts))
-    tokens = min(common, min(map(len, prompts)) - last_context_length) // window * window
-    if tokens <= 0:
-        return SharedStart(0, None)
-    ids = torch.tensor([prompts[0][:tokens]], device=model.embed.weight.device)
-    _, cache = generate.prefill(model, ids, last_context_length=0)
-    return SharedStart(tokens, cache)
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])  # a prompt shares the most with a neighbour
+    common = [0] * len(prompts)
+    for i, j in zip(order, order[1:]):
+        shared = len(os.path.commonprefix([prompts[i], prompts[j]]))
+        common[i], common[j] = max(common[i], shared), max(common[j], shared)
+    source = prompts[max(range(len(prompts)), key=lambda i: common[i])] if prompts else []
+    tokens = []
+    for prompt, shared in zip(prompts, common):  # whole windows, shared, and not in the prompt's last context
+        shared = min(shared, len(os.path.commonprefix([prompt, source])), len(prompt) - last_context_length)
+        tokens.append(max(shared // window * window, 0))
+    cache, read = None, 0
+    for i in sorted(range(len(prompts)), key=lambda i: tokens[i]):
+        if tokens[i] > read:  # the reading grows along `source`, whole windows into memory
+            ids = torch.tensor([source[read:tokens[i]]], device=model.embed.weight.device)
+            _, cache = generate.prefill(model, ids, cache, last_context_length=0)
+            read = tokens[i]
+        yield i, SharedStart(tokens[i], cache if tokens[i] else None)
 
 
 def answer(model, tokenizer, prompt: Prompt, length: int, start: SharedStart = SharedStart(0, None)) -> list[int]:
@@ -269,7 +280,7 @@ def run_trials(model, builder: PromptBuilder, lengths, depths, trials: int, seed
     """`trials` prompts per length and depth (depths None: each at a uniform depth), one result dict each.
 
     Every (length, depth) cell draws from its own seeded stream, so adding a length changes no other cell. A
-    result's seconds are its own reading and answering: the cell's shared_tokens were read once before it."""
+    result's seconds are its own reading and answering: its shared_tokens were read once for the cell, before it."""
     results = []
     for length in lengths:
         for depth in depths or [None]:
@@ -280,14 +291,16 @@ def run_trials(model, builder: PromptBuilder, lengths, depths, trials: int, seed
                 passkey = rng.randint(1, MAX_PASSKEY)
                 first_unit = rng.randrange(len(builder.haystack.units))  # the filler has one unit: always 0
                 cell.append((at, passkey, builder.build(length, at, passkey, first_unit)))
-            shared = read_shared_start(model, [prompt.ids for _, _, prompt in cell])
-            for at, passkey, prompt in cell:
+            done = {}
+            for i, shared in shared_starts(model, [prompt.ids for _, _, prompt in cell]):
+                at, passkey, prompt = cell[i]
                 start = time.perf_counter()
                 got = answer(model, builder.tokenizer, prompt, len(prompt.answer), shared)
-                results.append(dict(length=length, depth=at, column=depth_column(at, depths),
-                                    prompt_tokens=len(prompt.ids), shared_tokens=shared.tokens, passkey=passkey,
-                                    answer=builder.tokenizer.decode(got).strip(), correct=got == prompt.answer,
-                                    seconds=round(time.perf_counter() - start, 3)))
+                done[i] = dict(length=length, depth=at, column=depth_column(at, depths),
+                               prompt_tokens=len(prompt.ids), shared_tokens=shared.tokens, passkey=passkey,
+                               answer=builder.tokenizer.decode(got).strip(), correct=got == prompt.answer,
+                               seconds=round(time.perf_counter() - start, 3))
+            results += [done[i] for i in range(trials)]
             log(f"{length} tokens, depth {'uniform' if depth is None else depth}: "
                 f"{sum(r['correct'] for r in results[-trials:])} of {trials} correct")
     return results

@@ -18,6 +18,7 @@ settings under which source code round-trips exactly, and chat templates rendere
 import io
 import json
 import random
+import re
 import struct
 from pathlib import Path
 from typing import Iterable, Optional
@@ -515,6 +516,19 @@ def _sample_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Chat templates: the Jinja template a checkpoint's tokenizer_config.json carries, rendered as Hugging Face does
+
+
+def encode_with_specials(tokenizer, text: str, specials: tuple) -> list[int]:
+    """Token ids of text in which the special tokens' texts ((text, id) pairs: what a chat template writes for its
+    bos_token and eos_token) stand for those tokens, not for the pieces of their letters."""
+    if not specials:
+        return tokenizer.encode(text, bos=False)
+    special_ids = dict(specials)
+    ids = []
+    pattern = "(" + "|".join(map(re.escape, special_ids)) + ")"  # the group keeps each special as a part
+    for part in re.split(pattern, text):
+        ids += [special_ids[part]] if part in special_ids else tokenizer.encode(part, bos=False) if part else []
+    return ids
 
 
 def read_chat_template(path) -> tuple[str, str, str]:

@@ -56,8 +56,19 @@ from checkpoint import (available_bytes, load, read_train_state, resolve_device,
                         save_checkpoint, write_atomically)
 from checks import check_values, is_int, is_number
 from cli import default_dtype, removed_on_failure, same_path, stay_quiet, warn
-from documents import LAYOUTS, Batches, eval_spans, find_documents, passkey_documents, read_document
-from tokenizer import MIN_VOCAB_SIZE, open_tokenizer, tokenizer_file, train_tokenizer
+from documents import LAYOUTS, Batches, ChatFrame, eval_spans, find_documents, passkey_documents, read_document
+from generate import chat_format
+from tokenizer import MIN_VOCAB_SIZE, TOKENIZER_CONFIG, open_tokenizer, tokenizer_file, train_tokenizer
+
+
+# --trainable: which parameters continued pretraining updates. Fewer train faster, change less of what the model
+# knew, and make a smaller difference to ship; layers below the lowest memory layer see no memory at all.
+TRAINABLE = {
+    "all": "every parameter",
+    "upper": "the blocks from the lowest memory layer up, the final norm and an untied lm_head",
+    "memory-layers": "the memory layers' blocks",
+    "memory-attention": "the memory layers' attention projections",
+}
 
 
 def setting(default, help):
@@ -75,7 +86,8 @@ class Settings:
     passkey_docs: int = setting(0, "synthetic passkey documents (passkey.py) added to the training documents")
     passkey_layout: str = setting("far", "passkey documents, in turn of these comma-separated layouts: far (answers "
                                          "a window or more away: memory), near (several passkeys, each answered "
-                                         "within half a window), decoy (far, among keys said the same way)")
+                                         "within half a window), decoy (far, among keys said the same way), chat "
+                                         "(far, asked and answered in the model's chat template)")
     tokenizer: str = setting("", "tokenizer.model or tokenizer.json (default: the --init checkpoint's, else one trained into OUT)")
     vocab_size: int = setting(4096, "vocabulary of a tokenizer trained here")
     # model
@@ -85,6 +97,8 @@ class Settings:
     window: int = setting(0, "the window W for the preset or --init model, in place of its own (0: keep it): memory "
                           "layers reach beyond it, so a plain model's native context can become a FoT window; the "
                           "tokens kept local at the end of a prompt are then the default for W (min(1024, W))")
+    trainable: str = setting("all", "the parameters trained, the rest frozen: " + ", ".join(
+        f"{name} ({what})" for name, what in TRAINABLE.items()))
     # FoT
     batch_size: int = setting(16, "rows per micro batch (per process); cross-batch attention runs within it")
     seq_len: int = setting(256, "T, tokens per row; at most the model window")
@@ -139,6 +153,7 @@ SETTING_RULES = [
     (["tokenizer", "init", "mem_layers", "device", "out", "eval_memory"], lambda v: isinstance(v, str), "a string"),
     (["data", "eval_data"], lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
     (["preset"], lambda v: v in longllama.PRESETS, f"one of {', '.join(longllama.PRESETS)}"),
+    (["trainable"], lambda v: v in TRAINABLE, f"one of {', '.join(TRAINABLE)}"),
     (["passkey_layout"], lambda v: isinstance(v, str) and set(v.split(",")) <= set(LAYOUTS),
      f"comma-separated layouts among {', '.join(LAYOUTS)}"),
 ]
@@ -224,18 +239,20 @@ def evaluate(model, spans, window: int, memory_sizes, batch_size: int, device, a
     """For each m, the perplexity of every span's last window when the m windows before it were read into memory.
 
     The model reads the (m + 1) * W inputs with last_context_length=W: m windows into memory, then the last
-    window, whose W next-token predictions are the only ones counted, so every m scores the same tokens.
+    window, whose W next-token predictions are the only ones counted, so every m scores the same tokens. A model
+    without memory layers has no memory to read into: it holds as much of the inputs as its own window takes.
     """
     was_training = model.training
     model.eval()
     perplexities = {}
     for m in memory_sizes:
         nll = 0.0
+        local = window if model.config.mem_layers else min((m + 1) * window, model.config.max_position_embeddings)
         for batch in spans.split(batch_size):
             inputs = batch[:, -(m + 1) * window - 1:-1].to(device)  # [b, (m+1)W]
             targets = batch[:, -window:].to(device)  # [b, W]
             with autocast:
-                logits, _ = model(inputs, last_context_length=window)
+                logits, _ = model(inputs, last_context_length=local)
             nll += F.cross_entropy(logits[:, -window:].float().flatten(0, 1), targets.flatten(), reduction="sum").item()
         perplexities[str(m)] = math.exp(nll / (len(spans) * window))
     model.train(was_training)
@@ -377,6 +394,8 @@ def plan_model(s: Settings, out: Path, cluster: Cluster) -> ModelPlan:
                              "checkpoint")
     else:
         config = longllama.LongLlamaConfig(**{**longllama.PRESETS[s.preset], **overrides})
+    if s.trainable != "all" and not config.mem_layers:
+        raise ValueError(f"--trainable {s.trainable} needs memory layers: the model has none (pass --mem-layers)")
     window = config.max_position_embeddings
     if s.seq_len > window:
         raise ValueError(f"--seq-len {s.seq_len} is longer than the model window {window}")
@@ -395,12 +414,17 @@ def plan_model(s: Settings, out: Path, cluster: Cluster) -> ModelPlan:
 
 
 def training_bytes(config, s: Settings, shards: int) -> int:
-    """A lower bound on one process's memory: float32 weights, gradients and AdamW's two moments (FSDP shards them
-    over processes), and of one micro batch, in at least 2 bytes each: the logits, and the keys and values that
-    cross-batch attention gathers from d other rows in each memory layer. Other activations come on top."""
+    """A lower bound on one process's memory: float32 weights, and the gradients and AdamW's two moments of the
+    trained ones (FSDP shards them over processes), and of one micro batch, in at least 2 bytes each: the logits,
+    and the keys and values that cross-batch attention gathers from d other rows in each memory layer. Other
+    activations come on top."""
     tokens, kv_width = s.batch_size * s.seq_len, config.num_key_value_heads * config.head_dim
     cross_batch = 2 * tokens * s.cross_batch_range * kv_width * len(config.mem_layers)
-    return 16 * config.num_parameters // shards + 2 * tokens * config.vocab_size + 2 * cross_batch
+    with torch.device("meta"):  # shapes only
+        names = dict(longllama.LongLlama(config).named_parameters())
+    trained = sum(p.numel() for name, p in names.items() if is_trainable(name, config.mem_layers, s.trainable))
+    weights = 4 * config.num_parameters + 12 * trained
+    return weights // shards + 2 * tokens * config.vocab_size + 2 * cross_batch
 
 
 def prepare_tokenizer(s: Settings, plan: ModelPlan, train_documents: list, cluster: Cluster):
@@ -421,6 +445,20 @@ def prepare_tokenizer(s: Settings, plan: ModelPlan, train_documents: list, clust
     return open_tokenizer(plan.tokenizer_path)
 
 
+def chat_frame(tokenizer_dir: Path, tokenizer) -> ChatFrame:
+    """The chat template of the tokenizer's tokenizer_config.json, for --passkey-layout chat."""
+    if not (tokenizer_dir / TOKENIZER_CONFIG).is_file():
+        raise ValueError(f"--passkey-layout chat: {tokenizer_dir} has no {TOKENIZER_CONFIG} with a chat template")
+    try:
+        chat = chat_format(tokenizer_dir, tokenizer)
+    except ValueError as e:
+        raise ValueError(f"--passkey-layout chat: {e}") from None
+    end = next((text for text, token in chat.specials if token == tokenizer.eos_id), None)
+    if end is None:
+        raise ValueError(f"--passkey-layout chat: the chat template in {tokenizer_dir} names no eos_token")
+    return ChatFrame(chat.head, chat.middle, chat.tail, end, chat.specials)
+
+
 def build_model(s: Settings, plan: ModelPlan, tokenizer, cluster: Cluster) -> tuple[torch.nn.Module,
                                                                                  longllama.LongLlama]:
     """(the model to call, the LongLlama whose parameters the optimizer holds): fp32 weights on the device (bf16
@@ -439,6 +477,7 @@ def build_model(s: Settings, plan: ModelPlan, tokenizer, cluster: Cluster) -> tu
         raise ValueError(f"tokenizer {plan.tokenizer_path} has {tokenizer.vocab_size} pieces, the model "
                          f"only {model.config.vocab_size}")
     model.to(cluster.device).train()
+    freeze(model, s.trainable)
     model.activation_checkpointing = s.activation_checkpointing
     raw_model = model
     if s.fsdp:
@@ -452,10 +491,29 @@ def build_model(s: Settings, plan: ModelPlan, tokenizer, cluster: Cluster) -> tu
     return model, raw_model
 
 
+def is_trainable(name: str, mem_layers: list, trainable: str) -> bool:
+    """Whether --trainable trains the parameter `name` (as named_parameters names it: a tied lm_head is `embed`)."""
+    layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+    if trainable == "upper":
+        return name.startswith(("norm.", "lm_head.")) or (layer is not None and layer >= min(mem_layers))
+    if trainable == "memory-layers":
+        return layer in mem_layers
+    if trainable == "memory-attention":
+        return layer in mem_layers and ".attention." in name
+    return True
+
+
+def freeze(model: longllama.LongLlama, trainable: str):
+    """Switch off the gradients of the parameters --trainable leaves as they are (before DDP or FSDP wraps them)."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_trainable(name, model.config.mem_layers, trainable))
+
+
 def build_optimizer(s: Settings, raw_model, device) -> torch.optim.AdamW:
-    """AdamW over the parameters the model holds (FSDP: this rank's shards); fused on GPU."""
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]  # weight decay on matrices only
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+    """AdamW over the trained parameters the model holds (FSDP: this rank's shards); fused on GPU."""
+    trained = [p for p in raw_model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]  # weight decay on matrices only
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=s.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=device.type == "cuda")
 
@@ -513,7 +571,10 @@ def append_log(path: Path, **entry):
 def start_line(s: Settings, raw_model, documents: int, step: int, cluster: Cluster) -> str:
     """The run's first line: what is trained, on what, how."""
     n_params = sum(p.numel() for p in raw_model.parameters())
-    return (f"{'resuming at step ' + str(step) if s.resume else 'training'}: {n_params / 1e6:.2f}M parameters, "
+    n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    trained = "" if n_trained == n_params else f" ({n_trained / 1e6:.2f}M trained: {s.trainable})"
+    start = f"resuming at step {step}" if s.resume else "training"
+    return (f"{start}: {n_params / 1e6:.2f}M parameters{trained}, "
             f"mem_layers {raw_model.config.mem_layers}, {documents} training documents, "
             f"batch {s.batch_size}x{s.seq_len} x{s.grad_accum} accum x{cluster.world_size} processes, "
             f"d={s.cross_batch_range} k={s.packing}{' stepping' if s.stepping else ''}, device {cluster.device}")
@@ -549,8 +610,9 @@ def run(s: Settings, state: Optional[dict], out: Path, memory_sizes: list, clust
     # added after the tokenizer is trained (their filler would only crowd its sample) and never held out: they
     # teach the use of memory, the eval measures it on real text
     if s.passkey_docs:
+        chat = chat_frame(plan.tokenizer_path.parent, tokenizer) if "chat" in s.passkey_layout.split(",") else None
         train_documents += passkey_documents(s.passkey_docs, s.seed, s.seq_len, tokenizer, s.passkey_layout,
-                                             tuple(train_documents))
+                                             tuple(train_documents), chat)
     model, raw_model = build_model(s, plan, tokenizer, cluster)
     device, master, window = cluster.device, cluster.master, raw_model.config.max_position_embeddings
     optimizer = build_optimizer(s, raw_model, device)

@@ -356,6 +356,8 @@ def train_fails(capsys, argv) -> str:
     (["--eval-memory", "1,x"], "--eval-memory: expected comma-separated integers"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--preset", "small"], "--preset small and --init "),  # two shapes asked for: the preset's would be dropped
+    (["--trainable", "mlp"], "--trainable must be one of all, upper, memory-layers, memory-attention, got 'mlp'"),
+    (["--passkey-docs", "2", "--passkey-layout", "far,chat"], "--passkey-layout chat: "),  # no chat template
 ])
 def test_train_refuses_a_bad_flag_before_writing_anything(assets, tmp_path, capsys, flags, message):
     out = tmp_path / "out"

@@ -3,6 +3,7 @@ recomputation, training documents that put the answer a window after the passkey
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,40 @@ def test_far_training_gaps_span_up_to_three_windows_and_the_last_at_least_one(to
         assert all(gap <= documents.TRAINING_GAP_WINDOWS * window + question + 16 for gap in gaps)
 
 
+CHATML = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template":
+          "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}
+
+
+def test_a_chat_training_document_asks_in_the_template_and_is_answered_a_window_or_more_after_the_passkey(
+        tokenizer, tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(CHATML))
+    chat = train.chat_frame(tmp_path, tokenizer)
+    window = 64
+    for doc in documents.passkey_documents(8, seed=3, window=window, tokenizer=tokenizer, layout="chat", chat=chat):
+        text = documents.read_document(doc)[1]
+        key = int(text.split("The pass key is ")[1].split(".")[0])
+        assert text.startswith(f"<|im_start|>user\n{documents.TASK}\n")
+        question = "\n\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\n"
+        assert text.endswith(f"{question}The pass key is {key}.<|im_end|>")
+        gap = text[text.index(passkey.passkey_line(key)) + len(passkey.passkey_line(key)):text.index(question)]
+        assert len(tokenizer.encode(gap, bos=False)) >= window - documents.FILLER.count(" ")
+        ids, mask = documents.tokenize(doc, tokenizer)  # the template's special tokens as tokens, not as letters
+        assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id and sum(mask) == len(ids)
+        assert ids.count(tokenizer.bos_id) == 2 and ids.count(tokenizer.eos_id) == 2  # the user's turn, the reply
+        reply = ids[len(ids) - 1 - ids[::-1].index(tokenizer.bos_id) + 1:-1]
+        assert tokenizer.decode(reply).split() == ["assistant", "The", "pass", "key", "is", f"{key}."]
+
+
+def test_train_takes_chat_passkey_documents_from_the_checkpoints_chat_template(assets, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(assets["init"], init)
+    (init / "tokenizer_config.json").write_text(json.dumps(CHATML))
+    train.main(small_run(assets, tmp_path / "run", "--init", str(init), "--max-steps", "1",
+                         "--passkey-docs", "4", "--passkey-layout", "chat"))
+    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["step"] == 1
+
+
 @pytest.mark.parametrize("layout", ["near", "decoy"])
 def test_every_training_question_is_answered_with_the_pass_key_said_before_it(tokenizer, layout):
     """Parsed back from the text: each answer is the last pass key said (near: within a window), never a decoy's."""
@@ -144,24 +179,29 @@ def test_a_decoy_trial_reads_its_passkey_prompt_after_a_copy_of_the_decoys_cache
 
 
 def test_prompts_that_share_their_start_read_it_once_and_answer_as_each_read_alone(checkpoint):
-    """A cell's prompts in the filler are the same text up to the passkey line: its whole windows are read once and
-    each prompt continues a copy. Every answer must be the one greedy decoding gives the prompt read alone."""
+    """A cell's prompts in the filler are the same text up to their passkey lines: the whole windows each shares
+    with another are read once, in one reading that grows, and each prompt continues a copy. Every answer must be
+    the one greedy decoding gives the prompt read alone."""
     model = longllama.load(checkpoint)
     builder = passkey.PromptBuilder(Tokenizer(checkpoint / "tokenizer.model"))
-    prompts = [builder.build(400, 0.9, key) for key in (7, 31415, 2718)]
-    start = passkey.read_shared_start(model, [prompt.ids for prompt in prompts])
     window = model.config.max_position_embeddings
-    assert start.tokens >= 300 and start.tokens % window == 0 and start.cache.memory_size == start.tokens
-    for prompt in prompts:
-        got = passkey.answer(model, builder.tokenizer, prompt, 12, start)
-        assert got == greedy_by_hand(model, prompt.ids, 12) == passkey.answer(model, builder.tokenizer, prompt, 12)
-    assert start.cache.memory_size == start.tokens  # each prompt continued a copy
+    prompts = [builder.build(400, depth, key) for depth, key in ((0.9, 7), (0.3, 31415), (0.6, 2718), (0.9, 99))]
+    seen = []
+    for i, start in passkey.shared_starts(model, [prompt.ids for prompt in prompts]):
+        seen.append((i, start.tokens))
+        assert start.tokens % window == 0 and start.cache.memory_size >= start.tokens
+        got = passkey.answer(model, builder.tokenizer, prompts[i], 12, start)
+        assert got == greedy_by_hand(model, prompts[i].ids, 12) == passkey.answer(model, builder.tokenizer,
+                                                                                   prompts[i], 12)
+        assert start.cache.memory_size == start.tokens  # the prompt continued a copy
+    assert [i for i, _ in seen] == [1, 2, 0, 3] and [t for _, t in seen] == sorted(t for _, t in seen)
+    assert seen[0][1] >= 0.3 * 400 - 2 * window and seen[-1][1] >= 300  # the deepest share nearly all
 
 
 def test_only_prompts_that_share_whole_windows_share_a_reading(checkpoint):
     model = longllama.load(checkpoint)
     builder = passkey.PromptBuilder(Tokenizer(checkpoint / "tokenizer.model"))
-    assert passkey.read_shared_start(model, [builder.build(400, 0.9, 7).ids]) == (0, None)  # nothing to share with
+    assert list(passkey.shared_starts(model, [builder.build(400, 0.9, 7).ids])) == [(0, (0, None))]  # no other
     code = passkey.PromptBuilder(builder.tokenizer, passkey.Haystack.from_text(
         builder.tokenizer, (ROOT / "passkey.py").read_text(), "code"))
     results = passkey.run_trials(model, code, [300], [0.9], 2, seed=0, log=lambda _: None)

