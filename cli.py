@@ -2,9 +2,9 @@
 (`fail`, `as_command`); warnings are one plain line each (`warn`); the flags that choose how a checkpoint loads
 (--quantize, --mem-topk and its retrieval settings); the compute dtype; a checkpoint and its tokenizer
 (`load_checkpoint`), from a directory, straight from a GGUF file, or from a delta on a published GGUF file
-(`checkpoint_directory`); lengths in tokens such
-as 4k (`parse_length`); integer flags within int64 (`int_flag`); outputs that are no input (`refuse_writing_over`)
-and that a refusal leaves no trace of (`check_can_create`, `removed_on_failure`). Nothing here is FoT.
+(`checkpoint_directory`); lengths in tokens such as 4k (`parse_length`); integer flags within int64 (`int_flag`);
+outputs that are no input (`refuse_writing_over`) and that a refusal leaves no trace of (`check_can_create`,
+`removed_on_failure`). Nothing here is FoT.
 """
 
 import argparse
@@ -21,6 +21,7 @@ import torch
 
 from checkpoint import DELTA_FILE, apply_delta, check_delta_base, load, read_delta
 from checks import MEM_RETRIEVALS
+from longllama import LongLlamaConfig
 from quantize import QUANTIZATIONS, pack_for_cpu
 from tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILES, checkpoint_tokenizer
 
@@ -113,14 +114,18 @@ def checkpoint_directory(ckpt, dtype: torch.dtype) -> Path:
         info = read_delta(path)
         base = delta_base_file(path, info)
         check_delta_base(base, info)
-        out = converted_gguf(base, dtype, keep_quantized=False)
+        out, _ = converted_gguf(base, dtype, dequantize=True)
         apply_delta(path, out)
         return out
     if path.suffix.lower() != ".gguf" or path.is_dir():
         return path
     if not path.is_file():
         raise ValueError(f"{path}: no such GGUF file")
-    return converted_gguf(path, dtype, keep_quantized=True)
+    out, config = converted_gguf(path, dtype)
+    if not config.mem_layers:
+        warnings.warn(f"{path.name} names no memory layers: it runs as plain LLaMA, its context limited to its "
+                      f"{config.max_position_embeddings}-token window (convert_weights.py --mem-layers gives it memory)")
+    return out
 
 
 def delta_base_file(delta_dir: Path, info: dict) -> Path:
@@ -136,28 +141,26 @@ def delta_base_file(delta_dir: Path, info: dict) -> Path:
     return installed
 
 
-def converted_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool) -> Path:
-    """The GGUF file converted into a temporary directory (see checkpoint_directory)."""
+def converted_gguf(path: Path, dtype: torch.dtype, dequantize: bool = False) -> tuple[Path, LongLlamaConfig]:
+    """(the temporary directory the GGUF file is converted into, its config): see checkpoint_directory. Quantized
+    weights stay quantized unless `dequantize`."""
     import convert_weights  # only a GGUF --ckpt needs the converter (and the gguf package)
 
     ram = Path("/dev/shm")
     room = shutil.disk_usage(ram).free if ram.is_dir() else 0
-    needed = 2 * path.stat().st_size  # at most: float16 to float32, or 4-bit blocks beside a float lm_head
-    if not keep_quantized:  # dequantized: dtype's bytes for each weight, which takes half a byte or more in the file
-        needed = 2 * dtype.itemsize * path.stat().st_size
+    # at most: float16 to float32, or 4-bit blocks beside a float lm_head; dequantized, dtype's bytes for each
+    # weight, which takes half a byte or more in the file
+    needed = (2 * dtype.itemsize if dequantize else 2) * path.stat().st_size
     _CONVERTED.append(tempfile.TemporaryDirectory(prefix="longllama-", dir=ram if room > 2 * needed else None))
     out = Path(_CONVERTED[-1].name) / path.stem
     quantized = any(t.tensor_type not in convert_weights.GGUF_FLOATS for t in convert_weights.read_gguf(path).tensors)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = convert_weights.convert_gguf(path, out, dtype=None if quantized and keep_quantized else dtype)
+        config = convert_weights.convert_gguf(path, out, dtype=None if quantized and not dequantize else dtype)
     for warning in caught:  # the converter's own, but the one about memory layers, said here for this command
         if "names no memory layers" not in str(warning.message):
             warnings.warn(str(warning.message).replace(str(out), path.name))
-    if not config.mem_layers and keep_quantized:
-        warnings.warn(f"{path.name} names no memory layers: it runs as plain LLaMA, its context limited to its "
-                      f"{config.max_position_embeddings}-token window (convert_weights.py --mem-layers gives it memory)")
-    return out
+    return out, config
 
 
 def load_checkpoint(ckpt, tokenizer_override, device, dtype, **overrides):

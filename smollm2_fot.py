@@ -2,7 +2,7 @@
 Q4_1 GGUF file), measured against the same model without FoT, and shipped as the tensors FoT changed.
 
     python smollm2_fot.py --out runs/smollm2              # every step; rerun it to go on after a stop
-    python smollm2_fot.py --out runs/smollm2 --tables     # the tables of OUT/results.json
+    python smollm2_fot.py --out runs/smollm2 --tables     # the tables of what OUT holds so far
 
 LongLLaMA is OpenLLaMA plus FoT continued pretraining. This does the same to SmolLM2 on a CPU:
 - base: the GGUF file dequantized to float32, with memory layers 7, 14 and 21 (LongLLaMA-3B's 6, 12 and 18 of 26
@@ -21,8 +21,10 @@ Then, for each, and for the published model at its native 8,192-token context (n
 - chat: questions answered by the published file and by the FoT model, side by side.
 Last, the FoT model's changed tensors go to models/smollm2-fot (checkpoint.write_delta), which generate.py and
 passkey.py load as a checkpoint directory: the published file, checked by its sha256, with the delta applied.
-Each step is its own process, its command printed first; a finished step is skipped, a training run resumed.
-Results go to OUT/results.json.
+Steps run most telling first (FoT's training, delta, perplexity, chat, passkey at 16k and 64k; then d0; then 256k),
+each writing its own file in OUT, so a run stopped at any point keeps what it measured, and a rerun skips what is
+done and resumes a training run where it stopped. `--tables` prints what OUT holds so far; the end of a run writes
+it all to OUT/results.json.
 """
 
 import argparse
@@ -86,26 +88,29 @@ def torch_source(name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training
+# The steps, most telling first: each writes its own file in OUT, and a rerun skips the steps whose file is there
 
 
-def train_all(out: Path):
-    """base, then the untrained model (train.py with no step: its checkpoint), then each FoT run, resumed if begun."""
+def convert_base(out: Path):
+    """base: the published file in float32, memory layers added; untrained: it with window W (train.py, no step)."""
     if not (out / "base" / "model.safetensors").is_file():
         run([[sys.executable, "convert_weights.py", str(smollm2_file()), str(out / "base"), "--dtype", "float32",
               "--mem-layers", MEM_LAYERS, "--force"]])
     if not (out / "untrained" / "train_state.json").is_file():
         run([[sys.executable, "train.py", "--init", str(out / "base"), "--window", str(WINDOW), "--max-steps", "0",
               "--eval-every", "0", "--out", str(out / "untrained")]])
-    for name, d in RUNS.items():
-        run_dir = out / name
-        if trained(run_dir, RECIPE):
-            continue
-        if (run_dir / "train_state.json").is_file():
-            run([[sys.executable, "train.py", "--resume", "--out", str(run_dir)]])
-        else:
-            run([[sys.executable, "train.py", "--init", str(out / "base"), *RECIPE, "--cross-batch-range", str(d),
-                  "--out", str(run_dir)]])
+
+
+def train_run(out: Path, name: str):
+    """RECIPE with the run's cross-batch range, resumed where a stop left it."""
+    run_dir = out / name
+    if trained(run_dir, RECIPE):
+        return
+    if (run_dir / "train_state.json").is_file():
+        run([[sys.executable, "train.py", "--resume", "--out", str(run_dir)]])
+    else:
+        run([[sys.executable, "train.py", "--init", str(out / "base"), *RECIPE, "--cross-batch-range",
+              str(RUNS[name]), "--out", str(run_dir)]])
 
 
 def training_seconds(run_dir: Path) -> float:
@@ -113,10 +118,6 @@ def training_seconds(run_dir: Path) -> float:
     entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     steps = [e for e in entries if "loss" in e]
     return sum((e["tokens"] - (p["tokens"] if p else 0)) / e["tokens_per_s"] for p, e in zip([None] + steps, steps))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Evaluation
 
 
 def held_out_spans(tokenizer) -> torch.Tensor:
@@ -131,34 +132,28 @@ def held_out_spans(tokenizer) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def perplexities(out: Path) -> dict:
-    """{model: {"W alone": ppl, "W + memory": ppl}}, and {"native": {"8k context": ppl}}: train.py's eval."""
+def perplexity(out: Path, name: str):
+    """OUT/perplexity_NAME.json: train.py's eval on the held-out spans, {"W alone": ppl, "W + memory": ppl} (the
+    native model, which has no memory: {"8k context": ppl})."""
+    path = out / f"perplexity_{name}.json"
+    if path.is_file():
+        return
+    print(f"# perplexity: {name}", flush=True)
     device = resolve_device("cpu")
-    autocast = training.autocast_for(device)
     spans = held_out_spans(checkpoint_tokenizer(out / "base"))
-    results = {}
-    for name in MODELS:
-        print(f"# perplexity: {name}", flush=True)
-        ppl = training.evaluate(load(out / name), spans, WINDOW, [0, SPAN_WINDOWS - 1], 1, device, autocast)
-        results[name] = {"W alone": ppl["0"], "W + memory": ppl[str(SPAN_WINDOWS - 1)]}
-    print("# perplexity: native", flush=True)
-    native = load(out / "base", mem_layers=[])
-    ppl = training.evaluate(native, spans, WINDOW, [SPAN_WINDOWS - 1], 1, device, autocast)
-    results["native"] = {"8k context": ppl[str(SPAN_WINDOWS - 1)]}
-    return results
+    model = load(out / "base", mem_layers=[]) if name == "native" else load(out / name)
+    sizes = [SPAN_WINDOWS - 1] if name == "native" else [0, SPAN_WINDOWS - 1]
+    ppl = training.evaluate(model, spans, WINDOW, sizes, 1, device, training.autocast_for(device))
+    keys = {"0": "W alone", str(SPAN_WINDOWS - 1): "8k context" if name == "native" else "W + memory"}
+    write_json(path, {keys[m]: value for m, value in ppl.items()})
 
 
-def passkey_commands(out: Path) -> list:
-    """passkey.py at each length for each model, in bfloat16 (as generate.py runs on this CPU); a finished one is
-    skipped."""
-    commands = []
-    for name in MODELS:
-        for length in LENGTHS:
-            path = out / f"passkey_{name}_{length}.json"
-            if not path.is_file():
-                commands.append([sys.executable, "passkey.py", "--ckpt", str(out / name), "--lengths", length,
-                                 "--trials", str(TRIALS), "--dtype", "bfloat16", "--out", str(path)])
-    return commands
+def passkey_run(out: Path, name: str, length: str):
+    """OUT/passkey_NAME_LENGTH.json: passkey.py, in bfloat16 (as generate.py runs on this CPU)."""
+    path = out / f"passkey_{name}_{length}.json"
+    if not path.is_file():
+        run([[sys.executable, "passkey.py", "--ckpt", str(out / name), "--lengths", length, "--trials", str(TRIALS),
+              "--dtype", "bfloat16", "--out", str(path)]])
 
 
 def chat_document(files) -> str:
@@ -168,9 +163,9 @@ def chat_document(files) -> str:
     return text[:middle] + SECRET + "\n" + text[middle:]
 
 
-def chat(out: Path, ckpt) -> list:
+def answers(out: Path, ckpt) -> list:
     """generate.py's greedy answers of ckpt to QUESTIONS, in the chat template."""
-    answers = []
+    replies = []
     for document, question, _ in QUESTIONS:
         prompt = out / "chat_document.txt"
         prompt.write_text(chat_document(document) if document else "Answer briefly.")
@@ -180,15 +175,51 @@ def chat(out: Path, ckpt) -> list:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise ValueError(f"generate.py failed: {result.stderr.strip()}")
-        answers.append(result.stdout.split("A:", 1)[-1].strip())
-    return answers
+        replies.append(result.stdout.split("A:", 1)[-1].strip())
+    return replies
 
 
-def chat_side_by_side(out: Path) -> list:
-    published, fot = chat(out, smollm2_file()), chat(out, DELTA)
-    return [dict(question=question, long_document=bool(document), published=a, fot=b,
-                 published_right=any(w in a.lower() for w in words), fot_right=any(w in b.lower() for w in words))
-            for (document, question, words), a, b in zip(QUESTIONS, published, fot)]
+def chat_side_by_side(out: Path):
+    """OUT/chat.json: QUESTIONS answered by the published file and by the FoT delta on it."""
+    path = out / "chat.json"
+    if path.is_file():
+        return
+    published, fot = answers(out, smollm2_file()), answers(out, DELTA)
+    write_json(path, [dict(question=question, long_document=bool(document), published=a, fot=b,
+                           published_right=any(w in a.lower() for w in words),
+                           fot_right=any(w in b.lower() for w in words))
+                      for (document, question, words), a, b in zip(QUESTIONS, published, fot)])
+
+
+def write_json(path: Path, value):
+    write_atomically({path: lambda tmp: tmp.write_text(json.dumps(value, indent=1) + "\n")})
+
+
+def experiment(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    convert_base(out)
+    train_run(out, "fot")
+    names = write_delta(out / "fot", out / "base", DELTA, smollm2_file(), PACKAGE)
+    print(f"{DELTA}: {len(names)} tensors, {(DELTA / 'delta.safetensors').stat().st_size / 2**20:.1f} MiB")
+    for name in ["fot", "untrained", "native"]:
+        perplexity(out, name)
+    chat_side_by_side(out)
+    for name in ["fot", "untrained"]:
+        for length in LENGTHS[:2]:
+            passkey_run(out, name, length)
+    train_run(out, "d0")
+    perplexity(out, "d0")
+    for length in LENGTHS[:2]:
+        passkey_run(out, "d0", length)
+    for name in MODELS:
+        passkey_run(out, name, LENGTHS[2])
+    results = collect(out)
+    write_json(out / "results.json", results)
+    print(tables(results))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results
 
 
 def passkey_summary(path: Path) -> dict:
@@ -200,64 +231,55 @@ def passkey_summary(path: Path) -> dict:
                 seconds=round(sum(r["seconds"] for r in report["results"])))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Results
+def collect(out: Path) -> dict:
+    """What the steps wrote so far: training time, perplexity, passkey and chat."""
+    read = lambda path: json.loads(path.read_text()) if path.is_file() else None
+    return dict(
+        training_seconds={name: round(training_seconds(out / name)) for name in RUNS
+                          if (out / name / "log.jsonl").is_file()},
+        perplexity={name: read(out / f"perplexity_{name}.json") for name in [*MODELS, "native"]},
+        passkey={name: {n: passkey_summary(out / f"passkey_{name}_{n}.json") for n in LENGTHS
+                        if (out / f"passkey_{name}_{n}.json").is_file()} for name in MODELS},
+        chat=read(out / "chat.json"))
 
 
 def tables(results: dict) -> str:
     ppl = results["perplexity"]
-    native = ppl["native"]["8k context"]
+    native = ppl["native"]["8k context"] if ppl.get("native") else float("nan")
     lines = ["| model | W alone (512) | W + memory (8k) | native 8k | memory's gain | gap to native closed |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in MODELS:
-        alone, memory = ppl[name]["W alone"], ppl[name]["W + memory"]
-        closed = (alone - memory) / (alone - native) if alone != native else float("nan")
-        lines.append(f"| {name} | {alone:.3f} | {memory:.3f} | {native:.3f} | {1 - memory / alone:.1%} | "
-                     f"{closed:.0%} |")
+        if ppl.get(name):
+            alone, memory = ppl[name]["W alone"], ppl[name]["W + memory"]
+            lines.append(f"| {name} | {alone:.3f} | {memory:.3f} | {native:.3f} | {1 - memory / alone:.1%} | "
+                         f"{(alone - memory) / (alone - native):.0%} |")
     lines += ["", "| model | " + " | ".join(f"passkey {n}" for n in LENGTHS) + " |",
               "| --- |" + " ---: |" * len(LENGTHS)]
     for name in MODELS:
-        cells = []
-        for length in LENGTHS:
-            p = results["passkey"].get(name, {}).get(length)
-            cells.append(f"{p['accuracy']:.0%} ({p['interval'][0]:.0%}-{p['interval'][1]:.0%}, {p['trials']})"
-                         if p else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        cells = [results["passkey"][name].get(n) for n in LENGTHS]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{p['accuracy']:.0%} ({p['interval'][0]:.0%}-{p['interval'][1]:.0%}, {p['trials']} trials)" if p else "-"
+            for p in cells) + " |")
     if results.get("chat"):
         lines += ["", "| question | published | FoT |", "| --- | --- | --- |"]
+        cell = lambda answer, right: f"{'right' if right else 'wrong'}: {answer[:80]!r}".replace("|", "\\|")
         for row in results["chat"]:
-            cell = lambda answer, right: f"{'right' if right else 'wrong'}: {answer[:80]!r}".replace("|", "\\|")
             lines.append(f"| {row['question']} | {cell(row['published'], row['published_right'])} | "
                          f"{cell(row['fot'], row['fot_right'])} |")
     return "\n".join(lines)
 
 
-def experiment(out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    train_all(out)
-    names = write_delta(out / "fot", out / "base", DELTA, smollm2_file(), PACKAGE)
-    print(f"{DELTA}: {len(names)} tensors, {(DELTA / 'delta.safetensors').stat().st_size / 2**20:.1f} MiB")
-    results = dict(training_seconds={name: round(training_seconds(out / name)) for name in RUNS},
-                   perplexity=perplexities(out))
-    run(passkey_commands(out))
-    results["passkey"] = {name: {n: passkey_summary(out / f"passkey_{name}_{n}.json") for n in LENGTHS}
-                          for name in MODELS}
-    results["chat"] = chat_side_by_side(out)
-    write_atomically({out / "results.json": lambda tmp: tmp.write_text(json.dumps(results, indent=1))})
-    print(tables(results))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.error = fail
-    p.add_argument("--out", default="runs/smollm2", help="directory for the runs and results.json")
-    p.add_argument("--tables", action="store_true", help="print the tables of OUT/results.json")
+    p.add_argument("--out", default="runs/smollm2", help="directory for the runs and the results")
+    p.add_argument("--tables", action="store_true", help="print the tables of what OUT holds so far")
     args = p.parse_args(argv)
 
     def job():
         started = time.time()
         if args.tables:
-            print(tables(json.loads((Path(args.out) / "results.json").read_text())))
+            print(tables(collect(Path(args.out))))
             return
         experiment(Path(args.out))
         print(f"done in {time.time() - started:.0f} s: {Path(args.out) / 'results.json'}")
