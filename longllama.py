@@ -84,7 +84,9 @@ class LongLlamaConfig:
         checks.validate_config(self)
         if self.last_context_length is None:
             window = self.max_position_embeddings
-            self.last_context_length = min(1024, window) if self.mem_layers else window
+            # LongLLaMA's 1024 for its 2048 window: half the window stays free for what is generated next, since
+            # the whole local window is evicted when it overflows
+            self.last_context_length = min(1024, window // 2) if self.mem_layers else window
         self.mem_layers = sorted(self.mem_layers)
         if self.mem_attention_grouping is not None:
             self.mem_attention_grouping = tuple(self.mem_attention_grouping)

@@ -96,7 +96,7 @@ class Settings:
     mem_layers: str = setting("", "memory layers, e.g. 6,12,18 (default: the preset's / checkpoint's)")
     window: int = setting(0, "the window W for the preset or --init model, in place of its own (0: keep it): memory "
                           "layers reach beyond it, so a plain model's native context can become a FoT window; the "
-                          "tokens kept local at the end of a prompt are then the default for W (min(1024, W))")
+                          "tokens kept local at the end of a prompt are then the default for W (min(1024, W / 2))")
     trainable: str = setting("all", "the parameters trained, the rest frozen: " + ", ".join(
         f"{name} ({what})" for name, what in TRAINABLE.items()))
     # FoT

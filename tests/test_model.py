@@ -694,11 +694,23 @@ def test_bad_config_values_raise_a_clear_error(change, message):
         longllama.LongLlamaConfig.from_dict({**LONGLLAMA_3B_CONFIG, **change})
 
 
-def test_last_context_length_defaults_to_1024_or_the_whole_window_without_memory():
+def test_last_context_length_defaults_to_half_the_window_up_to_1024_or_the_whole_window_without_memory():
     values = {k: v for k, v in LONGLLAMA_3B_CONFIG.items() if k != "last_context_length"}
     assert longllama.LongLlamaConfig.from_dict(values).last_context_length == 1024
     assert longllama.LongLlamaConfig.from_dict({**values, "mem_layers": []}).last_context_length == 2048
-    assert longllama.LongLlamaConfig.from_dict({**values, "max_position_embeddings": 512}).last_context_length == 512
+    assert longllama.LongLlamaConfig.from_dict({**values, "max_position_embeddings": 512}).last_context_length == 256
+    assert longllama.LongLlamaConfig.from_dict({**values, "max_position_embeddings": 8192}).last_context_length == 1024
+
+
+def test_by_default_the_tokens_generated_after_a_long_prompt_join_its_last_context_in_the_local_window():
+    """The whole local window is evicted when it overflows: a last context as long as the window would send the
+    question to memory with the first generated token."""
+    model = tiny_model(last_context_length=None)
+    window = model.config.max_position_embeddings
+    _, cache = model(tokens(1, 3 * window), use_cache=True)
+    for step in range(1, window // 2 + 1):  # half a window of answer stays beside the prompt's last context
+        _, cache = model(tokens(1, 1), cache=cache, use_cache=True)
+        assert cache.local_length == model.config.last_context_length + step
 
 
 @pytest.mark.parametrize("tied", [False, True])

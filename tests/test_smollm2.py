@@ -72,3 +72,4 @@ def test_generate_answers_a_chat_question_straight_from_the_gguf_file_and_writes
     assert result.returncode == 0, result.stderr
     assert "Berlin" in result.stdout.split("A:", 1)[1]
     assert leftovers() == before  # the conversion lived in a temporary directory, removed at exit
+

@@ -325,7 +325,7 @@ def test_window_gives_a_checkpoint_a_fot_window_that_resume_keeps(assets, tmp_pa
     out = tmp_path / "run"
     train.main(small_run(assets, out, "--max-steps", "1", "--window", "16"))
     config = json.loads((out / "config.json").read_text())
-    assert (config["max_position_embeddings"], config["last_context_length"]) == (16, 16)  # min(1024, W)
+    assert (config["max_position_embeddings"], config["last_context_length"]) == (16, 8)  # min(1024, W / 2)
     train.main(["--resume", "--out", str(out), "--max-steps", "2"])
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 16
     with pytest.raises(ValueError, match="--seq-len 32 is longer than the model window 16"):
