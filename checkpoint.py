@@ -335,6 +335,11 @@ def apply_delta(delta_dir: Path, base_dir: Path):
         if name not in tensors or tensors[name].shape != tensor.shape or not tensors[name].is_floating_point():
             raise ValueError(f"{delta_dir}: its {name} {list(tensor.shape)} has no float counterpart in the base model")
         tensors[name] = tensor.to(tensors[name].dtype)
+    config, base = (LongLlamaConfig.from_json(d / "config.json") for d in (delta_dir, base_dir))
+    shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads")
+    if any(getattr(config, key) != getattr(base, key) for key in shape):
+        raise ValueError(f"{delta_dir / 'config.json'} is not the shape of the base model {base_dir.name}")
     config = (delta_dir / "config.json").read_text()
     write_atomically({base_dir / "model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
                       base_dir / "config.json": lambda p: p.write_text(config)})

@@ -741,6 +741,11 @@ def test_a_delta_refuses_a_base_file_it_was_not_made_from(delta_parts, tmp_path)
     (delta / "base.gguf").write_bytes(bytes(other))
     with pytest.raises(ValueError, match="sha256 differs.*pip install --no-deps some-package"):
         cli.checkpoint_directory(delta, torch.float32)
+    shutil.copyfile(root / "base.gguf", delta / "base.gguf")
+    config = json.loads((delta / "config.json").read_text())
+    (delta / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ValueError, match="config.json is not the shape of the base model"):
+        cli.checkpoint_directory(delta, torch.float32)
     (delta / "delta.json").write_text('{"base": "../base.gguf", "sha256": "", "package": ""}')
     with pytest.raises(ValueError, match="damaged: base must be a file name"):
         cli.checkpoint_directory(delta, torch.float32)
