@@ -7,8 +7,8 @@ Q4_1 GGUF file), measured against the same model without FoT, and shipped as the
 LongLLaMA is OpenLLaMA plus FoT continued pretraining. This does the same to SmolLM2 on a CPU:
 - base: the GGUF file dequantized to float32, with memory layers 7, 8, 14, 15, 17, 18, 20 and 21, run with a window W
   of 512 tokens, a sixteenth of its native 8,192 (train.py --window). These are the layers whose heads copy a pass
-  key within the native context: let only them see beyond 256 tokens and the published model still retrieves every
-  key; let only LongLLaMA's share (7, 14, 21, its 6, 12, 18 of 26 at the same depths) see it and it retrieves none;
+  key within the native context: when only they see beyond the last 256 tokens, the published model still retrieves
+  pass keys from further back, LongLLaMA's share (7, 14, 21: its 6, 12, 18 of 26) none (far_reaching_layers);
 - fot: train.py continues it with cross-batch attention (d = 3, packing 4, rows of W tokens) on the standard
   library, synthetic passkey documents and passkey exchanges in the model's chat template, training only the
   memory layers' attention (7.1M of 134.5M parameters): the rest of the model stays as published, and the
@@ -24,7 +24,7 @@ Then, for each, and for the published model at its native 8,192-token context (n
 - chat: questions answered by the published file and by the FoT model, side by side.
 Last, the FoT model's changed tensors go to models/smollm2-fot (checkpoint.write_delta), which generate.py and
 passkey.py load as a checkpoint directory: the published file, checked by its sha256, with the delta applied.
-Steps run most telling first (FoT's training, delta, perplexity, chat, passkey at 16k and 64k; then d0; then 256k),
+Steps run most telling first (which layers retrieve, FoT's training, delta, perplexity, chat, passkey at 16k and 64k; then d0; then 256k),
 each writing its own file in OUT, so a run stopped at any point keeps what it measured, and a rerun skips what is
 done and resumes a training run where it stopped. `--tables` prints what OUT holds so far; the end of a run writes
 it all to OUT/results.json.
@@ -125,7 +125,7 @@ def banded_logits(model, ids: torch.Tensor, far_layers: set, near: int) -> torch
 
 def far_reaching_layers(out: Path, trials: int = 3, length: int = 2048):
     """OUT/layers.json and a table: for each of LAYER_SETS, how many pass keys (passkey.py's prompts of `length`
-    tokens, keys 1,000-1,700 tokens back) the published model still gets, every digit, when only those layers see
+    tokens, keys 1,600-2,000 tokens back) the published model still gets, every digit, when only those layers see
     beyond the last NEAR tokens."""
     model = load(out / "base", mem_layers=[]).eval()
     builder = PromptBuilder(checkpoint_tokenizer(out / "base"))
@@ -312,7 +312,7 @@ def tables(results: dict) -> str:
         lines += [f"| {name} | {correct} of {layers['trials']} |" for name, correct in layers["correct"].items()]
         lines.append("")
     lines += ["| model | W alone (512) | W + memory (8k) | native 8k | memory's gain | gap to native closed |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in MODELS:
         if ppl.get(name):
             alone, memory = ppl[name]["W alone"], ppl[name]["W + memory"]
