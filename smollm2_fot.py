@@ -26,8 +26,8 @@ Last, the FoT model's changed tensors go to models/smollm2-fot (checkpoint.write
 passkey.py load as a checkpoint directory: the published file, checked by its sha256, with the delta applied.
 Steps run most telling first (which layers retrieve, FoT's training, delta, perplexity, chat, passkey at 16k and
 64k; then d0; then 256k), each writing its own file in OUT, so a run stopped at any point keeps what it measured,
-and a rerun skips what is done and resumes a training run where it stopped. `--tables` prints what OUT holds so far; the end of a run writes
-it all to OUT/results.json.
+and a rerun skips what is done and resumes a training run where it stopped. `--tables` prints what OUT holds so
+far; the end of a run writes it all to OUT/results.json.
 """
 
 import argparse
