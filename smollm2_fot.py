@@ -344,6 +344,8 @@ def main(argv=None):
     def job():
         started = time.time()
         if args.tables:
+            if not Path(args.out).is_dir():
+                raise ValueError(f"{args.out} is not a directory of smollm2_fot.py's results")
             print(tables(collect(Path(args.out))))
             return
         experiment(Path(args.out))
