@@ -19,8 +19,8 @@ Then, for each, and for the published model at its native 8,192-token context (n
 - perplexity on held-out code, PyTorch's own Python sources, which no step trained on: the last W tokens of an
   8,193-token span from each file, read with only their own window (W alone), with the 15 windows before them in
   memory (W + memory), or within the native window;
-- passkey retrieval (passkey.py) at 16k, 64k and 256k tokens, all beyond the native context (at 256k with top-k
-  memory);
+- passkey retrieval (passkey.py) at 16k, 64k and 256k tokens, all beyond the native context (at 64k and 256k with
+  top-k memory: 128 entries a query);
 - chat: questions answered by the published file and by the FoT model, side by side.
 Last, the FoT model's changed tensors go to models/smollm2-fot (checkpoint.write_delta), which generate.py and
 passkey.py load as a checkpoint directory: the published file, checked by its sha256, with the delta applied.
@@ -45,7 +45,7 @@ import longllama
 import train as training
 from checkpoint import load, resolve_device, write_atomically, write_delta
 from cli import as_command, fail, installed_file
-from context_scaling import run, trained
+from context_scaling import plot_lines, run, trained
 from documents import MAX_PASSKEY
 from passkey import PromptBuilder, wilson_interval
 from tokenizer import checkpoint_tokenizer
@@ -59,9 +59,10 @@ RECIPE = ["--window", str(WINDOW), "--seq-len", str(WINDOW), "--batch-size", "8"
           "--eval-memory", "0,3,7"]
 RUNS = {"fot": 3, "d0": 0}  # name: cross-batch range d
 MODELS = ["untrained", "d0", "fot"]  # base weights, window W, memory on
-# passkey lengths, with passkey.py's flags for each: at 256k, attending to all of memory would take about 10
-# minutes a trial on 2 cores, top-k memory (the FoT paper's kNN memory) about 4
-LENGTHS = {"16k": [], "64k": [], "256k": ["--mem-topk", "128"]}
+# passkey lengths, with passkey.py's flags for each: beyond 16k, attending to all of memory takes 1.5-4 minutes a
+# trial at 64k on 2 cores (20 trials of 3 models: hours) and about 10 at 256k; top-k memory (the FoT paper's kNN
+# memory) 10-40 s at 64k and about 4 minutes at 256k
+LENGTHS = {"16k": [], "64k": ["--mem-topk", "128"], "256k": ["--mem-topk", "128"]}
 TRIALS = 20
 DELTA = Path(__file__).resolve().parent / "models" / "smollm2-fot"
 
@@ -272,6 +273,7 @@ def experiment(out: Path):
         passkey_run(out, name, "256k")
     results = collect(out)
     write_json(out / "results.json", results)
+    draw(results, out)
     print(tables(results))
 
 
@@ -334,11 +336,34 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def draw(results: dict, out: Path):
+    """OUT/passkey.png (accuracy by prompt length, Wilson intervals) and OUT/perplexity.png (held-out perplexity with
+    and without memory; the native model's at its 8k context), from what the steps wrote so far."""
+    tokens = lambda length: int(length[:-1]) * 1024  # "16k" -> 16384
+    measured = {name: lengths for name, lengths in results["passkey"].items() if lengths}
+    if measured:
+        plot_lines({name: {tokens(n): p["accuracy"] for n, p in lengths.items()} for name, lengths in measured.items()},
+                   out / "passkey.png", "prompt length (tokens)", "passkey accuracy",
+                   f"SmolLM2-135M, window {WINDOW}: passkey beyond the native 8k", percent=True,
+                   intervals={name: {tokens(n): p["interval"] for n, p in lengths.items()}
+                              for name, lengths in measured.items()})
+    ppl = {name: value for name, value in results["perplexity"].items() if value}
+    series = {name: {0: value["W alone"], SPAN_WINDOWS - 1: value["W + memory"]}
+              for name, value in ppl.items() if name != "native"}
+    if series:
+        if "native" in ppl:
+            series["native (8k context)"] = {SPAN_WINDOWS - 1: ppl["native"]["8k context"]}
+        plot_lines(series, out / "perplexity.png", f"earlier windows of {WINDOW} tokens in memory",
+                   "held-out perplexity", "Held-out code: perplexity of the last window")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.error = fail
     p.add_argument("--out", default="runs/smollm2", help="directory for the runs and the results")
-    p.add_argument("--tables", action="store_true", help="print the tables of what OUT holds so far")
+    p.add_argument("--tables", action="store_true",
+                   help="print the tables of what OUT holds so far, and draw its plots (OUT/passkey.png, "
+                        "OUT/perplexity.png)")
     args = p.parse_args(argv)
 
     def job():
@@ -346,7 +371,9 @@ def main(argv=None):
         if args.tables:
             if not Path(args.out).is_dir():
                 raise ValueError(f"{args.out} is not a directory of smollm2_fot.py's results")
-            print(tables(collect(Path(args.out))))
+            results = collect(Path(args.out))
+            draw(results, Path(args.out))
+            print(tables(results))
             return
         experiment(Path(args.out))
         print(f"done in {time.time() - started:.0f} s: {Path(args.out) / 'results.json'}")

@@ -89,3 +89,22 @@ def test_the_shipped_fot_delta_finds_pass_keys_its_window_cannot_see(tmp_path):
     assert result.returncode == 0, result.stderr
     trials = json.loads(report.read_text())["results"]
     assert len(trials) == 2 and all(t["correct"] for t in trials), trials
+
+
+def test_smollm2_fot_tables_and_plots_show_what_its_steps_wrote(tmp_path):
+    """smollm2_fot.py --tables: what OUT holds so far, missing steps as '-', intervals by Wilson's formula (19 of
+    20: 76.4-99.1%, worked out by hand), and the two plots as PNG files. Needs no model."""
+    import smollm2_fot
+    write = lambda name, value: (tmp_path / name).write_text(json.dumps(value))
+    write("perplexity_fot.json", {"W alone": 9.0, "W + memory": 4.5})
+    write("perplexity_native.json", {"8k context": 3.0})
+    write("passkey_fot_16k.json", {"results": [{"correct": i > 0, "seconds": 1.0} for i in range(20)]})
+    write("passkey_d0_16k.json", {"results": [{"correct": False, "seconds": 1.0}] * 20})
+    results = smollm2_fot.collect(tmp_path)
+    table = smollm2_fot.tables(results)
+    assert "| fot | 9.000 | 4.500 | 3.000 | 50.0% | 75% |" in table
+    assert "| fot | 95% (76%-99%, 20 trials) | - | - |" in table and "| d0 | 0% (0%-16%, 20 trials) | - | - |" in table
+    assert "| untrained | - | - | - |" in table
+    smollm2_fot.draw(results, tmp_path)
+    for name in ["passkey.png", "perplexity.png"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
