@@ -39,8 +39,8 @@ import longllama
 import passkey
 from checkpoint import resolve_device
 from checks import check_can_compile, check_values
-from cli import (INT_LIMIT, add_quantize_argument, add_topk_arguments, as_command, default_dtype, fail, int_flag,
-                 load_checkpoint, topk_overrides, warn)
+from cli import (INT_LIMIT, add_memory_arguments, add_quantize_argument, as_command, default_dtype, fail, int_flag,
+                 load_checkpoint, memory_overrides, warn)
 from quantize import named_weights, pack_for_cpu, quantize
 from topk import PROBES, TopkMemory
 
@@ -312,7 +312,7 @@ def parse_args(argv=None):
     p.add_argument("--llama-cpp", default=None, metavar="GGUF",
                    help="also time llama.cpp on this GGUF file (the same shape, e.g. convert_weights.py --to gguf of "
                         "--ckpt), where the llama_cpp package is installed: --prefill lengths and decode")
-    add_topk_arguments(p)
+    add_memory_arguments(p)
     add_quantize_argument(p)
     args = p.parse_args(argv)
     resolve_shape_and_work(args)
@@ -385,7 +385,7 @@ def run(args):
                 raise
             print(f"note: no compiled row: {e}")  # --small's other figures need no compiler
             args.compile = False
-    overrides = topk_overrides(args) | ({} if args.mem_layers is None else dict(mem_layers=args.mem_layers))
+    overrides = memory_overrides(args) | ({} if args.mem_layers is None else dict(mem_layers=args.mem_layers))
     tokenizer = None
     if args.ckpt:
         model, tokenizer = load_checkpoint(args.ckpt, None, device, dtype, quantize=args.quantize, **overrides)

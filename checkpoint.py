@@ -276,10 +276,11 @@ DELTA_FILE = "delta.json"  # beside config.json and delta.safetensors
 DELTA_SHAPE = dict(base=str, sha256=str, package=str)  # the base file's name, its sha256, the pip package shipping it
 
 
-def write_delta(trained_dir: Path, base_dir: Path, out_dir: Path, base_file: Path, package: str) -> list[str]:
-    """Write into out_dir trained_dir's config.json, the tensors it holds that differ from base_dir's (both
-    checkpoints: base_dir converted from base_file), and delta.json, which names base_file by name and sha256 and
-    the pip package that ships it. The names of the tensors written are returned."""
+def write_delta(trained_dir: Path, base_dir: Path, out_dir: Path, base_file: Path, package: str,
+                **config_overrides) -> list[str]:
+    """Write into out_dir trained_dir's config.json (its values replaced by config_overrides'), the tensors it holds
+    that differ from base_dir's (both checkpoints: base_dir converted from base_file), and delta.json, which names
+    base_file by name and sha256 and the pip package that ships it. The names of the tensors written are returned."""
     trained_dir, base_dir, out_dir = Path(trained_dir), Path(base_dir), Path(out_dir)
     trained, base = (TensorFile(d / "model.safetensors", torch.device("cpu")) for d in (trained_dir, base_dir))
     if trained.keys() != base.keys():
@@ -290,10 +291,11 @@ def write_delta(trained_dir: Path, base_dir: Path, out_dir: Path, base_file: Pat
         if not torch.equal(tensor, base.get_tensor(name).to(tensor.dtype)):
             changed[name] = tensor
     info = json.dumps(dict(base=base_file.name, sha256=file_sha256(base_file), package=package), indent=1) + "\n"
-    config = (trained_dir / "config.json").read_text()
+    config = LongLlamaConfig.from_json(trained_dir / "config.json", **config_overrides)
+    config_text = json.dumps(config.to_dict(), indent=2) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically({out_dir / "delta.safetensors": lambda p: save_file(changed, str(p), metadata={"format": "pt"}),
-                      out_dir / "config.json": lambda p: p.write_text(config),
+                      out_dir / "config.json": lambda p: p.write_text(config_text),
                       out_dir / DELTA_FILE: lambda p: p.write_text(info)})
     return list(changed)
 

@@ -91,6 +91,8 @@ def validate_config(config):
         (["mem_topk"], lambda v: v is None or (is_int(v) and 0 < v < 2**63), "null or a positive integer below 2**63"),
         (["mem_retrieval"], lambda v: v in MEM_RETRIEVALS, f"one of {', '.join(MEM_RETRIEVALS)}"),
         (["mem_block_size"], lambda v: is_int(v) and 0 < v < 2**63, "a positive integer below 2**63"),
+        (["mem_attention_logn"], lambda v: v is None or (is_int(v) and 1 < v < 2**63),
+         "null or an integer above 1 (the keys a memory-layer query attended to in training)"),
         (["mem_on_host"], lambda v: not v or config.mem_topk is not None,
          "false without mem_topk (memory attended whole is read whole at every call)"),
         (["last_context_length"], lambda v: v is None or (is_int(v) and 0 <= v <= window),

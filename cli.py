@@ -70,8 +70,8 @@ def add_quantize_argument(p):
                         "quantized checkpoint (convert_weights.py --quantize, or a GGUF quant) loads quantized without it")
 
 
-def add_topk_arguments(p):
-    """--mem-topk and how it retrieves, for every command that reads into memory."""
+def add_memory_arguments(p):
+    """--mem-topk and how it retrieves, and --mem-logn, for every command that reads into memory."""
     p.add_argument("--mem-topk", type=int_flag, default=None, metavar="K",
                    help="memory-layer queries attend to K memory entries, not all of memory: reading and answering "
                         "then cost far less than quadratic time, and memory is held in --mem-dtype (default: all)")
@@ -79,14 +79,23 @@ def add_topk_arguments(p):
                    help="how --mem-topk chooses: blocks (scalable: the best blocks of --mem-block-size entries, by "
                         "bounds on their keys) or exact (the K best entries of each query: as slow as all of memory)")
     p.add_argument("--mem-block-size", type=int_flag, default=None, metavar="N", help="entries per block (default: 64)")
+    p.add_argument("--mem-logn", type=int_flag, default=None, metavar="N",
+                   help="log-n scaling: a memory-layer query that attends to n > N keys has its logits multiplied by "
+                        "log(n) / log(N), so that retrieval stays sharp in a memory larger than training showed (N: "
+                        "the keys a query saw in training, (d + 1) x the rows' length); 0: off (default: the "
+                        "checkpoint's mem_attention_logn)")
 
 
-def topk_overrides(args) -> dict:
-    """The config overrides of add_topk_arguments' flags; retrieval settings without --mem-topk are refused."""
+def memory_overrides(args) -> dict:
+    """The config overrides of add_memory_arguments' flags; retrieval settings without --mem-topk are refused."""
     given = {key: value for key in ("mem_topk", "mem_retrieval", "mem_block_size")
              if (value := getattr(args, key)) is not None}
     if given and "mem_topk" not in given:
         raise ValueError("--mem-retrieval and --mem-block-size choose how --mem-topk retrieves: add --mem-topk K")
+    if args.mem_logn is not None:
+        if args.mem_logn < 0 or args.mem_logn == 1:
+            raise ValueError(f"--mem-logn must be 0 (off) or an integer above 1, got {args.mem_logn}")
+        given["mem_attention_logn"] = args.mem_logn or None
     return given
 
 

@@ -38,8 +38,8 @@ import checkpoint
 import checks
 import longllama
 from checkpoint import available_bytes
-from cli import (add_quantize_argument, add_topk_arguments, as_command, checkpoint_directory, default_dtype, fail,
-                 checkpoint_inputs, int_flag, load_checkpoint, refuse_writing_over, topk_overrides)
+from cli import (add_memory_arguments, add_quantize_argument, as_command, checkpoint_directory, checkpoint_inputs,
+                 default_dtype, fail, int_flag, load_checkpoint, memory_overrides, refuse_writing_over)
 from quantize import named_weights
 from tokenizer import encode_with_specials, read_chat_template, render_chat, utf8_text
 
@@ -539,7 +539,7 @@ def parse_args(argv=None):
                    help="memory attention over at most H heads x Q queries at a time (bounds peak memory)")
     p.add_argument("--mem-dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="precision of memory keys/values: rounded to it, kept in the compute dtype (default: the checkpoint's)")
-    add_topk_arguments(p)
+    add_memory_arguments(p)
     add_quantize_argument(p)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype (default: bfloat16 on a GPU and on a CPU with bfloat16 instructions, "
@@ -609,7 +609,7 @@ def config_overrides(args) -> dict:
         overrides["mem_dtype"] = args.mem_dtype
     if args.last_context_length is not None:
         overrides["last_context_length"] = args.last_context_length
-    return overrides | topk_overrides(args)
+    return overrides | memory_overrides(args)
 
 
 def questions(args) -> Iterator[str]:

@@ -72,6 +72,12 @@ class LongLlamaConfig:
     # True: top-k memory's entries stay in host RAM (pinned on CUDA), only the block bounds on the compute device;
     # each call copies over the blocks it chose. Memory then grows with RAM, not with GPU memory.
     mem_on_host: bool = False
+    # None: memory layers' logits as LongLLaMA computes them. N: log-n scaling at inference: a memory-layer query
+    # that attends to n > N keys (its local ones, and memory's: all of it, or mem_topk entries) has its logits
+    # multiplied by log(n) / log(N), so that its attention stays as sharp over a memory larger than any it trained
+    # on, instead of spreading over the many similar keys a long memory holds (logn_scale). N: the keys a query
+    # attended to in training, (d + 1) x the rows' length for cross-batch range d.
+    mem_attention_logn: Optional[int] = None
     # tokens of a long input that stay in the local window instead of memory; None: 1024 (LongLLaMA's) capped at
     # the window, and the whole window without memory layers (where earlier tokens would be read into nothing)
     last_context_length: Optional[int] = None
@@ -169,6 +175,14 @@ def llama3_frequencies(inv_freq, scaling: dict):
     turns = context * inv_freq / (2 * math.pi)  # turns in the original context: context / wavelength
     kept = ((turns - low) / (high - low)).clamp(0, 1)  # 0: divided by factor, 1: kept
     return inv_freq * (kept + (1 - kept) / factor)
+
+
+def logn_scale(trained_keys: int, keys_seen: torch.Tensor) -> torch.Tensor:
+    """max(1, log(n) / log(trained_keys)) for each n of keys_seen: the factor log-n scaling multiplies a query's
+    logits by when it attends to n keys (mem_attention_logn). Softmax over n keys whose logits are about equal puts
+    1/n on each, so a key must outscore them by log(n) to keep its weight: scaling the logits by log n keeps a
+    margin learnt over trained_keys keys as decisive over more (as Qwen's logn attention does for long inputs)."""
+    return (keys_seen.double().log() / math.log(trained_keys)).clamp(min=1).float()
 
 
 def rotate_half(x):
@@ -558,6 +572,7 @@ class Window:
     compiled: bool = False  # a compiled decode step: whole blocks of local slots, masked (decode_slot_block)
     kernel: str = "fused"  # ATTENTION_KERNELS
     cross_batch: Optional[CrossBatch] = None  # training: memory layers use cross-batch attention
+    mem_query_scale: Optional[torch.Tensor] = None  # [T, 1]: memory layers' queries times it (log-n scaling)
 
 
 class Attention(nn.Module):
@@ -589,6 +604,8 @@ class Attention(nn.Module):
         k_first = k
         if self.rotary:
             q, k = apply_rope(q, window.cos, window.sin), apply_rope(k, window.cos, window.sin)
+        if self.is_memory_layer and window.mem_query_scale is not None:  # scaling q scales all of its logits
+            q = (q.float() * window.mem_query_scale).to(q.dtype)
 
         if window.cross_batch is not None and self.is_memory_layer:
             batch = window.cross_batch
@@ -787,7 +804,17 @@ class LongLlama(nn.Module):
         slots = torch.arange(start, start + length, device=tokens.device)
         cache.position += length
         return Window(self.rope_cos[slots], self.rope_sin[slots], causal_visible(start, length, key_valid), valid,
-                      cache, slots if keep_local else None, compiled, self.attention_kernel)
+                      cache, slots if keep_local else None, compiled, self.attention_kernel,
+                      mem_query_scale=self.mem_query_scale(slots, cache))
+
+    def mem_query_scale(self, slots, cache: Cache) -> Optional[torch.Tensor]:
+        """[T, 1] log-n factors of the memory layers' queries at local slots `slots` (None: mem_attention_logn is
+        off): each attends to its local slot and those before it, and to memory (all of it, or mem_topk entries)."""
+        config = self.config
+        if config.mem_attention_logn is None:
+            return None
+        memory = cache.memory_size if config.mem_topk is None else min(config.mem_topk, cache.memory_size)
+        return logn_scale(config.mem_attention_logn, slots + 1 + memory)[:, None]
 
     def _layers(self, tokens, window: Window, memory_only: bool = False):
         """The embedding, every block and the final norm: ids [B, T] -> hidden states [B, T, hidden].

@@ -44,8 +44,8 @@ import torch
 import generate
 import longllama
 from checkpoint import resolve_device, write_atomically
-from cli import (add_quantize_argument, add_topk_arguments, as_command, check_can_create, checkpoint_inputs, fail,
-                 int_flag, load_checkpoint, parse_length, refuse_writing_over, same_path, topk_overrides)
+from cli import (add_memory_arguments, add_quantize_argument, as_command, check_can_create, checkpoint_inputs, fail,
+                 int_flag, load_checkpoint, memory_overrides, parse_length, refuse_writing_over, same_path)
 from documents import MAX_PASSKEY, QUESTION, TASK, Haystack, decoy_lines, passkey_line
 from tokenizer import utf8_text
 
@@ -264,6 +264,8 @@ def attention_weights(model, layer: int, x, cache, local_length: int):
     keys = torch.cat([local_keys, mem_keys.to(q.dtype)], dim=2).float()  # [1, Hkv, S+M, D]
     keys = keys.repeat_interleave(attention.heads // attention.kv_heads, dim=1)  # [1, H, S+M, D]
     scores = (q.float() @ keys.transpose(-1, -2)).squeeze(2) / math.sqrt(attention.head_dim)  # [1, H, S+M]
+    scale = model.mem_query_scale(torch.tensor([local_length - 1]), cache)  # log-n scaling, when it is on
+    scores = scores if scale is None else scores * scale[0]
     seen = cache.memory[layer].entries_seen(q)[:, :, 0]  # [1, H, M]
     local_valid = cache.local_valid[:, None, :local_length].expand(-1, seen.shape[1], -1)
     visible = torch.cat([local_valid, seen], dim=-1)  # [1, H, S+M]
@@ -440,7 +442,7 @@ def parse_args(argv=None):
                    help="compute dtype (default: bfloat16 on cuda; float32 on cpu, so that results are the same on "
                         "every CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
-    add_topk_arguments(p)
+    add_memory_arguments(p)
     add_quantize_argument(p)
     args = p.parse_args(argv)
     if args.task != "passkey" and args.depths:  # the passkey prompt is one window, at a random depth
@@ -509,7 +511,7 @@ def run(args):
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model, tokenizer = load_checkpoint(args.ckpt, args.tokenizer, device, dtype, quantize=args.quantize,
-                                       **topk_overrides(args))
+                                       **memory_overrides(args))
     # refused now, not when the longest prompt comes; a distraction trial copies the distractors' memory
     generate.check_memory(model, [max(args.lengths)] * (1 if args.task == "passkey" else 2))
     log = lambda line: print(line, file=sys.stderr)
@@ -527,7 +529,8 @@ def run(args):
     print(table(summary) if args.task == "passkey" else distraction_table(summary))
     if args.out:
         config = model.config
-        memory = dict(quantize=config.quantization, mem_topk=config.mem_topk)
+        memory = dict(quantize=config.quantization, mem_topk=config.mem_topk,
+                      mem_attention_logn=config.mem_attention_logn)
         if config.mem_topk:
             memory |= dict(mem_retrieval=config.mem_retrieval, mem_block_size=config.mem_block_size)
         report = dict(checkpoint=str(args.ckpt), task=args.task, haystack=args.haystack or "filler", seed=args.seed,

@@ -19,8 +19,8 @@ Then, for each, and for the published model at its native 8,192-token context (n
 - perplexity on held-out code, PyTorch's own Python sources, which no step trained on: the last W tokens of an
   8,193-token span from each file, read with only their own window (W alone), with the 15 windows before them in
   memory (W + memory), or within the native window;
-- passkey retrieval (passkey.py) at 16k, 64k and 256k tokens, all beyond the native context (at 64k and 256k with
-  top-k memory: 128 entries a query);
+- passkey retrieval (passkey.py) at 16k, 64k and 256k tokens, all beyond the native context (at 256k with top-k
+  memory);
 - chat: questions answered by the published file and by the FoT model, side by side.
 Last, the FoT model's changed tensors go to models/smollm2-fot (checkpoint.write_delta), which generate.py and
 passkey.py load as a checkpoint directory: the published file, checked by its sha256, with the delta applied.
@@ -58,11 +58,13 @@ RECIPE = ["--window", str(WINDOW), "--seq-len", str(WINDOW), "--batch-size", "8"
           "--save-every", "20", "--log-every", "5", "--eval-every", "100", "--eval-spans", "8",
           "--eval-memory", "0,3,7"]
 RUNS = {"fot": 3, "d0": 0}  # name: cross-batch range d
-MODELS = ["untrained", "d0", "fot"]  # base weights, window W, memory on
-# passkey lengths, with passkey.py's flags for each: beyond 16k, attending to all of memory takes 1.5-4 minutes a
-# trial at 64k on 2 cores (20 trials of 3 models: hours) and about 10 at 256k; top-k memory (the FoT paper's kNN
-# memory) 10-40 s at 64k and about 4 minutes at 256k
-LENGTHS = {"16k": [], "64k": ["--mem-topk", "128"], "256k": ["--mem-topk", "128"]}
+# the models compared (base weights, window W, memory on), each run with log-n scaling from the keys its memory
+# layers' queries attended to in training (mem_attention_logn): (d + 1) x W after FoT's steps, W after d0's, the
+# native 8,192 for the published weights
+MODELS = {"untrained": 8192, "d0": WINDOW, "fot": (RUNS["fot"] + 1) * WINDOW}
+# passkey lengths, with passkey.py's flags for each: at 256k, attending to all of memory would take about 10
+# minutes a trial on 2 cores, top-k memory (the FoT paper's kNN memory) about 4
+LENGTHS = {"16k": [], "64k": [], "256k": ["--mem-topk", "128"]}
 TRIALS = 20
 DELTA = Path(__file__).resolve().parent / "models" / "smollm2-fot"
 
@@ -197,7 +199,7 @@ def perplexity(out: Path, name: str):
     print(f"# perplexity: {name}", flush=True)
     device = resolve_device("cpu")
     spans = held_out_spans(checkpoint_tokenizer(out / "base"))
-    model = load(out / "base", mem_layers=[]) if name == "native" else load(out / name)
+    model = load(out / "base", mem_layers=[]) if name == "native" else load(out / name, mem_attention_logn=MODELS[name])
     sizes = [SPAN_WINDOWS - 1] if name == "native" else [0, SPAN_WINDOWS - 1]
     ppl = training.evaluate(model, spans, WINDOW, sizes, 1, device, training.autocast_for(device))
     keys = {"0": "W alone", str(SPAN_WINDOWS - 1): "8k context" if name == "native" else "W + memory"}
@@ -209,7 +211,7 @@ def passkey_run(out: Path, name: str, length: str):
     path = out / f"passkey_{name}_{length}.json"
     if not path.is_file():
         run([[sys.executable, "passkey.py", "--ckpt", str(out / name), "--lengths", length, "--trials", str(TRIALS),
-              "--dtype", "bfloat16", *LENGTHS[length], "--out", str(path)]])
+              "--dtype", "bfloat16", "--mem-logn", str(MODELS[name]), *LENGTHS[length], "--out", str(path)]])
 
 
 def chat_document(files) -> str:
@@ -257,7 +259,7 @@ def experiment(out: Path):
     if not (out / "layers.json").is_file():
         far_reaching_layers(out)
     train_run(out, "fot")
-    names = write_delta(out / "fot", out / "base", DELTA, smollm2_file(), PACKAGE)
+    names = write_delta(out / "fot", out / "base", DELTA, smollm2_file(), PACKAGE, mem_attention_logn=MODELS["fot"])
     print(f"{DELTA}: {len(names)} tensors, {(DELTA / 'delta.safetensors').stat().st_size / 2**20:.1f} MiB")
     for name in ["fot", "untrained", "native"]:
         perplexity(out, name)

@@ -89,6 +89,12 @@ class NaiveLongLlama:
             rel = positions - positions.min(dim=1, keepdim=True).values
             q = rotate(q, rel[:, -t:], c.rope_theta)
             k = rotate(k, rel, c.rope_theta)
+        if is_mem and c.mem_attention_logn is not None:  # log-n scaling: n = the keys a query attends to
+            local_keys = k.shape[2] - t + 1 + torch.arange(t, dtype=torch.float64)  # its own and those before it
+            mem_keys = 0 if memory is None else memory[0].shape[2] if c.mem_topk is None else \
+                min(c.mem_topk, memory[0].shape[2])
+            factor = torch.log(local_keys + mem_keys) / math.log(c.mem_attention_logn)
+            q = q * torch.where(factor > 1, factor, 1.0)[:, None]  # [T, 1]: all of each query's logits
         logits = q @ k.transpose(-1, -2) / math.sqrt(d) + mask[:, None]
         values = v
         if memory is not None:

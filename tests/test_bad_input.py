@@ -764,3 +764,10 @@ def test_bench_small_warns_in_one_line_which_flags_it_ignores(capsys):
                                                                                   "bfloat16", 4)
     bench.parse_args(["--small", "--device", "cpu", "--repeats", "9", "--compile"])  # nothing ignored: no warning
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("value", ["1", "-5"])
+def test_generate_refuses_a_mem_logn_that_is_no_count_of_trained_keys(assets, capsys, value):
+    line = exits_with_one_error_line(capsys, generate.main, ["--ckpt", assets["init"], "--prompt", "def f",
+                                                            "--device", "cpu", "--mem-logn", value])
+    assert line == f"error: --mem-logn must be 0 (off) or an integer above 1, got {value}"

@@ -22,7 +22,8 @@ NAMES = {
                   "MemoryCache", "MemoryCache.append", "LocalCache", "LongLlama.forward", "LongLlama._read",
                   "LongLlama._window", "LongLlama._layers", "LongLlama.make_local_room",
                   "LongLlama.attention_kernel", "LongLlama._evict", "cross_batch_attention",
-                  "cross_batch_contexts", "training_attention", "causal_visible", "apply_rope"],
+                  "cross_batch_contexts", "training_attention", "causal_visible", "apply_rope", "logn_scale",
+                  "LongLlama.mem_query_scale"],
     "topk": ["TopkMemory", "TopkMemory.seen_by", "TopkMemory.choose_blocks", "TopkMemory.select_blocks",
              "topk_visible", "probe_positions"],
 }

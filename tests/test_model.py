@@ -144,18 +144,18 @@ def can_compile() -> bool:
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
     not can_compile(), reason="torch.compile on CPU needs a C++ compiler"))], ids=["eager", "compiled"])
-@pytest.mark.parametrize("case", ["left-padded", "grouped", "top-k blocks", "top-k exact"])
+@pytest.mark.parametrize("case", ["left-padded", "grouped", "top-k blocks", "top-k exact", "log-n"])
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)  # never quietly fall back to running eagerly
 def test_decode_steps_over_blocks_of_local_slots_match_reference_through_evictions(case, compiled, kernel):
     """compile_decode's step (whole blocks of local slots under a mask, local attention written out) against the float64
     reference, through evictions: with padding (masks everywhere) and with grouped-query heads and
-    mem_attention_grouping (no padding: the memory kernel runs mask-free), and with top-k memory (bfloat16).
-    Eagerly too, so that the step's attention is checked where no compiler is."""
+    mem_attention_grouping (no padding: the memory kernel runs mask-free), with top-k memory (bfloat16), and with
+    log-n scaling (its factors computed outside the step, passed in). Eagerly too, so that the step's attention is checked where no compiler is."""
     if kernel == "plain":
         pytest.skip("the step's written-out local attention belongs to the fused path")
     torch._dynamo.reset()  # compilations of _layers so far (other models) do not count towards the limit
-    if case == "left-padded":
-        model = tiny_model(mem_layers=[0, 2])
+    if case in ("left-padded", "log-n"):
+        model = tiny_model(mem_layers=[0, 2], mem_attention_logn=8 if case == "log-n" else None)
         ids, mask = tokens(2, 2 * WINDOW + 3), torch.ones(2, 2 * WINDOW + 3)
         mask[1, :WINDOW + 2] = 0
     elif case == "grouped":
@@ -404,6 +404,25 @@ def test_topk_memory_matches_reference_choosing_the_same_entries(retrieval, case
     memory = cache.memory[model.config.mem_layers[0]]
     assert memory.keys.dtype == getattr(torch, settings["mem_dtype"])  # read sparsely: held in mem_dtype
     assert cache.memory_size > 8 * model.config.mem_topk
+
+
+@pytest.mark.parametrize("memory", ["all", "exact", "blocks"])
+def test_log_n_scaling_matches_reference_and_changes_logits_only_beyond_the_trained_keys(memory):
+    """mem_attention_logn: memory-layer queries that attend to n > N keys (local and memory; with top-k, K of
+    memory) have their logits times log(n) / log(N), the reference's own count of keys (tests/reference.py): through
+    windows read into memory, left padding, decode steps and evictions. Off (None), or with N above every n, the
+    logits are those of attention without it."""
+    settings = dict(mem_layers=[0, 2]) | (TOPK[memory] | dict(mem_dtype="float16") if memory != "all" else {})
+    ids, mask = tokens(2, 3 * WINDOW + 3), torch.ones(2, 3 * WINDOW + 3)
+    mask[1, :WINDOW + 2] = 0
+    calls = [(ids, True, mask)] + [(tokens(2, 1, seed=400 + i), True, None) for i in range(WINDOW + 3)]
+    scaled = tiny_model(mem_attention_logn=8, **settings)
+    run_both(scaled, calls, atol=3e-3 if memory != "all" else 2e-4)
+    with torch.no_grad():
+        plain, never = tiny_model(**settings), tiny_model(mem_attention_logn=10**6, **settings)
+        logits = [model(ids, use_cache=True, attention_mask=mask)[0] for model in (scaled, plain, never)]
+    assert torch.equal(logits[1], logits[2])  # a factor of 1 changes nothing
+    assert (logits[0] - logits[1]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("retrieval", ["exact", "blocks"])

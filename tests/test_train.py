@@ -729,6 +729,10 @@ def test_a_delta_holds_the_changed_tensors_and_loads_as_the_fine_tuned_model(del
     expected, _ = longllama.load(root / "run")(ids)  # the fine-tuned checkpoint itself
     assert torch.equal(model(ids)[0], expected)
     assert model.config.to_dict() == longllama.LongLlamaConfig.from_json(root / "run" / "config.json").to_dict()
+    write_delta(root / "run", root / "base", delta, root / "base.gguf", package="", mem_attention_logn=64)
+    model, _ = cli.load_checkpoint(delta, None, "cpu", torch.float32)  # how to run it, beside what training made
+    assert model.config.to_dict() == longllama.LongLlamaConfig.from_json(root / "run" / "config.json",
+                                                                         mem_attention_logn=64).to_dict()
 
 
 def test_a_delta_refuses_a_base_file_it_was_not_made_from(delta_parts, tmp_path):
