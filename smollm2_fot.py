@@ -15,15 +15,17 @@ LongLLaMA is OpenLLaMA plus FoT continued pretraining. This does the same to Smo
   difference ships small;
 - d0: the same steps with d = 0, so that memory layers never see memory while training;
 - untrained: the base with window W and memory switched on, no step taken.
-Then, for each, and for the published model at its native 8,192-token context (native):
+Then, for each, and for the published model at its native 8,192-token context (native), the memory models with
+log-n scaling from the keys their memory layers' queries attended to in training (MODELS: mem_attention_logn):
 - perplexity on held-out code, PyTorch's own Python sources, which no step trained on: the last W tokens of an
   8,193-token span from each file, read with only their own window (W alone), with the 15 windows before them in
   memory (W + memory), or within the native window;
 - passkey retrieval (passkey.py) at 16k, 64k and 256k tokens, all beyond the native context (at 256k with top-k
   memory);
 - chat: questions answered by the published file and by the FoT model, side by side.
-Last, the FoT model's changed tensors go to models/smollm2-fot (checkpoint.write_delta), which generate.py and
-passkey.py load as a checkpoint directory: the published file, checked by its sha256, with the delta applied.
+Last, the FoT model's changed tensors go to models/smollm2-fot (checkpoint.write_delta), with its config and log-n
+scaling on, which generate.py and passkey.py load as a checkpoint directory: the published file, checked by its
+sha256, with the delta applied.
 Steps run most telling first (which layers retrieve, FoT's training, delta, perplexity, chat, passkey at 16k and
 64k; then d0; then 256k), each writing its own file in OUT, so a run stopped at any point keeps what it measured,
 and a rerun skips what is done and resumes a training run where it stopped. `--tables` prints what OUT holds so
