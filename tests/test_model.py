@@ -150,7 +150,8 @@ def test_decode_steps_over_blocks_of_local_slots_match_reference_through_evictio
     """compile_decode's step (whole blocks of local slots under a mask, local attention written out) against the float64
     reference, through evictions: with padding (masks everywhere) and with grouped-query heads and
     mem_attention_grouping (no padding: the memory kernel runs mask-free), with top-k memory (bfloat16), and with
-    log-n scaling (its factors computed outside the step, passed in). Eagerly too, so that the step's attention is checked where no compiler is."""
+    log-n scaling (its factors computed outside the step, passed in). Eagerly too, so that the step's attention is
+    checked where no compiler is."""
     if kernel == "plain":
         pytest.skip("the step's written-out local attention belongs to the fused path")
     torch._dynamo.reset()  # compilations of _layers so far (other models) do not count towards the limit
